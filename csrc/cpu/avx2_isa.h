@@ -1,0 +1,75 @@
+// AVX2 + FMA + F16C primitives (see kernel_body.h). Included inside the namespace of each kernel
+// file built with at least -mavx2 -mfma -mf16c: isa_avx2.cpp uses them as they are, isa_avx512_vnni.cpp
+// replaces the integer dot product.
+#pragma once
+
+struct Avx2Isa {
+  using Vec = __m256;
+  static constexpr int kWidth = 8;
+  static constexpr int kVecs = kChunk / kWidth;
+  // int4: even columns, then odd ones. int3.5: evens then odds of each 16-column block.
+  static constexpr int kOrder[2][kChunk] = {
+      {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+       1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31},
+      {0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+       16, 18, 20, 22, 24, 26, 28, 30, 17, 19, 21, 23, 25, 27, 29, 31}};
+
+  static Vec zero() { return _mm256_setzero_ps(); }
+  static Vec set1(float v) { return _mm256_set1_ps(v); }
+  static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static float hsum(Vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+  using Codes = __m256i;  // 32 codes, one per byte
+
+  template <Format F>
+  static Codes decode(const uint8_t* p) {
+    if (F == Format::kInt4) {
+      // The 16 bytes in both halves; the high half shifted right by 4 to bring the odd codes down.
+      const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return _mm256_and_si256(_mm256_srlv_epi64(b, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
+    }
+    const __m256i pairs = int35_pairs(p);
+    return _mm256_packus_epi16(_mm256_and_si256(pairs, _mm256_set1_epi16(15)), _mm256_srli_epi16(pairs, 4));
+  }
+
+  // The 16 (4-bit, 3-bit) pairs of one int3.5 chunk (two 7-byte blocks) as 16-bit lanes: pairs of
+  // block 0 in the low 128 bits, block 1 in the high 128 bits, 7 bits each.
+  static __m256i int35_pairs(const uint8_t* p) {
+    // Block 1 is loaded from p + 6 so that no byte past the chunk is read; its byte i sits at i + 1.
+    const __m128i b0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    const __m128i b1 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 6));
+    const __m256i bytes = _mm256_inserti128_si256(_mm256_castsi128_si256(b0), b1, 1);
+    // Pair j starts at bit 7j of its block: byte 7j/8, bit 7j%8. Gather that byte and the next.
+    const __m256i gather = _mm256_setr_epi8(0, 1, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7,
+                                            1, 2, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8);
+    // Move the pair to bits 9..15 with a multiply (AVX2 has no per-lane 16-bit shift), then down.
+    const __m256i to_top = _mm256_setr_epi16(512, 4, 8, 16, 32, 64, 128, 256,
+                                             512, 4, 8, 16, 32, 64, 128, 256);
+    return _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(bytes, gather), to_top), 9);
+  }
+
+  // int16 partial sums: u8 * s8 pairs give at most 2 * 15 * 127 = 3810 per chunk, so 8 chunks fit.
+  using IntAcc = __m256i;
+  static IntAcc int_zero() { return _mm256_setzero_si256(); }
+  static IntAcc dot_acc(IntAcc acc, Codes q, const int8_t* x) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    return _mm256_add_epi16(acc, _mm256_maddubs_epi16(q, xv));
+  }
+  static Vec to_float(IntAcc acc) { return _mm256_cvtepi32_ps(_mm256_madd_epi16(acc, _mm256_set1_epi16(1))); }
+
+  static void widen(Codes q, Vec out[kVecs]) {
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  }
+};

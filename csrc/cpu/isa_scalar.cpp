@@ -1,0 +1,90 @@
+// Portable kernels: plain C++ that builds on any 64-bit CPU (the compiler may still vectorize it).
+#include "kernels.h"
+
+namespace lowbit {
+namespace cpu {
+namespace scalar_isa {
+
+struct Isa {
+  using Vec = float;
+  static constexpr int kWidth = 1;
+  static constexpr int kVecs = kChunk;
+  // x-order: even columns 0, 2, ..., 30, then odd columns 1, 3, ..., 31 (both formats).
+  static constexpr int kOrder[2][kChunk] = {
+      {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+       1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31},
+      {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+       1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}};
+
+  static Vec zero() { return 0.0f; }
+  static Vec set1(float v) { return v; }
+  static Vec load(const float* p) { return *p; }
+  static void store(float* p, Vec v) { *p = v; }
+  static Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
+  static float hsum(Vec v) { return v; }
+
+  static float half_to_float(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t exponent = (h >> 10) & 0x1fu;
+    const uint32_t mantissa = h & 0x3ffu;
+    if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
+      const float magnitude = static_cast<float>(mantissa) * (1.0f / 16777216.0f);
+      return sign ? -magnitude : magnitude;
+    }
+    const uint32_t bits = exponent == 31 ? sign | 0x7f800000u | (mantissa << 13)
+                                         : sign | ((exponent + 112) << 23) | (mantissa << 13);
+    float f;
+    __builtin_memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+
+  struct Codes {
+    uint8_t v[kChunk];
+  };
+
+  template <Format F>
+  static Codes decode(const uint8_t* p) {
+    Codes q;
+    if (F == Format::kInt4) {
+      for (int j = 0; j < 16; ++j) {
+        q.v[j] = p[j] & 15;
+        q.v[16 + j] = p[j] >> 4;
+      }
+    } else {
+      for (int block = 0; block < 2; ++block) {
+        uint64_t bits = 0;  // the block's 56 bits, little-endian
+        for (int i = 0; i < 7; ++i) bits |= static_cast<uint64_t>(p[7 * block + i]) << (8 * i);
+        for (int pair = 0; pair < 8; ++pair) {
+          const unsigned v = static_cast<unsigned>(bits >> (7 * pair)) & 127u;
+          q.v[8 * block + pair] = v & 15u;
+          q.v[16 + 8 * block + pair] = v >> 4;
+        }
+      }
+    }
+    return q;
+  }
+
+  using IntAcc = int32_t;
+  static IntAcc int_zero() { return 0; }
+  static IntAcc dot_acc(IntAcc acc, const Codes& q, const int8_t* x) {
+    for (int i = 0; i < kChunk; ++i) acc += q.v[i] * x[i];
+    return acc;
+  }
+  static Vec to_float(IntAcc acc) { return static_cast<float>(acc); }
+
+  static void widen(const Codes& q, Vec out[kVecs]) {
+    for (int i = 0; i < kChunk; ++i) out[i] = q.v[i];
+  }
+};
+
+#include "kernel_body.h"
+
+}  // namespace scalar_isa
+
+const KernelTable& scalar_kernels() {
+  static const KernelTable table = scalar_isa::make_table("scalar");
+  return table;
+}
+
+}  // namespace cpu
+}  // namespace lowbit

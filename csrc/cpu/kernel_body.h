@@ -1,0 +1,131 @@
+// The CPU kernels, written once over a small set of per-ISA primitives.
+//
+// Included by each isa_*.cpp inside its own namespace, after that file defines `struct Isa`:
+//   Vec, kWidth, kVecs = 32 / kWidth        float vector, and how many cover one 32-column chunk
+//   zero, set1, load, store, fma, add, hsum  the obvious float vector operations
+//   half_to_float(uint16_t)                  one float16 value (scales and zeros)
+//   Codes, decode<F>(const uint8_t*)         the 32 codes of one chunk, as bytes in the ISA's x-order
+//   IntAcc, int_zero()                       integer partial sums of code * x
+//   dot_acc(IntAcc, Codes, const int8_t* x)  adds one chunk's products (exact for up to 4 chunks)
+//   to_float(IntAcc)                         the partial sums as a Vec (their total is the dot product)
+//   widen(Codes, Vec[kVecs])                 the codes as floats, x-order
+//   kOrder[format][32]                       the x-order: chunk column held by each lane position
+#pragma once
+
+constexpr float kStep3 = 15.0f / 7.0f;  // 3-bit step relative to the 4-bit step (docs/FORMAT.md)
+
+// F: weight format, MB: activation rows, CX: 32-column chunks per activation block.
+template <Format F, int MB, int CX>
+void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  using Vec = Isa::Vec;
+  constexpr int64_t kBytes = chunk_bytes(F);
+  const QWeight& w = a.w;
+  const int64_t n_groups = w.Kp / w.group_size;
+  const int64_t n_chunks = w.Kp / kChunk;
+  const int64_t chunks_per_group = w.group_size / kChunk;
+  const int64_t n_xblocks = n_chunks / CX;
+  const int64_t xblocks_per_group = chunks_per_group / CX;
+
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* codes = w.codes + n * n_chunks * kBytes;
+    const uint16_t* scales = w.scales + n * n_groups;
+    const uint16_t* zeros = w.zeros + n * n_groups;
+    Vec total[MB];
+    float zero_term[MB];
+    for (int m = 0; m < MB; ++m) {
+      total[m] = Isa::zero();
+      zero_term[m] = 0.0f;
+    }
+    for (int64_t g = 0; g < n_groups; ++g) {
+      // Group g adds s * (sum_k q_k x_k - z * sum_k x_k); the first sum runs on int8 activations
+      // in integer arithmetic, one activation block (xblock columns, one scale) at a time.
+      Vec acc[MB];
+      for (int m = 0; m < MB; ++m) acc[m] = Isa::zero();
+      for (int64_t xb = g * xblocks_per_group; xb < (g + 1) * xblocks_per_group; ++xb) {
+        typename Isa::IntAcc dot[MB];
+        for (int m = 0; m < MB; ++m) dot[m] = Isa::int_zero();
+        for (int64_t c = xb * CX; c < (xb + 1) * CX; ++c) {
+          const typename Isa::Codes q = Isa::template decode<F>(codes + c * kBytes);
+          for (int m = 0; m < MB; ++m) dot[m] = Isa::dot_acc(dot[m], q, a.xq + m * w.Kp + c * kChunk);
+        }
+        for (int m = 0; m < MB; ++m)
+          acc[m] = Isa::fma(Isa::to_float(dot[m]), Isa::set1(a.xscale[m * n_xblocks + xb]), acc[m]);
+      }
+      const float s = Isa::half_to_float(scales[g]);
+      const float sz = s * Isa::half_to_float(zeros[g]);
+      const Vec vs = Isa::set1(s);
+      for (int m = 0; m < MB; ++m) {
+        total[m] = Isa::fma(vs, acc[m], total[m]);
+        zero_term[m] += sz * a.xsum[m * n_groups + g];
+      }
+    }
+    const float b = a.bias ? a.bias[n] : 0.0f;
+    for (int m = 0; m < MB; ++m) a.y[m * w.N + n] = Isa::hsum(total[m]) - zero_term[m] + b;
+  }
+}
+
+template <Format F, int CX>
+void gemv_rows(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  switch (a.M) {
+    case 1: return gemv_rows_m<F, 1, CX>(a, n_begin, n_end);
+    case 2: return gemv_rows_m<F, 2, CX>(a, n_begin, n_end);
+    case 3: return gemv_rows_m<F, 3, CX>(a, n_begin, n_end);
+    case 4: return gemv_rows_m<F, 4, CX>(a, n_begin, n_end);
+    case 5: return gemv_rows_m<F, 5, CX>(a, n_begin, n_end);
+    case 6: return gemv_rows_m<F, 6, CX>(a, n_begin, n_end);
+    case 7: return gemv_rows_m<F, 7, CX>(a, n_begin, n_end);
+    case 8: return gemv_rows_m<F, 8, CX>(a, n_begin, n_end);
+    default: return;  // the op layer never passes M outside [1, kMaxGemvRows]
+  }
+}
+
+// The op layer passes xblock = 32 or 64 (kXBlock, or group_size 32).
+void gemv(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  const bool int4 = a.w.format == Format::kInt4;
+  if (a.xblock == 2 * kChunk) int4 ? gemv_rows<Format::kInt4, 2>(a, n_begin, n_end)
+                                   : gemv_rows<Format::kInt35, 2>(a, n_begin, n_end);
+  else int4 ? gemv_rows<Format::kInt4, 1>(a, n_begin, n_end) : gemv_rows<Format::kInt35, 1>(a, n_begin, n_end);
+}
+
+template <Format F>
+void dequant_rows(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
+  using Vec = Isa::Vec;
+  constexpr int V = Isa::kVecs;
+  constexpr int64_t kBytes = chunk_bytes(F);
+  const QWeight& w = a.w;
+  const int64_t n_groups = w.Kp / w.group_size;
+  const int64_t n_chunks = w.Kp / kChunk;
+  const int64_t chunks_per_group = w.group_size / kChunk;
+  // w = (q - z) * s for 4-bit codes and (q * 15/7 - z) * s for 3-bit codes (odd columns of int3.5).
+  float step[kChunk];
+  for (int i = 0; i < kChunk; ++i)
+    step[i] = F == Format::kInt35 && Isa::kOrder[static_cast<int>(F)][i] % 2 ? kStep3 : 1.0f;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    float* out = a.out + (n - n_begin) * w.Kp;
+    for (int64_t g = 0; g < n_groups; ++g) {
+      const float s = Isa::half_to_float(w.scales[n * n_groups + g]);
+      const Vec vs = Isa::set1(s);
+      const Vec offset = Isa::set1(-s * Isa::half_to_float(w.zeros[n * n_groups + g]));
+      Vec lane_step[V];
+      for (int v = 0; v < V; ++v) lane_step[v] = Isa::fma(Isa::load(step + v * Isa::kWidth), vs, Isa::zero());
+      for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
+        Vec q[V];
+        Isa::widen(Isa::template decode<F>(w.codes + (n * n_chunks + c) * kBytes), q);
+        for (int v = 0; v < V; ++v)
+          Isa::store(out + c * kChunk + v * Isa::kWidth, Isa::fma(q[v], lane_step[v], offset));
+      }
+    }
+  }
+}
+
+void dequant(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
+  if (a.w.format == Format::kInt4) dequant_rows<Format::kInt4>(a, n_begin, n_end);
+  else dequant_rows<Format::kInt35>(a, n_begin, n_end);
+}
+
+KernelTable make_table(const char* name) {
+  KernelTable t{name, {}, gemv, dequant};
+  for (int f = 0; f < 2; ++f)
+    for (int i = 0; i < kChunk; ++i) t.x_order[f][i] = Isa::kOrder[f][i];
+  return t;
+}

@@ -1,0 +1,219 @@
+// CPU implementations of the lowbit ops: argument checks, activation layout, threading, and the
+// choice between the GEMV kernels (few rows) and dequantize-then-GEMM (many rows).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "isa.h"
+
+namespace lowbit {
+namespace cpu {
+namespace {
+
+// Rows of W dequantized per GEMM step: about 4 MiB of float32, so the tile stays in cache.
+constexpr int64_t kGemmTileFloats = int64_t{1} << 20;
+
+QWeight view_weight(const WeightShape& s, const at::Tensor& qweight, const at::Tensor& scales,
+                    const at::Tensor& zeros) {
+  return QWeight{s.format,
+                 qweight.data_ptr<uint8_t>(),
+                 reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+                 reinterpret_cast<const uint16_t*>(zeros.data_ptr<at::Half>()),
+                 s.N,
+                 s.Kp,
+                 s.group_size};
+}
+
+// The kernels index x with perm, so it must be a permutation of [0, K).
+void check_perm_values(const char* op, const std::optional<at::Tensor>& perm, int64_t K) {
+  if (!perm) return;
+  const int32_t* p = perm->data_ptr<int32_t>();
+  std::vector<bool> seen(K, false);
+  for (int64_t j = 0; j < K; ++j) {
+    TORCH_CHECK_VALUE(p[j] >= 0 && p[j] < K, op, ": perm[", j, "] = ", p[j], " is outside [0, ", K, ")");
+    TORCH_CHECK_VALUE(!seen[p[j]], op, ": perm is not a permutation, ", p[j], " appears twice");
+    seen[p[j]] = true;
+  }
+}
+
+// Where activations go: every call lays x [M, K] (any strides, any float dtype) out per 32-column
+// chunk in the kernels' x-order, with perm applied and zero padding.
+struct XLayout {
+  const WeightShape& s;
+  const int32_t* perm;  // nullable
+  const int* x_order;   // [32]
+};
+
+// Row m of x, chunk c, in x-order.
+template <typename T>
+void gather_chunk(const XLayout& l, const T* row, int64_t sk, int64_t c, float* out) {
+  for (int i = 0; i < kChunk; ++i) {
+    const int64_t col = c + l.x_order[i];
+    const float v = col < l.s.K ? static_cast<float>(row[(l.perm ? l.perm[col] : col) * sk]) : 0.0f;
+    out[i] = v;
+  }
+}
+
+// GEMV input: int8 codes with one float scale per block of xblock columns (q = round(x * 127 / max|x|),
+// scale = max|x| / 127), plus exact per-group sums for the zero-point term. odd_scale multiplies the
+// odd columns before quantization (the 15/7 step of int3.5's 3-bit codes, folded into x).
+template <typename T>
+void quantize_x(const at::Tensor& x2, const XLayout& l, float odd_scale, int64_t xblock, int8_t* xq,
+                float* xscale, float* xsum) {
+  const T* x = x2.data_ptr<T>();
+  const int64_t Kp = l.s.Kp, group_size = l.s.group_size, n_groups = l.s.n_groups;
+  for (int64_t m = 0; m < x2.size(0); ++m) {
+    const T* row = x + m * x2.stride(0);
+    for (int64_t b = 0; b < Kp; b += xblock) {
+      float v[kXBlock];
+      float amax = 0.0f, sum = 0.0f;
+      for (int64_t c = 0; c < xblock; c += kChunk) gather_chunk(l, row, x2.stride(1), b + c, v + c);
+      for (int64_t i = 0; i < xblock; ++i) {
+        sum += v[i];
+        v[i] *= l.x_order[i % kChunk] % 2 ? odd_scale : 1.0f;
+        amax = std::max(amax, std::abs(v[i]));
+      }
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int8_t* q = xq + m * Kp + b;  // int8 stores may alias anything: keep every index local
+      for (int64_t i = 0; i < xblock; ++i) {
+        const float t = v[i] * inv;  // |t| <= 127; round half away from zero, without branches
+        q[i] = static_cast<int8_t>(t + std::copysign(0.5f, t));
+      }
+      xscale[m * (Kp / xblock) + b / xblock] = amax / 127.0f;
+      float& group_sum = xsum[m * n_groups + b / group_size];
+      group_sum = (b % group_size == 0 ? 0.0f : group_sum) + sum;
+    }
+  }
+}
+
+// GEMM input: float32 [M, Kp] in x-order.
+template <typename T>
+void layout_x(const at::Tensor& x2, const XLayout& l, float* out) {
+  const T* x = x2.data_ptr<T>();
+  at::parallel_for(0, x2.size(0), 16, [&](int64_t m_begin, int64_t m_end) {
+    for (int64_t m = m_begin; m < m_end; ++m)
+      for (int64_t c = 0; c < l.s.Kp; c += kChunk)
+        gather_chunk(l, x + m * x2.stride(0), x2.stride(1), c, out + m * l.s.Kp + c);
+  });
+}
+
+at::Tensor linear_cpu(const char* op, Format format, const at::Tensor& x, const at::Tensor& qweight,
+                      const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& perm,
+                      const std::optional<at::Tensor>& bias, int64_t group_size, int64_t in_features) {
+  const WeightShape s = check_weight(op, format, qweight, scales, zeros, perm, group_size, in_features);
+  check_activation(op, s, x, bias, qweight);
+  check_perm_values(op, perm, s.K);
+
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = s.N;
+  const at::Tensor x2 = x.reshape({-1, s.K});
+  const int64_t M = x2.size(0);
+  const auto f32 = x.options().dtype(at::kFloat);
+  if (M == 0) return at::empty(out_shape, x.options());
+
+  const KernelTable& kernels = active_kernels();
+  const QWeight w = view_weight(s, qweight, scales, zeros);
+  const at::Tensor bias_f32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y;  // [M, N] float32
+
+  const int32_t* perm_data = perm ? perm->data_ptr<int32_t>() : nullptr;
+  const int* x_order = kernels.x_order[static_cast<int>(format)];
+  if (M <= kMaxGemvRows) {
+    // Weight-streaming GEMV on int8 activations; the 3-bit step of int3.5 is folded into x.
+    const XLayout layout{s, perm_data, x_order};
+    const float odd_scale = format == Format::kInt35 ? 15.0f / 7.0f : 1.0f;
+    const int64_t xblock = std::min(kXBlock, s.group_size);
+    const at::Tensor xq = at::empty({M, s.Kp}, x.options().dtype(at::kChar));
+    const at::Tensor xscale = at::empty({M, s.Kp / xblock}, f32);
+    const at::Tensor xsum = at::empty({M, s.n_groups}, f32);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_quantize_x", [&] {
+      quantize_x<scalar_t>(x2, layout, odd_scale, xblock, xq.data_ptr<int8_t>(), xscale.data_ptr<float>(), xsum.data_ptr<float>());
+    });
+    y = at::empty({M, s.N}, f32);
+    const GemvArgs args{w, xq.data_ptr<int8_t>(), xscale.data_ptr<float>(), xsum.data_ptr<float>(),
+                        bias ? bias_f32.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, xblock};
+    at::parallel_for(0, s.N, 16, [&](int64_t n_begin, int64_t n_end) { kernels.gemv(args, n_begin, n_end); });
+  } else {
+    // Dequantize a tile of rows (in the same x-order as the activations), multiply with BLAS.
+    const XLayout layout{s, perm_data, x_order};
+    const at::Tensor xf = at::empty({M, s.Kp}, f32);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_layout_x", [&] {
+      layout_x<scalar_t>(x2, layout, xf.data_ptr<float>());
+    });
+    const int64_t tile_rows = std::min(s.N, std::max<int64_t>(16, kGemmTileFloats / s.Kp));
+    const at::Tensor tile = at::empty({tile_rows, s.Kp}, f32);
+    const at::Tensor yt = at::empty({s.N, M}, f32);
+    for (int64_t n0 = 0; n0 < s.N; n0 += tile_rows) {
+      const int64_t rows = std::min(tile_rows, s.N - n0);
+      at::parallel_for(n0, n0 + rows, 4, [&](int64_t n_begin, int64_t n_end) {
+        kernels.dequant(DequantArgs{w, tile.data_ptr<float>() + (n_begin - n0) * s.Kp}, n_begin, n_end);
+      });
+      at::Tensor y_rows = yt.narrow(0, n0, rows);
+      at::mm_out(y_rows, tile.narrow(0, 0, rows), xf.t());
+    }
+    y = bias ? yt.t() + bias_f32 : yt.t();
+  }
+  return y.to(x.scalar_type()).reshape(out_shape);
+}
+
+at::Tensor dequantize_cpu(const char* op, Format format, const at::Tensor& qweight, const at::Tensor& scales,
+                          const at::Tensor& zeros, const std::optional<at::Tensor>& perm, int64_t group_size,
+                          int64_t in_features) {
+  const WeightShape s = check_weight(op, format, qweight, scales, zeros, perm, group_size, in_features);
+  check_perm_values(op, perm, s.K);
+  const KernelTable& kernels = active_kernels();
+  const at::Tensor buf = at::empty({s.N, s.Kp}, qweight.options().dtype(at::kFloat));
+  const DequantArgs args{view_weight(s, qweight, scales, zeros), buf.data_ptr<float>()};
+  at::parallel_for(0, s.N, 16, [&](int64_t n_begin, int64_t n_end) {
+    kernels.dequant(DequantArgs{args.w, args.out + n_begin * s.Kp}, n_begin, n_end);
+  });
+  // buf holds each chunk in x-order: stored column j sits at position chunk_start + inverse_order[j % 32].
+  int inverse_order[kChunk];
+  for (int i = 0; i < kChunk; ++i) inverse_order[kernels.x_order[static_cast<int>(format)][i]] = i;
+  const at::Tensor position = at::empty({s.K}, qweight.options().dtype(at::kLong));
+  int64_t* pos = position.data_ptr<int64_t>();
+  for (int64_t j = 0; j < s.K; ++j) pos[j] = j / kChunk * kChunk + inverse_order[j % kChunk];
+  const at::Tensor stored = buf.index_select(1, position);  // [N, K], columns in stored order
+  if (!perm) return stored;
+  // Stored column j holds logical input feature perm[j].
+  return at::empty_like(stored).index_copy_(1, perm->to(at::kLong), stored);
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const at::Tensor& zeros, const std::optional<at::Tensor>& perm,
+                       const std::optional<at::Tensor>& bias, int64_t group_size, int64_t in_features) {
+  return linear_cpu("lowbit.int4_linear", Format::kInt4, x, qweight, scales, zeros, perm, bias, group_size,
+                    in_features);
+}
+
+at::Tensor int35_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const at::Tensor& zeros, const std::optional<at::Tensor>& perm,
+                        const std::optional<at::Tensor>& bias, int64_t group_size, int64_t in_features) {
+  return linear_cpu("lowbit.int35_linear", Format::kInt35, x, qweight, scales, zeros, perm, bias, group_size,
+                    in_features);
+}
+
+at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                           const std::optional<at::Tensor>& perm, int64_t group_size, int64_t in_features) {
+  return dequantize_cpu("lowbit.int4_dequantize", Format::kInt4, qweight, scales, zeros, perm, group_size,
+                        in_features);
+}
+
+at::Tensor int35_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                            const std::optional<at::Tensor>& perm, int64_t group_size, int64_t in_features) {
+  return dequantize_cpu("lowbit.int35_dequantize", Format::kInt35, qweight, scales, zeros, perm, group_size,
+                        in_features);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int35_linear", &int35_linear);
+  m.impl("int4_dequantize", &int4_dequantize);
+  m.impl("int35_dequantize", &int35_dequantize);
+}
+
+}  // namespace cpu
+}  // namespace lowbit

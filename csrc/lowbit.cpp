@@ -1,0 +1,60 @@
+// The lowbit extension module: op schemas (TORCH_LIBRARY) and build/CPU information for Python.
+// Backend implementations register themselves with TORCH_LIBRARY_IMPL (cpu/ops_cpu.cpp).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include "cpu/isa.h"
+
+TORCH_LIBRARY(lowbit, m) {
+  // y[..., N] = x[..., K] @ W.T (+ bias), W in the int4 / int3.5 formats of docs/FORMAT.md.
+  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, Tensor? bias, "
+        "int group_size, int in_features) -> Tensor");
+  m.def("int35_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, Tensor? bias, "
+        "int group_size, int in_features) -> Tensor");
+  // W as float32 [N, K] in logical column order (the permutation undone).
+  m.def("int4_dequantize(Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, int group_size, "
+        "int in_features) -> Tensor");
+  m.def("int35_dequantize(Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, int group_size, "
+        "int in_features) -> Tensor");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lowbit native kernels (ops are registered under torch.ops.lowbit)";
+  m.def("build_info", [] {
+    const auto& f = lowbit::cpu::cpu_features();
+    py::dict cpu;
+    cpu["avx2"] = f.avx2;
+    cpu["fma"] = f.fma;
+    cpu["f16c"] = f.f16c;
+    cpu["avx512f"] = f.avx512f;
+    cpu["avx512bw"] = f.avx512bw;
+    cpu["avx512vl"] = f.avx512vl;
+    cpu["avx512_vnni"] = f.avx512_vnni;
+    cpu["avx_vnni"] = f.avx_vnni;
+    py::dict info;
+    info["compiler"] = LOWBIT_COMPILER;
+    info["torch_version"] = TORCH_VERSION;
+    info["cuda"] = static_cast<bool>(LOWBIT_WITH_CUDA);
+    info["cpu_isas_compiled"] = lowbit::cpu::compiled_isas();
+    info["cpu_isas_available"] = lowbit::cpu::available_isas();
+    info["cpu_features"] = cpu;
+    return info;
+  });
+  m.def("cpu_isa", [] { return std::string(lowbit::cpu::active_kernels().name); },
+        "Name of the CPU kernel set in use.");
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& name) {
+        try {
+          lowbit::cpu::set_isa(name);
+        } catch (const c10::Error& e) {
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
+      py::arg("name"),
+        "Select the CPU kernel set ('scalar', 'avx2', 'avx512_vnni'); the CPU must support it.");
+}

@@ -1,0 +1,44 @@
+"""QuantLinear: a drop-in nn.Linear replacement holding a quantized weight."""
+
+import torch
+from torch import nn
+
+from .quantize import quantize_weight
+from .weight import QuantizedWeight, linear
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T + b with W in int4 or int3.5; the quantized tensors are buffers (state_dict, .to())."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.bits, self.group_size = weight.bits, weight.group_size
+        for name, t in weight.tensors().items():
+            self.register_buffer(name, t)
+        if "perm" not in weight.tensors():
+            self.perm = None
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear_: nn.Linear, bits: float = 4, group_size: int = 128,
+                    perm: torch.Tensor | None = None) -> "QuantLinear":
+        if not isinstance(linear_, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear_).__name__}")
+        return cls(quantize_weight(linear_.weight, bits, group_size, perm), linear_.bias)
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.perm,
+                               self.bits, self.group_size, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return linear(x, self.weight, bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.dequantize(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits:g}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, perm={self.perm is not None}")

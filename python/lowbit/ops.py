@@ -1,0 +1,29 @@
+"""The lowbit custom ops (torch.ops.lowbit.*) and their fake kernels for torch.compile.
+
+Schemas live in C++ (csrc/lowbit.cpp); backends register with TORCH_LIBRARY_IMPL.
+"""
+
+import torch
+
+from . import _C  # noqa: F401  (loading the extension registers the ops)
+
+OPS = {
+    4: (torch.ops.lowbit.int4_linear, torch.ops.lowbit.int4_dequantize),
+    3.5: (torch.ops.lowbit.int35_linear, torch.ops.lowbit.int35_dequantize),
+}
+
+
+def _register(linear_name: str, dequantize_name: str) -> None:
+    @torch.library.register_fake(linear_name)
+    def _(x, qweight, scales, zeros, perm, bias, group_size, in_features):
+        torch._check(x.shape[-1] == in_features, lambda: f"x must end in in_features = {in_features}")
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    @torch.library.register_fake(dequantize_name)
+    def _(qweight, scales, zeros, perm, group_size, in_features):
+        return qweight.new_empty((qweight.shape[0], in_features), dtype=torch.float32)
+
+
+
+_register("lowbit::int4_linear", "lowbit::int4_dequantize")
+_register("lowbit::int35_linear", "lowbit::int35_dequantize")

@@ -1,0 +1,52 @@
+"""Round-to-nearest quantization of one weight matrix into the lowbit formats."""
+
+import torch
+
+from . import formats
+from .weight import QuantizedWeight
+
+
+def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128,
+                    perm: torch.Tensor | None = None) -> QuantizedWeight:
+    """Min-max round-to-nearest quantization of W [N, K] (nn.Linear layout), per group of input columns.
+
+    Each group's range [min(w, 0), max(w, 0)] maps onto codes 0..15 (4-bit positions) and 0..7 (3-bit
+    positions of int3.5) with a float16 scale and a float16 zero point. perm (int32 [K], optional)
+    reorders the input columns before grouping: stored column j holds input feature perm[j].
+    """
+    bits = formats.check_bits(bits)
+    group_size = formats.check_group_size(group_size)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"w must be a 2-D floating-point tensor [out_features, in_features], got "
+                         f"{getattr(w, 'dtype', type(w))} {list(getattr(w, 'shape', []))}")
+    n, k = w.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"w must not be empty, got shape {list(w.shape)}")
+    w = w.detach().to(torch.float32)
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).nonzero()[0].tolist()
+        raise ValueError(f"w has non-finite values (first at {bad}); cannot quantize")
+    if perm is not None:
+        perm = perm.to(device=w.device, dtype=torch.int32)
+        if perm.shape != (k,) or not torch.equal(perm.sort().values, torch.arange(k, device=w.device, dtype=torch.int32)):
+            raise ValueError(f"perm must be a permutation of range({k})")
+        w = w[:, perm.long()]
+
+    kp = formats.padded_in_features(k, group_size)
+    groups = torch.nn.functional.pad(w, (0, kp - k)).view(n, kp // group_size, group_size)
+    lo = groups.amin(-1).clamp(max=0)
+    hi = groups.amax(-1).clamp(min=0)
+    scales = ((hi - lo) / 15).to(torch.float16)
+    if torch.isinf(scales).any():
+        raise ValueError("w has groups whose range exceeds float16 scales (|w| > ~9e5); cannot quantize")
+    # All-zero groups (and ranges below float16's smallest step) still get a usable scale.
+    scales = scales.clamp(min=torch.finfo(torch.float16).smallest_normal * 2 ** -10)
+    zeros = (-lo / scales.float()).to(torch.float16)
+
+    # Quantize with the stored float16 values so codes match what decoders will compute.
+    t = groups / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)  # position in 4-bit steps
+    codes = t.round().clamp(0, 15).view(n, kp)
+    if bits == 3.5:
+        codes[:, 1::2] = (t.view(n, kp)[:, 1::2] / formats.STEP3).round().clamp(0, 7)
+    qweight = formats.pack(codes.to(torch.int32), bits)
+    return QuantizedWeight(qweight, scales, zeros, perm, bits, group_size, k)
