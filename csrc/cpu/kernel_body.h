@@ -44,7 +44,8 @@ void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
       for (int64_t xb = g * xblocks_per_group; xb < (g + 1) * xblocks_per_group; ++xb) {
         typename Isa::IntAcc dot[MB];
         for (int m = 0; m < MB; ++m) dot[m] = Isa::int_zero();
-        for (int64_t c = xb * CX; c < (xb + 1) * CX; ++c) {
+        for (int cc = 0; cc < CX; ++cc) {
+          const int64_t c = xb * CX + cc;
           const typename Isa::Codes q = Isa::template decode<F>(codes + c * kBytes);
           for (int m = 0; m < MB; ++m) dot[m] = Isa::dot_acc(dot[m], q, a.xq + m * w.Kp + c * kChunk);
         }

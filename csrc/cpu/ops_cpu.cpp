@@ -38,63 +38,73 @@ void check_perm_values(const char* op, const std::optional<at::Tensor>& perm, in
 }
 
 // Where activations go: every call lays x [M, K] (any strides, any float dtype) out per 32-column
-// chunk in the kernels' x-order, with perm applied and zero padding.
-struct XLayout {
-  const WeightShape& s;
-  const int32_t* perm;  // nullable
-  const int* x_order;   // [32]
-};
-
-// Row m of x, chunk c, in x-order.
-template <typename T>
-void gather_chunk(const XLayout& l, const T* row, int64_t sk, int64_t c, float* out) {
-  for (int i = 0; i < kChunk; ++i) {
-    const int64_t col = c + l.x_order[i];
-    const float v = col < l.s.K ? static_cast<float>(row[(l.perm ? l.perm[col] : col) * sk]) : 0.0f;
-    out[i] = v;
+// chunk in the kernels' x-order, with perm applied and zero padding. src[j] is the element offset
+// within a row of x that lands at position j, or -1 for padding.
+at::Tensor source_offsets(const WeightShape& s, const int32_t* perm, const int* x_order, int64_t stride) {
+  at::Tensor src = at::empty({s.Kp}, at::kLong);
+  int64_t* p = src.data_ptr<int64_t>();
+  for (int64_t j = 0; j < s.Kp; ++j) {
+    const int64_t col = j / kChunk * kChunk + x_order[j % kChunk];
+    p[j] = col < s.K ? (perm ? perm[col] : col) * stride : -1;
   }
+  return src;
+}
+
+template <typename T>
+inline float source_value(const T* row, int64_t offset) {
+  return offset >= 0 ? static_cast<float>(row[offset]) : 0.0f;
 }
 
 // GEMV input: int8 codes with one float scale per block of xblock columns (q = round(x * 127 / max|x|),
-// scale = max|x| / 127), plus exact per-group sums for the zero-point term. odd_scale multiplies the
-// odd columns before quantization (the 15/7 step of int3.5's 3-bit codes, folded into x).
+// scale = max|x| / 127), plus per-group sums for the zero-point term. odd_scale multiplies the odd
+// columns (lane_odd[i] = 1) before quantization: the 15/7 step of int3.5's 3-bit codes, folded into x.
 template <typename T>
-void quantize_x(const at::Tensor& x2, const XLayout& l, float odd_scale, int64_t xblock, int8_t* xq,
-                float* xscale, float* xsum) {
+void quantize_x(const at::Tensor& x2, const int64_t* src, const int* lane_odd, float odd_scale, int64_t xblock,
+                const WeightShape& s, int8_t* xq, float* xscale, float* xsum) {
+  float lane_scale[kChunk];
+  for (int i = 0; i < kChunk; ++i) lane_scale[i] = lane_odd[i] ? odd_scale : 1.0f;
   const T* x = x2.data_ptr<T>();
-  const int64_t Kp = l.s.Kp, group_size = l.s.group_size, n_groups = l.s.n_groups;
+  const int64_t Kp = s.Kp, group_size = s.group_size, n_groups = s.n_groups;
   for (int64_t m = 0; m < x2.size(0); ++m) {
     const T* row = x + m * x2.stride(0);
     for (int64_t b = 0; b < Kp; b += xblock) {
       float v[kXBlock];
-      float amax = 0.0f, sum = 0.0f;
-      for (int64_t c = 0; c < xblock; c += kChunk) gather_chunk(l, row, x2.stride(1), b + c, v + c);
-      for (int64_t i = 0; i < xblock; ++i) {
-        sum += v[i];
-        v[i] *= l.x_order[i % kChunk] % 2 ? odd_scale : 1.0f;
-        amax = std::max(amax, std::abs(v[i]));
-      }
+      for (int64_t i = 0; i < xblock; ++i) v[i] = source_value(row, src[b + i]) * lane_scale[i % kChunk];
+      float maxima[8] = {};  // independent partial maxima: no long dependency chain
+      for (int64_t i = 0; i < xblock; i += 8)
+        for (int j = 0; j < 8; ++j) maxima[j] = std::max(maxima[j], std::abs(v[i + j]));
+      float amax = 0.0f;
+      for (int j = 0; j < 8; ++j) amax = std::max(amax, maxima[j]);
       const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      const float dx = amax / 127.0f;
       int8_t* q = xq + m * Kp + b;  // int8 stores may alias anything: keep every index local
+      int32_t sums[2] = {0, 0};     // of the codes on even and on odd columns
       for (int64_t i = 0; i < xblock; ++i) {
         const float t = v[i] * inv;  // |t| <= 127; round half away from zero, without branches
         q[i] = static_cast<int8_t>(t + std::copysign(0.5f, t));
+        sums[lane_odd[i % kChunk]] += q[i];
       }
-      xscale[m * (Kp / xblock) + b / xblock] = amax / 127.0f;
+      xscale[m * (Kp / xblock) + b / xblock] = dx;
+      // The zero-point term uses the sum of the int8 activations as they are (odd columns unscaled),
+      // so the kernel computes exactly W x' with x' the dequantized activations: no error from the
+      // large, nearly cancelling q * x and z * x sums.
+      const float block_sum = dx * (static_cast<float>(sums[0]) + static_cast<float>(sums[1]) / odd_scale);
       float& group_sum = xsum[m * n_groups + b / group_size];
-      group_sum = (b % group_size == 0 ? 0.0f : group_sum) + sum;
+      group_sum = (b % group_size == 0 ? 0.0f : group_sum) + block_sum;
     }
   }
 }
 
 // GEMM input: float32 [M, Kp] in x-order.
 template <typename T>
-void layout_x(const at::Tensor& x2, const XLayout& l, float* out) {
+void layout_x(const at::Tensor& x2, const int64_t* src, int64_t Kp, float* out) {
   const T* x = x2.data_ptr<T>();
   at::parallel_for(0, x2.size(0), 16, [&](int64_t m_begin, int64_t m_end) {
-    for (int64_t m = m_begin; m < m_end; ++m)
-      for (int64_t c = 0; c < l.s.Kp; c += kChunk)
-        gather_chunk(l, x + m * x2.stride(0), x2.stride(1), c, out + m * l.s.Kp + c);
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      const T* row = x + m * x2.stride(0);
+      float* o = out + m * Kp;
+      for (int64_t j = 0; j < Kp; ++j) o[j] = source_value(row, src[j]);
+    }
   });
 }
 
@@ -117,18 +127,20 @@ at::Tensor linear_cpu(const char* op, Format format, const at::Tensor& x, const 
   const at::Tensor bias_f32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor y;  // [M, N] float32
 
-  const int32_t* perm_data = perm ? perm->data_ptr<int32_t>() : nullptr;
   const int* x_order = kernels.x_order[static_cast<int>(format)];
+  const at::Tensor src = source_offsets(s, perm ? perm->data_ptr<int32_t>() : nullptr, x_order, x2.stride(1));
   if (M <= kMaxGemvRows) {
     // Weight-streaming GEMV on int8 activations; the 3-bit step of int3.5 is folded into x.
-    const XLayout layout{s, perm_data, x_order};
+    int lane_odd[kChunk];
+    for (int i = 0; i < kChunk; ++i) lane_odd[i] = x_order[i] % 2;
     const float odd_scale = format == Format::kInt35 ? 15.0f / 7.0f : 1.0f;
     const int64_t xblock = std::min(kXBlock, s.group_size);
     const at::Tensor xq = at::empty({M, s.Kp}, x.options().dtype(at::kChar));
     const at::Tensor xscale = at::empty({M, s.Kp / xblock}, f32);
     const at::Tensor xsum = at::empty({M, s.n_groups}, f32);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_quantize_x", [&] {
-      quantize_x<scalar_t>(x2, layout, odd_scale, xblock, xq.data_ptr<int8_t>(), xscale.data_ptr<float>(), xsum.data_ptr<float>());
+      quantize_x<scalar_t>(x2, src.data_ptr<int64_t>(), lane_odd, odd_scale, xblock, s, xq.data_ptr<int8_t>(),
+                          xscale.data_ptr<float>(), xsum.data_ptr<float>());
     });
     y = at::empty({M, s.N}, f32);
     const GemvArgs args{w, xq.data_ptr<int8_t>(), xscale.data_ptr<float>(), xsum.data_ptr<float>(),
@@ -136,10 +148,9 @@ at::Tensor linear_cpu(const char* op, Format format, const at::Tensor& x, const 
     at::parallel_for(0, s.N, 16, [&](int64_t n_begin, int64_t n_end) { kernels.gemv(args, n_begin, n_end); });
   } else {
     // Dequantize a tile of rows (in the same x-order as the activations), multiply with BLAS.
-    const XLayout layout{s, perm_data, x_order};
     const at::Tensor xf = at::empty({M, s.Kp}, f32);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_layout_x", [&] {
-      layout_x<scalar_t>(x2, layout, xf.data_ptr<float>());
+      layout_x<scalar_t>(x2, src.data_ptr<int64_t>(), s.Kp, xf.data_ptr<float>());
     });
     const int64_t tile_rows = std::min(s.N, std::max<int64_t>(16, kGemmTileFloats / s.Kp));
     const at::Tensor tile = at::empty({tile_rows, s.Kp}, f32);
@@ -154,7 +165,7 @@ at::Tensor linear_cpu(const char* op, Format format, const at::Tensor& x, const 
     }
     y = bias ? yt.t() + bias_f32 : yt.t();
   }
-  return y.to(x.scalar_type()).reshape(out_shape);
+  return y.to(x.scalar_type()).contiguous().reshape(out_shape);
 }
 
 at::Tensor dequantize_cpu(const char* op, Format format, const at::Tensor& qweight, const at::Tensor& scales,

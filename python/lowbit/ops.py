@@ -17,12 +17,14 @@ def _register(linear_name: str, dequantize_name: str) -> None:
     @torch.library.register_fake(linear_name)
     def _(x, qweight, scales, zeros, perm, bias, group_size, in_features):
         torch._check(x.shape[-1] == in_features, lambda: f"x must end in in_features = {in_features}")
+        for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("perm", perm), ("bias", bias)):
+            torch._check(t is None or t.device == x.device,
+                         lambda: f"{linear_name}: x is on {x.device} but {name} is on {t.device}")
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
     @torch.library.register_fake(dequantize_name)
     def _(qweight, scales, zeros, perm, group_size, in_features):
         return qweight.new_empty((qweight.shape[0], in_features), dtype=torch.float32)
-
 
 
 _register("lowbit::int4_linear", "lowbit::int4_dequantize")

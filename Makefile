@@ -1,0 +1,38 @@
+# Two commands do all the setup on a fresh machine: `make demo` and `make test`.
+# Both create .venv when missing, install torch (reusing one that is already installed, otherwise the
+# CPU build), the build and test dependencies and lowbit itself, then run.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lowbit-installed
+SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc python -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
+
+.PHONY: demo test bench install clean
+
+demo: $(STAMP)
+	$(PY) -m lowbit.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_kernels.py
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "reusing the torch installed for $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; \
+	fi
+	@$(PY) -c "import torch" 2>/dev/null || \
+	  $(PY) -m pip install torch --index-url https://download.pytorch.org/whl/cpu || \
+	  $(PY) -m pip install torch
+	$(PY) -m pip install numpy safetensors pybind11 pytest "scikit-build-core>=0.10" ninja cmake
+	$(PY) -m pip install --no-build-isolation -e .
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build

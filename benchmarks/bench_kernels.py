@@ -1,0 +1,171 @@
+"""CPU kernel benchmark: lowbit int4 / int3.5 linear vs F.linear in float32 and bfloat16.
+
+LLaMA-7B layer shapes, several activation row counts M. Each configuration rotates through enough
+distinct weight matrices that the working set is at least 4x the last-level cache, as in a real
+decode step where every layer's weights come from DRAM. The machine's copy bandwidth is measured
+in the same run; effective bandwidth counts the bytes the kernel must read (weights + activations).
+
+    python benchmarks/bench_kernels.py            # full run, writes benchmarks/results/kernels_cpu.{json,md}
+    python benchmarks/bench_kernels.py --quick    # one shape, three M values, under a minute
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit import formats
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N out, K in): q/k/v/o, gate/up, down
+M_VALUES = [1, 4, 16, 64, 512]
+GROUP_SIZE = 128
+
+
+def last_level_cache_bytes() -> int:
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()
+            level = int((index / "level").read_text())
+        except (OSError, ValueError):
+            continue
+        value = int(size[:-1]) * {"K": 1024, "M": 1024 ** 2}.get(size[-1], 1) if size[-1].isalpha() else int(size)
+        if level >= 2:
+            best = max(best, value)
+    return best or 32 * 1024 ** 2
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def time_per_call(fn, count: int, min_seconds: float) -> float:
+    """Seconds per call, cycling fn(i) over i = 0..count-1 (distinct weights), after one warm cycle."""
+    for i in range(count):
+        fn(i)
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn(calls % count)
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds and calls >= count:
+            return elapsed / calls
+
+
+def copy_bandwidth(nbytes: int, min_seconds: float) -> float:
+    """Bytes moved (read + written) per second by a large tensor copy."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    seconds = time_per_call(lambda _: dst.copy_(src), 1, min_seconds)
+    return 2 * nbytes / seconds
+
+
+def random_quantized(n: int, k: int, bits: float) -> lowbit.QuantizedWeight:
+    """A valid weight with random codes: every byte pattern is a valid code block in both formats."""
+    kp = formats.padded_in_features(k, GROUP_SIZE)
+    qweight = torch.randint(0, 256, (n, formats.packed_row_bytes(bits, kp)), dtype=torch.uint8)
+    scales = (torch.rand(n, kp // GROUP_SIZE) * 0.01 + 0.001).half()
+    zeros = torch.full((n, kp // GROUP_SIZE), 7.5).half()
+    return lowbit.QuantizedWeight(qweight, scales, zeros, None, bits, GROUP_SIZE, k)
+
+
+def copies_for(bytes_each: int, working_set: int) -> int:
+    return max(1, -(-working_set // bytes_each))
+
+
+def run(shapes, m_values, min_seconds: float) -> dict:
+    llc = last_level_cache_bytes()
+    working_set = 4 * llc
+    copy_bw = copy_bandwidth(max(256 * 1024 ** 2, 4 * working_set), min_seconds)
+    rows = []
+    for n, k in shapes:
+        fp32 = [torch.randn(n, k) for _ in range(copies_for(4 * n * k, working_set))]
+        bf16 = [w.bfloat16() for w in fp32[:copies_for(2 * n * k, working_set)]]
+        quantized = {bits: [random_quantized(n, k, bits) for _ in range(copies_for(n * k // 2, working_set))]
+                     for bits in (4, 3.5)}
+        for m in m_values:
+            x32, x16 = torch.randn(m, k), torch.randn(m, k).bfloat16()
+            t_fp32 = time_per_call(lambda i: F.linear(x32, fp32[i % len(fp32)]), len(fp32), min_seconds)
+            t_bf16 = time_per_call(lambda i: F.linear(x16, bf16[i % len(bf16)]), len(bf16), min_seconds)
+            for bits, weights in quantized.items():
+                t = time_per_call(lambda i: lowbit.linear(x32, weights[i % len(weights)]), len(weights), min_seconds)
+                bytes_read = weights[0].nbytes + 4 * m * k + 4 * m * n
+                rows.append({
+                    "N": n, "K": k, "M": m, "format": "int4" if bits == 4 else "int3.5",
+                    "time_ms": t * 1e3,
+                    "GB_per_s": bytes_read / t / 1e9,
+                    "fraction_of_copy_bw": bytes_read / t / copy_bw,
+                    "speedup_vs_fp32": t_fp32 / t,
+                    "speedup_vs_bf16": t_bf16 / t,
+                    "fp32_ms": t_fp32 * 1e3,
+                    "bf16_ms": t_bf16 * 1e3,
+                    "GFLOP_per_s": 2 * m * n * k / t / 1e9,
+                })
+                print(format_row(rows[-1]), flush=True)
+    return {
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "last_level_cache_MiB": llc / 1024 ** 2,
+            "copy_bandwidth_GB_per_s": copy_bw / 1e9,
+            "torch": torch.__version__,
+            "lowbit_cpu_isa": lowbit.cpu_isa(),
+        },
+        "group_size": GROUP_SIZE,
+        "rows": rows,
+    }
+
+
+HEADER = ("| N x K | M | format | time ms | GB/s | of copy BW | vs fp32 F.linear | vs bf16 F.linear |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def format_row(r: dict) -> str:
+    return (f"| {r['N']}x{r['K']} | {r['M']} | {r['format']} | {r['time_ms']:.3f} | {r['GB_per_s']:.1f} | "
+            f"{100 * r['fraction_of_copy_bw']:.0f}% | {r['speedup_vs_fp32']:.2f}x | {r['speedup_vs_bf16']:.2f}x |")
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"CPU: {m['cpu']}, {m['threads']} threads, LLC {m['last_level_cache_MiB']:.0f} MiB, "
+             f"copy bandwidth {m['copy_bandwidth_GB_per_s']:.1f} GB/s (read + write), kernels: {m['lowbit_cpu_isa']}, "
+             f"torch {m['torch']}, group size {result['group_size']}", "", HEADER]
+    lines += [format_row(r) for r in result["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one shape and three M values (under a minute)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels_cpu"),
+                        help="output path without extension (.json and .md are written)")
+    parser.add_argument("--min-seconds", type=float, default=None, help="timing per configuration")
+    args = parser.parse_args()
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    m_values = [1, 16, 512] if args.quick else M_VALUES
+    min_seconds = args.min_seconds or (0.1 if args.quick else 0.5)
+    print(HEADER)
+    result = run(shapes, m_values, min_seconds)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print()
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""CPU kernels against the reference, for every ISA this machine has.
+
+Tolerances (relative to max |y| of the reference):
+  GEMM path (M > 8, float32 activations):           exact reference, 2e-5
+  GEMV path (M <= 8, int8 activations per 64 cols): reference model of the int8 steps
+                                                     (tests/reference.py), 2e-5; and the exact
+                                                     reference within 2% relative RMS error
+  bfloat16 / float16 outputs add their rounding:     8e-3 / 1e-3
+"""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import formats
+from reference import int8_activation_linear, reference_linear
+
+M_VALUES = [1, 2, 3, 7, 8, 16, 33, 128]
+OUT_TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def make_weight(n, k, bits, group_size, with_perm):
+    perm = torch.randperm(k).to(torch.int32) if with_perm else None
+    return lowbit.quantize_weight(torch.randn(n, k), bits, group_size, perm=perm)
+
+
+def check_linear(x, qw, bias):
+    y = lowbit.linear(x, qw, bias)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], qw.shape[0])
+    exact = reference_linear(x.float(), qw, None if bias is None else bias.float())
+    scale = exact.abs().max().item() + 1e-6
+    m = x.reshape(-1, x.shape[-1]).shape[0]
+    tol = OUT_TOL[x.dtype] * scale
+    if m <= 8:
+        model = int8_activation_linear(x.float(), qw, None if bias is None else bias.float())
+        assert (y.double() - model).abs().max().item() <= tol
+        assert ((y.double() - exact).norm() / exact.norm()).item() < 0.02
+    else:
+        assert (y.double() - exact).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("group_size", formats.GROUP_SIZES)
+@pytest.mark.parametrize("m", M_VALUES)
+def test_linear_matches_reference_every_m_and_group_size(isa, bits, group_size, m):
+    n, k = 100, 328  # neither a multiple of 64; K pads up to the group size
+    qw = make_weight(n, k, bits, group_size, with_perm=False)
+    check_linear(torch.randn(m, k), qw, None)
+
+
+@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 5, 40])
+@pytest.mark.parametrize("with_perm", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_dtypes_bias_perm(isa, bits, dtype, m, with_perm, with_bias):
+    n, k = 72, 576
+    qw = make_weight(n, k, bits, 128, with_perm)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    check_linear(torch.randn(m, k).to(dtype), qw, bias)
+
+
+@pytest.mark.parametrize("bits", [4, 3.5])
+def test_linear_3d_and_non_contiguous_inputs(isa, bits):
+    n, k = 48, 160
+    qw = make_weight(n, k, bits, 32, with_perm=True)
+    x3 = torch.randn(2, 3, k)
+    check_linear(x3, qw, None)
+    strided = torch.randn(k, 6).t()            # [6, K] with column stride != 1
+    assert not strided.is_contiguous()
+    check_linear(strided, qw, None)
+    sliced = torch.randn(2, 20, 2 * k)[:, ::2, ::2]  # 3-D, strided in every dimension (M = 20)
+    check_linear(sliced, qw, None)
+    y = lowbit.linear(x3, qw)
+    assert torch.equal(y, lowbit.linear(x3.contiguous(), qw))
+
+
+@pytest.mark.parametrize("bits", [4, 3.5])
+def test_gemv_and_gemm_paths_agree(isa, bits):
+    qw = make_weight(64, 512, bits, 64, with_perm=False)
+    x = torch.randn(16, 512)
+    batched = lowbit.linear(x, qw)
+    one_by_one = torch.cat([lowbit.linear(x[i:i + 1], qw) for i in range(16)])
+    assert ((batched - one_by_one).norm() / batched.norm()).item() < 0.02
+
+
+@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("group_size", formats.GROUP_SIZES)
+@pytest.mark.parametrize("with_perm", [False, True])
+def test_dequantize_matches_reference(isa, bits, group_size, with_perm):
+    qw = make_weight(37, 300, bits, group_size, with_perm)
+    ref = formats.dequantize(*qw.op_args(), qw.bits, qw.group_size, qw.in_features)
+    out = qw.dequantize()
+    assert out.dtype == torch.float32 and out.shape == (37, 300)
+    assert (out - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
+def test_isas_agree_exactly_on_integer_path():
+    # All ISAs compute identical integer dot products; only float summation order may differ.
+    qw = make_weight(64, 640, 3.5, 128, with_perm=True)
+    x = torch.randn(3, 640)
+    outputs = []
+    previous = lowbit.cpu_isa()
+    for name in lowbit.build_info()["cpu_isas_available"]:
+        lowbit.set_cpu_isa(name)
+        outputs.append(lowbit.linear(x, qw))
+    lowbit.set_cpu_isa(previous)
+    scale = outputs[0].abs().max().item()
+    for y in outputs[1:]:
+        assert (y - outputs[0]).abs().max().item() <= 2e-6 * scale
+
+
+def test_respects_thread_count():
+    qw = make_weight(256, 1024, 4, 128, with_perm=False)
+    x = torch.randn(1, 1024)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = lowbit.linear(x, qw)
+        torch.set_num_threads(2)
+        y2 = lowbit.linear(x, qw)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y1, y2)  # rows are independent: the split over threads changes nothing
+
+
+def test_empty_batch():
+    qw = make_weight(16, 64, 4, 32, with_perm=False)
+    assert lowbit.linear(torch.randn(0, 64), qw).shape == (0, 16)
