@@ -3,6 +3,9 @@
 # CPU build), the build and test dependencies and lowbit itself, then run.
 
 PYTHON ?= python3
+# The CPU build of torch comes from PyTorch's CPU index (or a local wheel of the same version).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lowbit-installed
@@ -28,8 +31,8 @@ $(STAMP): $(SOURCES)
 	  else $(PYTHON) -m venv $(VENV); fi; \
 	fi
 	@$(PY) -c "import torch" 2>/dev/null || \
-	  $(PY) -m pip install torch --index-url https://download.pytorch.org/whl/cpu || \
-	  $(PY) -m pip install torch
+	  $(PY) -m pip install --retries 1 --timeout 20 "$(TORCH_SPEC)" --index-url $(TORCH_INDEX) || \
+	  $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install numpy safetensors pybind11 pytest "scikit-build-core>=0.10" ninja cmake
 	$(PY) -m pip install --no-build-isolation -e .
 	touch $(STAMP)
