@@ -32,9 +32,10 @@ struct Avx2Isa {
   template <Format F>
   static Codes decode(const uint8_t* p) {
     if (F == Format::kInt4) {
-      // The 16 bytes in both halves; the high half shifted right by 4 to bring the odd codes down.
-      const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-      return _mm256_and_si256(_mm256_srlv_epi64(b, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
+      // The 16 bytes in the low half, the same shifted right by 4 (odd codes) in the high half.
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1);
+      return _mm256_and_si256(both, _mm256_set1_epi8(15));
     }
     const __m256i pairs = int35_pairs(p);
     return _mm256_packus_epi16(_mm256_and_si256(pairs, _mm256_set1_epi16(15)), _mm256_srli_epi16(pairs, 4));

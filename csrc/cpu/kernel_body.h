@@ -13,6 +13,9 @@
 #pragma once
 
 constexpr float kStep3 = 15.0f / 7.0f;  // 3-bit step relative to the 4-bit step (docs/FORMAT.md)
+// Software prefetch distance on the weight stream; the hardware prefetcher alone left the 2-core
+// AVX2 development machine at ~0.8 ms instead of ~0.7 ms for a 4096 x 4096 int4 GEMV.
+constexpr int64_t kPrefetchBytes = 4096;
 
 // F: weight format, MB: activation rows, CX: 32-column chunks per activation block.
 template <Format F, int MB, int CX>
@@ -37,28 +40,23 @@ void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
       zero_term[m] = 0.0f;
     }
     for (int64_t g = 0; g < n_groups; ++g) {
-      // Group g adds s * (sum_k q_k x_k - z * sum_k x_k); the first sum runs on int8 activations
-      // in integer arithmetic, one activation block (xblock columns, one scale) at a time.
-      Vec acc[MB];
-      for (int m = 0; m < MB; ++m) acc[m] = Isa::zero();
+      // Group g adds s * (sum_k q_k x_k - z * sum_k x_k). The first sum runs on int8 activations in
+      // integer arithmetic, one activation block (one activation scale) at a time.
+      const float s = Isa::half_to_float(scales[g]);
+      const float sz = s * Isa::half_to_float(zeros[g]);
       for (int64_t xb = g * xblocks_per_group; xb < (g + 1) * xblocks_per_group; ++xb) {
         typename Isa::IntAcc dot[MB];
         for (int m = 0; m < MB; ++m) dot[m] = Isa::int_zero();
+        __builtin_prefetch(codes + xb * CX * kBytes + kPrefetchBytes);  // never faults, even past the end
         for (int cc = 0; cc < CX; ++cc) {
           const int64_t c = xb * CX + cc;
           const typename Isa::Codes q = Isa::template decode<F>(codes + c * kBytes);
           for (int m = 0; m < MB; ++m) dot[m] = Isa::dot_acc(dot[m], q, a.xq + m * w.Kp + c * kChunk);
         }
         for (int m = 0; m < MB; ++m)
-          acc[m] = Isa::fma(Isa::to_float(dot[m]), Isa::set1(a.xscale[m * n_xblocks + xb]), acc[m]);
+          total[m] = Isa::fma(Isa::to_float(dot[m]), Isa::set1(s * a.xscale[m * n_xblocks + xb]), total[m]);
       }
-      const float s = Isa::half_to_float(scales[g]);
-      const float sz = s * Isa::half_to_float(zeros[g]);
-      const Vec vs = Isa::set1(s);
-      for (int m = 0; m < MB; ++m) {
-        total[m] = Isa::fma(vs, acc[m], total[m]);
-        zero_term[m] += sz * a.xsum[m * n_groups + g];
-      }
+      for (int m = 0; m < MB; ++m) zero_term[m] += sz * a.xsum[m * n_groups + g];
     }
     const float b = a.bias ? a.bias[n] : 0.0f;
     for (int m = 0; m < MB; ++m) a.y[m * w.N + n] = Isa::hsum(total[m]) - zero_term[m] + b;
