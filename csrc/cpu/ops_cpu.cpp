@@ -40,15 +40,21 @@ void check_perm_values(const char* op, const std::optional<at::Tensor>& perm, in
 // Where activations go: every call lays x [M, K] (any strides, any float dtype) out per 32-column
 // chunk in the kernels' x-order, with perm applied and zero padding. src[j] is the element offset
 // within a row of x that lands at position j, or -1 for padding.
-at::Tensor source_offsets(const WeightShape& s, const int32_t* perm, const int* x_order, int64_t stride) {
-  at::Tensor src = at::empty({s.Kp}, at::kLong);
-  int64_t* p = src.data_ptr<int64_t>();
+void source_offsets(const WeightShape& s, const int32_t* perm, const int* x_order, int64_t stride, int64_t* src) {
   for (int64_t j = 0; j < s.Kp; ++j) {
     const int64_t col = j / kChunk * kChunk + x_order[j % kChunk];
-    p[j] = col < s.K ? (perm ? perm[col] : col) * stride : -1;
+    src[j] = col < s.K ? (perm ? perm[col] : col) * stride : -1;
   }
-  return src;
 }
+
+// Per-thread buffers for the activation layout, reused across calls: a decode step allocates nothing
+// but its output.
+struct Scratch {
+  std::vector<int64_t> src;
+  std::vector<int8_t> xq;
+  std::vector<float> xscale, xsum, y;
+};
+thread_local Scratch scratch;
 
 template <typename T>
 inline float source_value(const T* row, int64_t offset) {
@@ -119,53 +125,60 @@ at::Tensor linear_cpu(const char* op, Format format, const at::Tensor& x, const 
   out_shape.back() = s.N;
   const at::Tensor x2 = x.reshape({-1, s.K});
   const int64_t M = x2.size(0);
-  const auto f32 = x.options().dtype(at::kFloat);
   if (M == 0) return at::empty(out_shape, x.options());
 
   const KernelTable& kernels = active_kernels();
   const QWeight w = view_weight(s, qweight, scales, zeros);
-  const at::Tensor bias_f32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor y;  // [M, N] float32
-
   const int* x_order = kernels.x_order[static_cast<int>(format)];
-  const at::Tensor src = source_offsets(s, perm ? perm->data_ptr<int32_t>() : nullptr, x_order, x2.stride(1));
+  scratch.src.resize(s.Kp);
+  source_offsets(s, perm ? perm->data_ptr<int32_t>() : nullptr, x_order, x2.stride(1), scratch.src.data());
+  const at::Tensor bias_f32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bias_ptr = bias ? bias_f32.data_ptr<float>() : nullptr;
+  at::Tensor out = at::empty(out_shape, x.options());
+
   if (M <= kMaxGemvRows) {
     // Weight-streaming GEMV on int8 activations; the 3-bit step of int3.5 is folded into x.
     int lane_odd[kChunk];
     for (int i = 0; i < kChunk; ++i) lane_odd[i] = x_order[i] % 2;
     const float odd_scale = format == Format::kInt35 ? 15.0f / 7.0f : 1.0f;
     const int64_t xblock = std::min(kXBlock, s.group_size);
-    const at::Tensor xq = at::empty({M, s.Kp}, x.options().dtype(at::kChar));
-    const at::Tensor xscale = at::empty({M, s.Kp / xblock}, f32);
-    const at::Tensor xsum = at::empty({M, s.n_groups}, f32);
+    scratch.xq.resize(M * s.Kp);
+    scratch.xscale.resize(M * s.Kp / xblock);
+    scratch.xsum.resize(M * s.n_groups);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_quantize_x", [&] {
-      quantize_x<scalar_t>(x2, src.data_ptr<int64_t>(), lane_odd, odd_scale, xblock, s, xq.data_ptr<int8_t>(),
-                          xscale.data_ptr<float>(), xsum.data_ptr<float>());
+      quantize_x<scalar_t>(x2, scratch.src.data(), lane_odd, odd_scale, xblock, s, scratch.xq.data(),
+                          scratch.xscale.data(), scratch.xsum.data());
     });
-    y = at::empty({M, s.N}, f32);
-    const GemvArgs args{w, xq.data_ptr<int8_t>(), xscale.data_ptr<float>(), xsum.data_ptr<float>(),
-                        bias ? bias_f32.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, xblock};
-    at::parallel_for(0, s.N, 16, [&](int64_t n_begin, int64_t n_end) { kernels.gemv(args, n_begin, n_end); });
-  } else {
-    // Dequantize a tile of rows (in the same x-order as the activations), multiply with BLAS.
-    const at::Tensor xf = at::empty({M, s.Kp}, f32);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_layout_x", [&] {
-      layout_x<scalar_t>(x2, src.data_ptr<int64_t>(), s.Kp, xf.data_ptr<float>());
-    });
-    const int64_t tile_rows = std::min(s.N, std::max<int64_t>(16, kGemmTileFloats / s.Kp));
-    const at::Tensor tile = at::empty({tile_rows, s.Kp}, f32);
-    const at::Tensor yt = at::empty({s.N, M}, f32);
-    for (int64_t n0 = 0; n0 < s.N; n0 += tile_rows) {
-      const int64_t rows = std::min(tile_rows, s.N - n0);
-      at::parallel_for(n0, n0 + rows, 4, [&](int64_t n_begin, int64_t n_end) {
-        kernels.dequant(DequantArgs{w, tile.data_ptr<float>() + (n_begin - n0) * s.Kp}, n_begin, n_end);
-      });
-      at::Tensor y_rows = yt.narrow(0, n0, rows);
-      at::mm_out(y_rows, tile.narrow(0, 0, rows), xf.t());
-    }
-    y = bias ? yt.t() + bias_f32 : yt.t();
+    const bool direct = x.scalar_type() == at::kFloat;  // write float32 results straight into out
+    if (!direct) scratch.y.resize(M * s.N);
+    float* y = direct ? out.data_ptr<float>() : scratch.y.data();
+    const GemvArgs args{w, scratch.xq.data(), scratch.xscale.data(), scratch.xsum.data(), bias_ptr, y, M, xblock};
+    // Threads get at least 16 KiB of weights each: smaller layers are not worth waking a thread for.
+    const int64_t grain = std::max<int64_t>(16, 16384 / packed_row_bytes(format, s.Kp));
+    at::parallel_for(0, s.N, grain, [&](int64_t n_begin, int64_t n_end) { kernels.gemv(args, n_begin, n_end); });
+    if (!direct) out.view({M, s.N}).copy_(at::from_blob(y, {M, s.N}, at::kFloat));
+    return out;
   }
-  return y.to(x.scalar_type()).contiguous().reshape(out_shape);
+
+  // Dequantize a tile of rows (in the same x-order as the activations), multiply with BLAS.
+  const auto f32 = x.options().dtype(at::kFloat);
+  const at::Tensor xf = at::empty({M, s.Kp}, f32);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_layout_x", [&] {
+    layout_x<scalar_t>(x2, scratch.src.data(), s.Kp, xf.data_ptr<float>());
+  });
+  const int64_t tile_rows = std::min(s.N, std::max<int64_t>(16, kGemmTileFloats / s.Kp));
+  const at::Tensor tile = at::empty({tile_rows, s.Kp}, f32);
+  const at::Tensor yt = at::empty({s.N, M}, f32);
+  for (int64_t n0 = 0; n0 < s.N; n0 += tile_rows) {
+    const int64_t rows = std::min(tile_rows, s.N - n0);
+    at::parallel_for(n0, n0 + rows, 4, [&](int64_t n_begin, int64_t n_end) {
+      kernels.dequant(DequantArgs{w, tile.data_ptr<float>() + (n_begin - n0) * s.Kp}, n_begin, n_end);
+    });
+    at::Tensor y_rows = yt.narrow(0, n0, rows);
+    at::mm_out(y_rows, tile.narrow(0, 0, rows), xf.t());
+  }
+  out.view({M, s.N}).copy_(bias ? yt.t() + bias_f32 : yt.t());
+  return out;
 }
 
 at::Tensor dequantize_cpu(const char* op, Format format, const at::Tensor& qweight, const at::Tensor& scales,
