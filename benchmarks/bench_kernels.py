@@ -101,6 +101,8 @@ def run(shapes, m_values, min_seconds: float) -> dict:
             t_bf16 = time_per_call(lambda i: F.linear(x16, bf16[i % len(bf16)]), len(bf16), min_seconds)
             for bits, weights in quantized.items():
                 t = time_per_call(lambda i: lowbit.linear(x32, weights[i % len(weights)]), len(weights), min_seconds)
+                t_deq = time_per_call(lambda i: F.linear(x32, weights[i % len(weights)].dequantize()), len(weights),
+                                      min_seconds)
                 bytes_read = weights[0].nbytes + 4 * m * k + 4 * m * n
                 rows.append({
                     "N": n, "K": k, "M": m, "format": "int4" if bits == 4 else "int3.5",
@@ -109,6 +111,7 @@ def run(shapes, m_values, min_seconds: float) -> dict:
                     "fraction_of_copy_bw": bytes_read / t / copy_bw,
                     "speedup_vs_fp32": t_fp32 / t,
                     "speedup_vs_bf16": t_bf16 / t,
+                    "speedup_vs_dequantize_then_fp32": t_deq / t,
                     "fp32_ms": t_fp32 * 1e3,
                     "bf16_ms": t_bf16 * 1e3,
                     "GFLOP_per_s": 2 * m * n * k / t / 1e9,
@@ -129,13 +132,14 @@ def run(shapes, m_values, min_seconds: float) -> dict:
     }
 
 
-HEADER = ("| N x K | M | format | time ms | GB/s | of copy BW | vs fp32 F.linear | vs bf16 F.linear |\n"
-          "|---|---|---|---|---|---|---|---|")
+HEADER = ("| N x K | M | format | time ms | GB/s | of copy BW | vs fp32 F.linear | vs bf16 F.linear "
+          "| vs dequantize + fp32 F.linear |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r: dict) -> str:
     return (f"| {r['N']}x{r['K']} | {r['M']} | {r['format']} | {r['time_ms']:.3f} | {r['GB_per_s']:.1f} | "
-            f"{100 * r['fraction_of_copy_bw']:.0f}% | {r['speedup_vs_fp32']:.2f}x | {r['speedup_vs_bf16']:.2f}x |")
+            f"{100 * r['fraction_of_copy_bw']:.0f}% | {r['speedup_vs_fp32']:.2f}x | {r['speedup_vs_bf16']:.2f}x | "
+            f"{r['speedup_vs_dequantize_then_fp32']:.2f}x |")
 
 
 def markdown(result: dict) -> str:

@@ -2,11 +2,11 @@
 //
 // Included by each isa_*.cpp inside its own namespace, after that file defines `struct Isa`:
 //   Vec, kWidth, kVecs = 32 / kWidth        float vector, and how many cover one 32-column chunk
-//   zero, set1, load, store, fma, add, hsum  the obvious float vector operations
+//   zero, set1, load, store, fma, hsum       the obvious float vector operations
 //   half_to_float(uint16_t)                  one float16 value (scales and zeros)
 //   Codes, decode<F>(const uint8_t*)         the 32 codes of one chunk, as bytes in the ISA's x-order
 //   IntAcc, int_zero()                       integer partial sums of code * x
-//   dot_acc(IntAcc, Codes, const int8_t* x)  adds one chunk's products (exact for up to 4 chunks)
+//   dot_acc(IntAcc, Codes, const int8_t* x)  adds one chunk's products (exact over an activation block)
 //   to_float(IntAcc)                         the partial sums as a Vec (their total is the dot product)
 //   widen(Codes, Vec[kVecs])                 the codes as floats, x-order
 //   kOrder[format][32]                       the x-order: chunk column held by each lane position

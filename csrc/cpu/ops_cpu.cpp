@@ -11,8 +11,10 @@ namespace lowbit {
 namespace cpu {
 namespace {
 
-// Rows of W dequantized per GEMM step: about 4 MiB of float32, so the tile stays in cache.
+// Rows of W dequantized per GEMM step: about 4 MiB of float32, so the tile stays in cache, but at
+// least 256 rows so that each BLAS call stays large enough to run at full speed.
 constexpr int64_t kGemmTileFloats = int64_t{1} << 20;
+constexpr int64_t kGemmMinTileRows = 256;
 
 QWeight view_weight(const WeightShape& s, const at::Tensor& qweight, const at::Tensor& scales,
                     const at::Tensor& zeros) {
@@ -166,7 +168,7 @@ at::Tensor linear_cpu(const char* op, Format format, const at::Tensor& x, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_layout_x", [&] {
     layout_x<scalar_t>(x2, scratch.src.data(), s.Kp, xf.data_ptr<float>());
   });
-  const int64_t tile_rows = std::min(s.N, std::max<int64_t>(16, kGemmTileFloats / s.Kp));
+  const int64_t tile_rows = std::min(s.N, std::max<int64_t>(kGemmMinTileRows, kGemmTileFloats / s.Kp));
   const at::Tensor tile = at::empty({tile_rows, s.Kp}, f32);
   const at::Tensor yt = at::empty({s.N, M}, f32);
   for (int64_t n0 = 0; n0 < s.N; n0 += tile_rows) {
@@ -187,21 +189,23 @@ at::Tensor dequantize_cpu(const char* op, Format format, const at::Tensor& qweig
   const WeightShape s = check_weight(op, format, qweight, scales, zeros, perm, group_size, in_features);
   check_perm_values(op, perm, s.K);
   const KernelTable& kernels = active_kernels();
-  const at::Tensor buf = at::empty({s.N, s.Kp}, qweight.options().dtype(at::kFloat));
-  const DequantArgs args{view_weight(s, qweight, scales, zeros), buf.data_ptr<float>()};
-  at::parallel_for(0, s.N, 16, [&](int64_t n_begin, int64_t n_end) {
-    kernels.dequant(DequantArgs{args.w, args.out + n_begin * s.Kp}, n_begin, n_end);
-  });
-  // buf holds each chunk in x-order: stored column j sits at position chunk_start + inverse_order[j % 32].
+  const QWeight w = view_weight(s, qweight, scales, zeros);
+  // Kernel rows come in x-order: stored column j sits at chunk_start + inverse_order[j % 32], and
+  // stored column j holds logical input feature perm[j].
   int inverse_order[kChunk];
   for (int i = 0; i < kChunk; ++i) inverse_order[kernels.x_order[static_cast<int>(format)][i]] = i;
-  const at::Tensor position = at::empty({s.K}, qweight.options().dtype(at::kLong));
-  int64_t* pos = position.data_ptr<int64_t>();
-  for (int64_t j = 0; j < s.K; ++j) pos[j] = j / kChunk * kChunk + inverse_order[j % kChunk];
-  const at::Tensor stored = buf.index_select(1, position);  // [N, K], columns in stored order
-  if (!perm) return stored;
-  // Stored column j holds logical input feature perm[j].
-  return at::empty_like(stored).index_copy_(1, perm->to(at::kLong), stored);
+  const int32_t* p = perm ? perm->data_ptr<int32_t>() : nullptr;
+  at::Tensor out = at::empty({s.N, s.K}, qweight.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, s.N, 16, [&](int64_t n_begin, int64_t n_end) {
+    std::vector<float> row(s.Kp);
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      kernels.dequant(DequantArgs{w, row.data()}, n, n + 1);
+      float* dst = o + n * s.K;
+      for (int64_t j = 0; j < s.K; ++j) dst[p ? p[j] : j] = row[j / kChunk * kChunk + inverse_order[j % kChunk]];
+    }
+  });
+  return out;
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
