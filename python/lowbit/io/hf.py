@@ -1,0 +1,102 @@
+"""HF-style model directories: config.json, model.safetensors (or a sharded index), tokenizer files.
+
+Tensors are read through safetensors' memory map; nothing is unpickled.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..models.llama import LlamaConfig
+
+# HF LLaMA tensor names -> lowbit names. q/k/v and gate/up are fused (concatenated along rows).
+FUSED = {
+    "attn.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "ffn.w_gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+}
+SINGLE = {
+    "attn.wo": "self_attn.o_proj",
+    "ffn.w_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: the message names the file and the tensor."""
+
+
+def read_config(directory: Path) -> LlamaConfig:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json")
+    try:
+        return LlamaConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+class SafetensorsDir:
+    """All tensors of a directory's safetensors files (one file or an index of shards), by name."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{directory}: no .safetensors files")
+        self.handles = {}
+        self.location = {}
+        for name in files:
+            handle = safe_open(str(directory / name), framework="pt")
+            self.handles[name] = handle
+            for key in handle.keys():
+                self.location[key] = name
+        self.directory = directory
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.location
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.location:
+            raise CheckpointError(f"{self.directory}: missing tensor {key!r}")
+        return self.handles[self.location[key]].get_tensor(key)
+
+
+class NamedTensors(dict):
+    """Tensors by HF name, already in memory (e.g. from a GGUF file), with SafetensorsDir's get()."""
+
+    def __init__(self, tensors: dict, origin: str):
+        super().__init__(tensors)
+        self.origin = origin
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self:
+            raise CheckpointError(f"{self.origin}: missing tensor {key!r}")
+        return self[key]
+
+
+def to_lowbit_names(st, config: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """HF LLaMA tensors (a SafetensorsDir or NamedTensors) under lowbit's module names, fused projections."""
+    out = {"embed.weight": st.get("model.embed_tokens.weight"), "norm.weight": st.get("model.norm.weight")}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = st.get("lm_head.weight")
+    for i in range(config.num_hidden_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        for name, parts in FUSED.items():
+            for suffix in ("weight", "bias"):
+                keys = [f"{hf}{p}.{suffix}" for p in parts]
+                if suffix == "bias" and keys[0] not in st:
+                    continue
+                out[f"{ours}{name}.{suffix}"] = torch.cat([st.get(k) for k in keys])
+        for name, hf_name in SINGLE.items():
+            for suffix in ("weight", "bias"):
+                key = f"{hf}{hf_name}.{suffix}"
+                if suffix == "weight" or key in st:
+                    out[f"{ours}{name}.{suffix}"] = st.get(key)
+    return {k: v.to(dtype) for k, v in out.items()}

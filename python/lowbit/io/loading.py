@@ -1,0 +1,53 @@
+"""One entry point for every model source: HF directories and GGUF files."""
+
+from pathlib import Path
+
+import torch
+
+from ..models.llama import LlamaConfig, LlamaForCausalLM, rope_inv_freq
+from ..tokenizer import Tokenizer
+from .hf import CheckpointError, NamedTensors, SafetensorsDir, read_config, to_lowbit_names
+
+
+def build_model(config: LlamaConfig, state: dict[str, torch.Tensor], device="cpu") -> LlamaForCausalLM:
+    """A model holding exactly `state` (no random initialisation first; tensors are used as given)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    expected = set(model.state_dict())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise CheckpointError(f"weights do not match the config: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+    for name, tensor in state.items():
+        target = model.get_parameter(name) if name.endswith(("weight", "bias")) else None
+        if target is not None and tuple(target.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"tensor {name!r} has shape {list(tensor.shape)}, the config needs "
+                                  f"{list(target.shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.inv_freq = rope_inv_freq(config)
+    return model.to(device)
+
+
+def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> LlamaForCausalLM:
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf import GGUFFile
+        gguf = GGUFFile(path)
+        config = LlamaConfig.from_dict(gguf.config())
+        state = to_lowbit_names(NamedTensors(gguf.tensors(), str(path)), config, dtype)
+        model = build_model(config, state, device)
+        model.tokenizer = gguf.tokenizer()
+        return model.eval()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
+    config = read_config(path)
+    model = build_model(config, to_lowbit_names(SafetensorsDir(path), config, dtype), device)
+    try:
+        model.tokenizer = Tokenizer.from_dir(path)
+    except FileNotFoundError:
+        model.tokenizer = None
+    return model.eval()
