@@ -3,8 +3,11 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C, formats, ops
+from .generate import Sampling, generate, stream
+from .io.fetch import fetch
+from .models.llama import LlamaConfig, LlamaForCausalLM
 from .nn import QuantLinear
-from .quantize import quantize_weight
+from .quantize import quantize_model, quantize_weight
 from .weight import QuantizedWeight, linear
 
 __version__ = "0.1.0"
@@ -26,5 +29,6 @@ def cpu_isa() -> str:
     return _C.cpu_isa()
 
 
-__all__ = ["QuantLinear", "QuantizedWeight", "build_info", "cpu_isa", "formats", "linear", "ops",
-           "quantize_weight", "set_cpu_isa"]
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "QuantLinear", "QuantizedWeight", "Sampling", "build_info", "cpu_isa",
+           "fetch", "formats", "generate", "linear", "ops", "quantize_model", "quantize_weight", "set_cpu_isa",
+           "stream"]

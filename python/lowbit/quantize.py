@@ -1,6 +1,9 @@
 """Round-to-nearest quantization of one weight matrix into the lowbit formats."""
 
+import copy
+
 import torch
+from torch import nn
 
 from . import formats
 from .weight import QuantizedWeight
@@ -50,3 +53,30 @@ def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128,
         codes[:, 1::2] = (t.view(n, kp)[:, 1::2] / formats.STEP3).round().clamp(0, 7)
     qweight = formats.pack(codes.to(torch.int32), bits)
     return QuantizedWeight(qweight, scales, zeros, perm, bits, group_size, k)
+
+
+def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, method: str = "rtn",
+                   calib=None, modules_to_not_convert: list[str] | None = None, quantize_lm_head: bool = False,
+                   inplace: bool = True) -> nn.Module:
+    """Replace every nn.Linear of `model` by a QuantLinear (lowbit's LLaMA or transformers' LlamaForCausalLM).
+
+    Modules whose qualified name equals or ends with an entry of modules_to_not_convert stay float, and so
+    does the output head (lm_head) unless quantize_lm_head. method "rtn" is round-to-nearest per group.
+    """
+    from .nn import QuantLinear
+    bits = formats.check_bits(bits)
+    group_size = formats.check_group_size(group_size)
+    if method != "rtn":
+        raise ValueError(f"method must be 'rtn', got {method!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    keep = list(modules_to_not_convert or [])
+    if not quantize_lm_head:
+        keep.append("lm_head")
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and not any(name == k or name.endswith("." + k) for k in keep)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear.from_linear(linear, bits, group_size))
+    return model

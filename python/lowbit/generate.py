@@ -1,0 +1,176 @@
+"""Text generation: sampling, streaming and chat on top of LlamaForCausalLM's static KV cache."""
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .models.llama import LlamaForCausalLM
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen. temperature 0 means greedy (argmax)."""
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)   # stop strings (text), besides the model's EOS tokens
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first new token comes from the prefill; the decode loop makes the rest.
+        return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds and self.new_tokens > 1 else 0.0
+
+    def __str__(self) -> str:
+        return (f"prefill {self.prompt_tokens} tokens at {self.prefill_tokens_per_s:.1f} tok/s, "
+                f"decode {self.new_tokens} tokens at {self.decode_tokens_per_s:.1f} tok/s")
+
+
+def next_token(logits: torch.Tensor, history: torch.Tensor, s: Sampling, generator) -> torch.Tensor:
+    """logits [B, V] (float32), history [B, T] token ids so far -> next token ids [B]."""
+    if s.repetition_penalty != 1.0:
+        seen = logits.gather(1, history)
+        logits = logits.scatter(1, history, torch.where(seen > 0, seen / s.repetition_penalty,
+                                                        seen * s.repetition_penalty))
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if s.top_k is not None and s.top_k < logits.shape[-1]:
+        kth = logits.topk(s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p is not None and s.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > s.top_p  # tokens after the nucleus already holds top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_tokens(model: LlamaForCausalLM, tokens: torch.Tensor, sampling: Sampling,
+                    stats: Stats | None = None) -> Iterator[torch.Tensor]:
+    """tokens [B, T] (equal-length prompts) -> yields the next token ids [B] step by step.
+
+    Stops after max_new_tokens, or once every sequence has produced an EOS token (sequences that
+    finished earlier keep yielding EOS).
+    """
+    stats = stats if stats is not None else Stats()
+    b, t = tokens.shape
+    if t == 0:
+        raise ValueError("the prompt is empty")
+    total = t + sampling.max_new_tokens
+    cache = model.layers[0].attn.kv_cache
+    if cache is None or model.max_seq_len < total or cache.k.shape[0] != b:
+        model.setup_cache(b, max(total, 256))
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=tokens.device).manual_seed(sampling.seed)
+    eos = torch.tensor(model.config.eos_token_ids or [-1], device=tokens.device)
+    history = tokens.to(model.device)
+    finished = torch.zeros(b, dtype=torch.bool, device=history.device)
+    stats.prompt_tokens = t * b
+    start = time.perf_counter()
+    logits = model(history, start=0)[:, -1]
+    for step in range(sampling.max_new_tokens):
+        nxt = next_token(logits, history, sampling, generator)
+        nxt = torch.where(finished, eos[0], nxt)
+        finished |= torch.isin(nxt, eos)
+        now = time.perf_counter()
+        if step == 0:
+            stats.prefill_seconds = now - start
+            start = now
+        else:
+            stats.decode_seconds = now - start
+        stats.new_tokens = step + 1
+        yield nxt
+        if bool(finished.all()) or step + 1 == sampling.max_new_tokens:
+            return
+        history = torch.cat([history, nxt[:, None]], dim=1)
+        logits = model(nxt[:, None], start=history.shape[1] - 1)[:, -1]
+
+
+def prompt_ids(model: LlamaForCausalLM, prompt: str | list[dict]) -> list[int]:
+    """A text prompt, or a chat (list of {"role", "content"} messages) through the model's chat template."""
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("the model has no tokenizer")
+    if isinstance(prompt, str):
+        return tok.encode(prompt)
+    return tok.encode(tok.apply_chat_template(prompt, add_generation_prompt=True), add_special_tokens=False)
+
+
+class TextStream:
+    """Iterates over the text pieces of one generation as they are produced; .stats after the end."""
+
+    def __init__(self, model: LlamaForCausalLM, prompt: str | list[dict], sampling: Sampling):
+        self.model, self.sampling = model, sampling
+        self.ids = prompt_ids(model, prompt)
+        self.stats = Stats()
+        self.tokens: list[int] = []
+
+    def __iter__(self) -> Iterator[str]:
+        tok = self.model.tokenizer
+        decoder = tok.stream()
+        stops = self.sampling.stop
+        hold = max((len(s) for s in stops), default=1) - 1   # text that may still become a stop string
+        pending = ""
+        eos = set(self.model.config.eos_token_ids)
+        prompt = torch.tensor([self.ids], device=self.model.device)
+        for nxt in generate_tokens(self.model, prompt, self.sampling, self.stats):
+            token = int(nxt[0])
+            if token in eos:
+                break
+            self.tokens.append(token)
+            pending += decoder.push(token)
+            cut = min((pending.find(s) for s in stops if s in pending), default=-1)
+            if cut >= 0:
+                if pending[:cut]:
+                    yield pending[:cut]
+                return
+            if len(pending) > hold:
+                yield pending[:len(pending) - hold]
+                pending = pending[len(pending) - hold:]
+        pending += decoder.flush()
+        cut = min((pending.find(s) for s in stops if s in pending), default=-1)
+        if cut >= 0:
+            pending = pending[:cut]
+        if pending:
+            yield pending
+
+
+def stream(model: LlamaForCausalLM, prompt: str | list[dict], **sampling) -> TextStream:
+    """Text pieces as they are generated: `for piece in stream(model, "Once upon a time"): print(piece, end="")`."""
+    return TextStream(model, prompt, Sampling(**sampling))
+
+
+def generate(model: LlamaForCausalLM, prompt: str | list[dict], **sampling) -> str:
+    """The whole completion of a text prompt or a chat, as one string."""
+    return "".join(stream(model, prompt, **sampling))
