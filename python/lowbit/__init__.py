@@ -2,7 +2,7 @@
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C, formats, ops
+from . import _C, data, eval, formats, ops
 from .generate import Sampling, generate, stream
 from .io.fetch import fetch
 from .models.llama import LlamaConfig, LlamaForCausalLM
@@ -30,5 +30,5 @@ def cpu_isa() -> str:
 
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "QuantLinear", "QuantizedWeight", "Sampling", "build_info", "cpu_isa",
-           "fetch", "formats", "generate", "linear", "ops", "quantize_model", "quantize_weight", "set_cpu_isa",
+           "data", "eval", "fetch", "formats", "generate", "linear", "ops", "quantize_model", "quantize_weight", "set_cpu_isa",
            "stream"]

@@ -1,48 +1,80 @@
-"""`make demo` (for now): LLaMA-7B-shaped random matrices through both formats.
+"""`make demo`: SmolLM2-135M-Instruct end to end on the CPU.
 
-Prints, per layer shape and format: relative RMSE against float, bytes per weight, and decode (M = 1)
-timings against F.linear in float32.
+Fetches the model (once), quantizes it to int4 and int3.5, prints size / bits per weight / error against
+float / perplexity, then answers one chat prompt with the float, int4 and int3.5 models, streaming.
 """
 
 import time
 
 import torch
-import torch.nn.functional as F
 
 import lowbit
+from lowbit import data
+from lowbit.eval import perplexity
 
-SHAPES = {"attention q/k/v/o": (4096, 4096), "mlp gate/up": (11008, 4096), "mlp down": (4096, 11008)}
+PROMPT = "Give me three short tips for staying focused while studying."
+FORMATS = [("int4", 4, 64), ("int3.5", 3.5, 32)]  # (name, bits, group size): no padding at K = 576
+EVAL_TOKENS = 2048
 
 
-def seconds_per_call(fn, repeats: int = 20) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer, counting shared (tied) storage once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def linear_stats(model) -> tuple[int, int]:
+    """(weights, bytes) over the quantized linear layers."""
+    layers = [m for m in model.modules() if isinstance(m, lowbit.QuantLinear)]
+    return sum(m.in_features * m.out_features for m in layers), sum(m.weight.nbytes for m in layers)
 
 
 def main():
     torch.manual_seed(0)
-    info = lowbit.build_info()
-    print(f"lowbit {lowbit.__version__}: CPU kernels '{info['cpu_isa']}', {torch.get_num_threads()} threads, "
-          f"CUDA {'on' if info['cuda'] else 'off'}")
+    print(f"lowbit {lowbit.__version__}: CPU kernels '{lowbit.cpu_isa()}', {torch.get_num_threads()} threads")
+    path = lowbit.fetch("smollm2")
+    print(f"model: {path}")
+    float_model = lowbit.LlamaForCausalLM.from_pretrained(path)
+    tok = float_model.tokenizer
+    models = {"float32": float_model}
+    for name, bits, group_size in FORMATS:
+        start = time.perf_counter()
+        models[name] = lowbit.quantize_model(float_model, bits, group_size, inplace=False)
+        print(f"quantized to {name} (round to nearest, group size {group_size}) in "
+              f"{time.perf_counter() - start:.1f} s")
+
+    ids = data.evaluation_tokens(tok, max_tokens=EVAL_TOKENS + 1)
+    with torch.inference_mode():
+        reference = float_model(ids[:, :512])
     print()
-    print(f"{'layer':<18} {'N x K':>12} {'format':>7} {'rel. RMSE':>10} {'bytes/weight':>13} "
-          f"{'M=1 ms':>8} {'fp32 ms':>8} {'speedup':>8}")
-    for name, (n, k) in SHAPES.items():
-        w = torch.randn(n, k) * 0.02
-        x = torch.randn(1, k)
-        t_float = seconds_per_call(lambda: F.linear(x, w))
-        for bits in (4, 3.5):
-            qw = lowbit.quantize_weight(w, bits, group_size=128)
-            rmse = ((qw.dequantize() - w).norm() / w.norm()).item()
-            t = seconds_per_call(lambda: lowbit.linear(x, qw))
-            print(f"{name:<18} {f'{n}x{k}':>12} {'int4' if bits == 4 else 'int3.5':>7} {rmse:>10.4f} "
-                  f"{qw.nbytes / (n * k):>13.4f} {t * 1e3:>8.3f} {t_float * 1e3:>8.3f} {t_float / t:>7.2f}x")
-    print()
-    print("Relative RMSE is ||W - dequantize(Q(W))|| / ||W|| on Gaussian weights; bytes/weight counts codes,")
-    print("float16 scales and zeros (group size 128). Full kernel benchmark: python benchmarks/bench_kernels.py")
+    print(f"{'format':<8} {'model MB':>9} {'bits/weight':>12} {'logit rel. RMSE':>16} {'top-1 agree':>12} "
+          f"{'perplexity':>11}")
+    for name, model in models.items():
+        n, nbytes = linear_stats(model)
+        with torch.inference_mode():
+            logits = model(ids[:, :512])
+        rel = ((logits - reference).norm() / reference.norm()).item()
+        agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+        ppl = perplexity(model, ids, seq_len=512, progress=False)
+        bpw = f"{8 * nbytes / n:.2f}" if n else "32"
+        print(f"{name:<8} {model_bytes(model) / 1e6:>9.1f} {bpw:>12} {rel:>16.4f} {agree:>12.3f} {ppl:>11.2f}")
+    print(f"\nbits/weight: quantized linear layers, scales and zeros included; the embedding (tied to the output "
+          f"head) stays float32.\nErrors against float32 over 512 held-out tokens, perplexity over {EVAL_TOKENS} "
+          f"(lowbit.data: Python reference docs, evaluation split).")
+
+    messages = [{"role": "user", "content": PROMPT}]
+    print(f"\nchat prompt: {PROMPT}")
+    for name, model in models.items():
+        print(f"\n--- {name} ---")
+        stream = lowbit.stream(model, messages, max_new_tokens=96)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print(f"\n[{stream.stats}]")
 
 
 if __name__ == "__main__":

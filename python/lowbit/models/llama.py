@@ -50,6 +50,12 @@ class LlamaConfig:
             raise ValueError(f"not a LLaMA config: model_type {d.get('model_type')!r}")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {d.get('hidden_act')!r} (LLaMA uses 'silu')")
+        d = dict(d)
+        if "rope_parameters" in d:  # transformers >= 5 writes rope_theta and the scaling in one dict
+            params = dict(d.pop("rope_parameters") or {})
+            d.setdefault("rope_theta", params.pop("rope_theta", 10000.0))
+            if params.get("rope_type", "default") != "default":
+                d["rope_scaling"] = params
         names = {f.name for f in fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         return cls(**known, extra={k: v for k, v in d.items() if k not in names})
@@ -132,7 +138,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q_dim, config.hidden_size, bias=config.attention_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None) -> torch.Tensor:
         b, t, _ = x.shape
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -140,7 +146,7 @@ class Attention(nn.Module):
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)   # [B, H_kv, T, D]
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
+        if start is not None:
             k, v = self.kv_cache.update(start, k, v)
         # Causal within the new tokens; every cached (earlier) position is visible.
         mask = None
@@ -170,7 +176,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, start)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -206,9 +212,10 @@ class LlamaForCausalLM(nn.Module):
     def setup_cache(self, batch: int, max_seq_len: int) -> None:
         """Preallocate the KV cache for `batch` sequences of up to `max_seq_len` tokens."""
         c = self.config
-        for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_seq_len, c.head_dim, self.dtype,
-                                          self.device)
+        with torch.inference_mode(False):  # ordinary tensors, usable in and out of inference mode
+            for layer in self.layers:
+                layer.attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_seq_len, c.head_dim, self.dtype,
+                                              self.device)
         self.max_seq_len = max_seq_len
 
     def drop_cache(self) -> None:
@@ -216,20 +223,23 @@ class LlamaForCausalLM(nn.Module):
             layer.attn.kv_cache = None
         self.max_seq_len = 0
 
-    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """tokens [B, T] at positions start..start+T-1 -> logits [B, T, vocab] (float32).
+    def forward(self, tokens: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab] (float32).
 
-        With a cache (setup_cache), the keys and values of earlier positions come from it; without
-        one, start must be 0 and the whole sequence is given.
+        start=None: a stateless forward over the whole sequence (the KV cache is neither read nor written).
+        start=int: the tokens sit at positions start..start+T-1; their keys and values go into the cache
+        (setup_cache) and attention also sees the cached positions before start.
         """
         b, t = tokens.shape
-        cached = self.layers[0].attn.kv_cache is not None
-        if not cached and start != 0:
-            raise ValueError("start > 0 needs a KV cache: call setup_cache() first")
-        if cached and start + t > self.max_seq_len:
-            raise ValueError(f"sequence of {start + t} tokens exceeds the cache ({self.max_seq_len}); "
-                             f"call setup_cache() with a larger max_seq_len")
-        positions = torch.arange(start, start + t, device=tokens.device, dtype=torch.float32)
+        use_cache = start is not None
+        if use_cache:
+            if self.layers[0].attn.kv_cache is None:
+                raise ValueError("forward with start needs a KV cache: call setup_cache() first")
+            if start + t > self.max_seq_len:
+                raise ValueError(f"sequence of {start + t} tokens exceeds the cache ({self.max_seq_len}); "
+                                 f"call setup_cache() with a larger max_seq_len")
+        first = start or 0
+        positions = torch.arange(first, first + t, device=tokens.device, dtype=torch.float32)
         angles = torch.outer(positions, self.inv_freq)             # [T, D/2]
         cos = torch.cat((angles, angles), dim=-1).cos()             # [T, D]
         sin = torch.cat((angles, angles), dim=-1).sin()

@@ -1,0 +1,92 @@
+"""Sampling, streaming, stop conditions, chat template, CLI."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.generate import Sampling, generate_tokens, next_token
+
+
+def test_streaming_never_splits_multibyte_characters(smollm2):
+    tok = smollm2.tokenizer
+    text = "naïve café — 日本語のテキスト 😀👍🏽 Ünïcödé"
+    ids = tok.encode(text, add_special_tokens=False)
+    decoder = tok.stream()
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(1 for p in pieces if p) > 5  # text really comes out incrementally
+
+
+def test_chat_template(smollm2):
+    text = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_greedy_is_deterministic_and_matches_top_k_1(smollm2):
+    prompt = "The three primary colours are"
+    a = lowbit.generate(smollm2, prompt, max_new_tokens=12)
+    assert a == lowbit.generate(smollm2, prompt, max_new_tokens=12)
+    assert a == lowbit.generate(smollm2, prompt, max_new_tokens=12, temperature=0.8, top_k=1, seed=3)
+    assert a == lowbit.generate(smollm2, prompt, max_new_tokens=12, temperature=0.8, top_p=1e-6, seed=3)
+
+
+def test_sampling_seed_reproducible(smollm2):
+    kw = dict(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    a = lowbit.generate(smollm2, "Once upon a time", **kw)
+    assert a == lowbit.generate(smollm2, "Once upon a time", **kw)
+    assert a != lowbit.generate(smollm2, "Once upon a time", **{**kw, "seed": 8})
+
+
+def test_stop_strings_and_max_new_tokens(smollm2):
+    full = lowbit.generate(smollm2, "1, 2, 3, 4,", max_new_tokens=20)
+    assert " 7," in full
+    cut = lowbit.generate(smollm2, "1, 2, 3, 4,", max_new_tokens=20, stop=[" 7,"])
+    assert cut == full[:full.index(" 7,")]
+    stream = lowbit.stream(smollm2, "1, 2, 3, 4,", max_new_tokens=5)
+    "".join(stream)
+    assert stream.stats.new_tokens == 5 and len(stream.tokens) == 5
+
+
+def test_chat_stops_at_eos(smollm2):
+    stream = lowbit.stream(smollm2, [{"role": "user", "content": "Say hello."}], max_new_tokens=100)
+    reply = "".join(stream)
+    assert reply and stream.stats.new_tokens < 100 and "<|im_end|>" not in reply
+
+
+def test_next_token_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
+    history = torch.tensor([[1]])
+    g = torch.Generator().manual_seed(0)
+    assert next_token(logits, history, Sampling(), g).item() == 1
+    # A strong repetition penalty on token 1 makes token 2 the greedy choice.
+    assert next_token(logits, history, Sampling(repetition_penalty=10.0), g).item() == 2
+    draws = {next_token(logits, history, Sampling(temperature=1.0, top_k=2), g).item() for _ in range(200)}
+    assert draws == {1, 2}
+    draws = {next_token(logits, history, Sampling(temperature=1.0, top_p=0.5), g).item() for _ in range(50)}
+    assert draws == {1}
+
+
+def test_bad_sampling_arguments():
+    for bad in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(max_new_tokens=-1),
+                dict(repetition_penalty=0)):
+        with pytest.raises(ValueError):
+            Sampling(**bad)
+
+
+def test_batch_generation_matches_single(smollm2):
+    tok = smollm2.tokenizer
+    a, b = tok.encode("The sky is"), tok.encode("Grass is")
+    assert len(a) == len(b)
+    s = Sampling(max_new_tokens=6)
+    both = torch.stack([t for t in generate_tokens(smollm2, torch.tensor([a, b]), s)], 1)
+    one = torch.stack([t for t in generate_tokens(smollm2, torch.tensor([a]), s)], 1)
+    assert both[0].tolist() == one[0].tolist()
+
+
+def test_cli_generate(smollm2_dir, capsys):
+    from lowbit.cli import main
+    assert main(["generate", str(smollm2_dir), "--prompt", "The capital of France is", "--max-new-tokens", "4",
+                 "--bits", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "Paris" in out and "tok/s" in err
