@@ -1,4 +1,4 @@
-"""Round-to-nearest quantization of one weight matrix into the lowbit formats."""
+"""Quantization into the lowbit formats: round to nearest per weight matrix, and whole models (RTN or AWQ)."""
 
 import copy
 
@@ -9,16 +9,39 @@ from . import formats
 from .weight import QuantizedWeight
 
 
-def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128,
-                    perm: torch.Tensor | None = None) -> QuantizedWeight:
+def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128, perm: torch.Tensor | None = None,
+                    clip: torch.Tensor | None = None) -> QuantizedWeight:
     """Min-max round-to-nearest quantization of W [N, K] (nn.Linear layout), per group of input columns.
 
     Each group's range [min(w, 0), max(w, 0)] maps onto codes 0..15 (4-bit positions) and 0..7 (3-bit
     positions of int3.5) with a float16 scale and a float16 zero point. perm (int32 [K], optional)
     reorders the input columns before grouping: stored column j holds input feature perm[j].
+    clip ([N, groups] ratios in (0, 1], optional) shrinks each group's range before rounding.
     """
     bits = formats.check_bits(bits)
     group_size = formats.check_group_size(group_size)
+    w, perm = _checked(w, perm)
+    codes, scales, zeros = _round_to_nearest(_grouped(w, perm, group_size), bits, clip)
+    qweight = formats.pack(codes.view(w.shape[0], -1).to(torch.int32), bits)
+    return QuantizedWeight(qweight, scales, zeros, perm, bits, group_size, w.shape[1])
+
+
+def fake_quantize(w: torch.Tensor, bits: float, group_size: int, perm: torch.Tensor | None = None,
+                  clip: torch.Tensor | None = None) -> torch.Tensor:
+    """quantize_weight(...).dequantize() without packing: W [N, K] as the quantized model will see it."""
+    n, k = w.shape
+    codes, scales, zeros = _round_to_nearest(_grouped(w.float(), perm, group_size), bits, clip)
+    if bits == 3.5:
+        codes[..., 1::2] *= formats.STEP3
+    stored = ((codes - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).view(n, -1)[:, :k]
+    if perm is None:
+        return stored
+    out = torch.empty_like(stored)
+    out[:, perm.long()] = stored
+    return out
+
+
+def _checked(w, perm):
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"w must be a 2-D floating-point tensor [out_features, in_features], got "
                          f"{getattr(w, 'dtype', type(w))} {list(getattr(w, 'shape', []))}")
@@ -33,26 +56,36 @@ def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128,
         perm = perm.to(device=w.device, dtype=torch.int32)
         if perm.shape != (k,) or not torch.equal(perm.sort().values, torch.arange(k, device=w.device, dtype=torch.int32)):
             raise ValueError(f"perm must be a permutation of range({k})")
-        w = w[:, perm.long()]
+    return w, perm
 
+
+def _grouped(w: torch.Tensor, perm, group_size: int) -> torch.Tensor:
+    """W [N, K] -> [N, groups, group_size]: columns permuted, zero-padded up to a multiple of group_size."""
+    n, k = w.shape
+    if perm is not None:
+        w = w[:, perm.long()]
     kp = formats.padded_in_features(k, group_size)
-    groups = torch.nn.functional.pad(w, (0, kp - k)).view(n, kp // group_size, group_size)
+    return torch.nn.functional.pad(w, (0, kp - k)).view(n, kp // group_size, group_size)
+
+
+def _round_to_nearest(groups: torch.Tensor, bits: float, clip=None):
+    """groups [N, G, group_size] -> (codes float [N, G, group_size], scales fp16 [N, G], zeros fp16 [N, G])."""
     lo = groups.amin(-1).clamp(max=0)
     hi = groups.amax(-1).clamp(min=0)
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
     scales = ((hi - lo) / 15).to(torch.float16)
     if torch.isinf(scales).any():
         raise ValueError("w has groups whose range exceeds float16 scales (|w| > ~9e5); cannot quantize")
     # All-zero groups (and ranges below float16's smallest step) still get a usable scale.
     scales = scales.clamp(min=torch.finfo(torch.float16).smallest_normal * 2 ** -10)
     zeros = (-lo / scales.float()).to(torch.float16)
-
     # Quantize with the stored float16 values so codes match what decoders will compute.
     t = groups / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)  # position in 4-bit steps
-    codes = t.round().clamp(0, 15).view(n, kp)
+    codes = t.round().clamp(0, 15)
     if bits == 3.5:
-        codes[:, 1::2] = (t.view(n, kp)[:, 1::2] / formats.STEP3).round().clamp(0, 7)
-    qweight = formats.pack(codes.to(torch.int32), bits)
-    return QuantizedWeight(qweight, scales, zeros, perm, bits, group_size, k)
+        codes[..., 1::2] = (t[..., 1::2] / formats.STEP3).round().clamp(0, 7)
+    return codes, scales, zeros
 
 
 def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, method: str = "rtn",
@@ -61,15 +94,22 @@ def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, met
     """Replace every nn.Linear of `model` by a QuantLinear (lowbit's LLaMA or transformers' LlamaForCausalLM).
 
     Modules whose qualified name equals or ends with an entry of modules_to_not_convert stay float, and so
-    does the output head (lm_head) unless quantize_lm_head. method "rtn" is round-to-nearest per group.
+    does the output head (lm_head) unless quantize_lm_head. method "rtn" is round-to-nearest per group;
+    "awq" is activation-aware (lowbit.awq) on calib, token ids [n_samples, seq_len], for the decoder
+    blocks of a lowbit LlamaForCausalLM (remaining linears, such as a quantized lm_head, use RTN).
     """
     from .nn import QuantLinear
     bits = formats.check_bits(bits)
     group_size = formats.check_group_size(group_size)
-    if method != "rtn":
-        raise ValueError(f"method must be 'rtn', got {method!r}")
+    if method not in ("rtn", "awq"):
+        raise ValueError(f"method must be 'rtn' or 'awq', got {method!r}")
     if not inplace:
         model = copy.deepcopy(model)
+    if method == "awq":
+        from .awq import quantize_llama_awq
+        if modules_to_not_convert:
+            raise ValueError("modules_to_not_convert is not supported with method='awq'")
+        quantize_llama_awq(model, bits, group_size, calib)
     keep = list(modules_to_not_convert or [])
     if not quantize_lm_head:
         keep.append("lm_head")
