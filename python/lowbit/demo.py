@@ -13,7 +13,7 @@ from lowbit import data
 from lowbit.eval import perplexity
 
 PROMPT = "Give me three short tips for staying focused while studying."
-FORMATS = [("int4", 4, 64), ("int3.5", 3.5, 32)]  # (name, bits, group size): no padding at K = 576
+FORMATS = [("int4", 4, 64), ("int3.5", 3.5, 64)]  # (name, bits, group size): no padding at K = 576
 EVAL_TOKENS = 2048
 
 
@@ -42,11 +42,11 @@ def main():
     float_model = lowbit.LlamaForCausalLM.from_pretrained(path)
     tok = float_model.tokenizer
     models = {"float32": float_model}
+    calib = data.calibration_tokens(tok, n_samples=8, seq_len=512)
     for name, bits, group_size in FORMATS:
         start = time.perf_counter()
-        models[name] = lowbit.quantize_model(float_model, bits, group_size, inplace=False)
-        print(f"quantized to {name} (round to nearest, group size {group_size}) in "
-              f"{time.perf_counter() - start:.1f} s")
+        models[name] = lowbit.quantize_model(float_model, bits, group_size, method="awq", calib=calib, inplace=False)
+        print(f"quantized to {name} (AWQ, group size {group_size}) in {time.perf_counter() - start:.1f} s")
 
     ids = data.evaluation_tokens(tok, max_tokens=EVAL_TOKENS + 1)
     with torch.inference_mode():
@@ -71,7 +71,7 @@ def main():
     print(f"\nchat prompt: {PROMPT}")
     for name, model in models.items():
         print(f"\n--- {name} ---")
-        stream = lowbit.stream(model, messages, max_new_tokens=96)
+        stream = lowbit.stream(model, messages, max_new_tokens=96, repetition_penalty=1.1)
         for piece in stream:
             print(piece, end="", flush=True)
         print(f"\n[{stream.stats}]")
