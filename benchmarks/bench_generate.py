@@ -5,6 +5,8 @@ float matmuls, everything else) from torch.profiler.
 
     python benchmarks/bench_generate.py            # writes benchmarks/results/generate_cpu.{json,md}
     python benchmarks/bench_generate.py --quick
+    python benchmarks/bench_generate.py --compile --variants float32 "int4 + int4 lm_head"
+                                                   # torch.compile'd forward (about 2 minutes to compile each)
 """
 
 import argparse
@@ -78,8 +80,11 @@ def decode_breakdown(model, prompt_ids, steps=16):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate_cpu"))
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model's forward first")
+    parser.add_argument("--variants", nargs="+", help="only these variants (names as in the table)")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    out = Path(args.out or Path(__file__).parent / "results" / ("generate_cpu_compiled" if args.compile else "generate_cpu"))
     new_tokens, repeats = (32, 1) if args.quick else (128, 3)
     path = lowbit.fetch("smollm2")
     tok = lowbit.LlamaForCausalLM.from_pretrained(path).tokenizer
@@ -87,7 +92,12 @@ def main():
     prompt_ids = torch.tensor([tok.encode(prompt)])
     rows = []
     for name, dtype, bits, lm_head in VARIANTS:
+        if args.variants and name not in args.variants:
+            continue
         model = build(path, dtype, bits, lm_head)
+        if args.compile:
+            model.compile()
+            measure(model, prompt_ids, 4, 1)  # compiles for the prefill and the (dynamic) decode step
         stats = measure(model, prompt_ids, new_tokens, repeats)
         row = {"variant": name, "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
                "prefill_tok_s": stats.prefill_tokens_per_s, "decode_tok_s": stats.decode_tokens_per_s,
@@ -97,7 +107,8 @@ def main():
               {k: f"{100 * v:.0f}%" for k, v in row["shares"].items()}, flush=True)
     base = rows[0]["decode_tok_s"]
     lines = [f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-             f"kernels {lowbit.cpu_isa()}, torch {torch.__version__}; SmolLM2-135M-Instruct, "
+             f"kernels {lowbit.cpu_isa()}, torch {torch.__version__}{', torch.compile' if args.compile else ''}; "
+             f"SmolLM2-135M-Instruct, "
              f"{rows[0]['prompt_tokens']}-token prompt, {new_tokens} new tokens, group size 64", "",
              "| variant | prefill tok/s | decode tok/s | decode vs float32 | lowbit kernels | float matmul "
              "| attention | everything else |", "|---|---|---|---|---|---|---|---|"]
@@ -108,7 +119,6 @@ def main():
                      f"{100 * s.get('float matmul', 0):.0f}% | {100 * s.get('attention', 0):.0f}% | "
                      f"{100 * s['everything else']:.0f}% |")
     table = "\n".join(lines) + "\n"
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "new_tokens": new_tokens}, indent=2) + "\n")
     out.with_suffix(".md").write_text(table)

@@ -71,3 +71,12 @@ def test_quant_linear_bfloat16_activations():
     q = lowbit.QuantLinear.from_linear(nn.Linear(128, 32), 4, 128)
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     assert q(x).dtype == torch.bfloat16
+
+
+def test_quant_linear_survives_dtype_casts():
+    q = lowbit.QuantLinear.from_linear(nn.Linear(128, 32, bias=False), 4, 64)
+    x = torch.randn(2, 128)
+    y = q(x)
+    q.to(torch.bfloat16).to(torch.float32)  # the format is untouched: float16 scales and zeros
+    assert q.scales.dtype == torch.float16 and q.zeros.dtype == torch.float16
+    assert torch.equal(q(x), y)

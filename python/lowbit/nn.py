@@ -3,8 +3,9 @@
 import torch
 from torch import nn
 
+from .ops import OPS
 from .quantize import quantize_weight
-from .weight import QuantizedWeight, linear
+from .weight import QuantizedWeight
 
 
 class QuantLinear(nn.Module):
@@ -34,7 +35,16 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return linear(x, self.weight, bias)
+        linear_op, _ = OPS[self.bits]
+        return linear_op(x, self.qweight, self.scales, self.zeros, self.perm, bias, self.group_size, self.in_features)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) must not change the format: scales and zeros stay float16, they only follow
+        # the module to its device (the integer buffers show where fn moved it).
+        scales, zeros = self.scales, self.zeros
+        super()._apply(fn, recurse)
+        self.scales, self.zeros = scales.to(self.qweight.device), zeros.to(self.qweight.device)
+        return self
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.dequantize(dtype)
