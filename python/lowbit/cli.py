@@ -27,6 +27,8 @@ def cmd_generate(args) -> int:
     from .generate import Sampling, TextStream
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model = load_for_cli(args.model, args.bits, args.group_size, args.method, args.quantize_lm_head)
+    if args.compile:
+        model.compile()  # torch.compile: minutes to compile, then much less per-token overhead
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or [],
                         seed=args.seed)
@@ -85,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first (slow start, faster decode)")
     p.set_defaults(func=cmd_generate)
 
     args = parser.parse_args(argv)
