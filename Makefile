@@ -33,7 +33,7 @@ $(STAMP): $(SOURCES)
 	@$(PY) -c "import torch" 2>/dev/null || \
 	  $(PY) -m pip install --retries 1 --timeout 20 "$(TORCH_SPEC)" --index-url $(TORCH_INDEX) || \
 	  $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install numpy safetensors tokenizers jinja2 gguf tqdm transformers pybind11 pytest \
+	$(PY) -m pip install numpy safetensors tokenizers jinja2 gguf tqdm transformers sentencepiece pybind11 pytest \
 	  "scikit-build-core>=0.10" ninja cmake
 	$(PY) -m pip install --no-build-isolation -e .
 	touch $(STAMP)
