@@ -7,13 +7,14 @@ import torch
 
 
 def load_for_cli(model_arg: str, bits: float | None, group_size: int, method: str, quantize_lm_head: bool):
-    from . import fetch, quantize_model
+    from . import data, fetch, quantize_model
     from .io.fetch import MODELS
     from .models.llama import LlamaForCausalLM
     path = fetch(model_arg) if model_arg in MODELS else model_arg
     model = LlamaForCausalLM.from_pretrained(path)
     if bits is not None:
-        quantize_model(model, bits, group_size, method=method, quantize_lm_head=quantize_lm_head)
+        calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512) if method == "awq" else None
+        quantize_model(model, bits, group_size, method=method, calib=calib, quantize_lm_head=quantize_lm_head)
     return model
 
 
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--system", help="system message for --chat")
     p.add_argument("--bits", type=float, choices=[4, 3.5], help="quantize the linear layers first")
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--method", default="rtn", choices=["rtn"])
+    p.add_argument("--method", default="rtn", choices=["rtn", "awq"], help="awq: a few minutes on a CPU")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output head")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
