@@ -73,3 +73,20 @@ def test_awq_beats_rtn_on_real_activations(smollm2, bits):
         ref = smollm2(ids)
         err = {name: ((m(ids) - ref).norm() / ref.norm()).item() for name, m in (("rtn", rtn), ("awq", awq))}
     assert err["awq"] < err["rtn"], err
+
+
+def test_quantize_model_exclusions_and_tied_head(tmp_path):
+    tiny_hf_llama(tmp_path, tie_word_embeddings=True)
+    model = LlamaForCausalLM.from_pretrained(tmp_path)
+    embed_before = model.embed.weight.clone()
+    q = lowbit.quantize_model(model, 4, 32, modules_to_not_convert=["attn.wo"], inplace=False)
+    assert all(isinstance(layer.attn.wo, torch.nn.Linear) for layer in q.layers)
+    assert all(isinstance(layer.ffn.w_down, lowbit.QuantLinear) for layer in q.layers)
+    assert isinstance(q.lm_head, torch.nn.Linear) and q.lm_head.weight is q.embed.weight  # still tied, float
+    assert isinstance(model.layers[0].attn.wqkv, torch.nn.Linear)  # inplace=False left the original alone
+    head = lowbit.quantize_model(model, 3.5, 32, quantize_lm_head=True, inplace=False)
+    assert isinstance(head.lm_head, lowbit.QuantLinear) and torch.equal(head.embed.weight, embed_before)
+    with pytest.raises(ValueError, match="bits must be"):
+        lowbit.quantize_model(model, 3, 32)
+    with pytest.raises(ValueError, match="group_size must be"):
+        lowbit.quantize_model(model, 4, 48)
