@@ -87,7 +87,7 @@ def search_scales(linears, x: torch.Tensor, inspect, bits: float, group_size: in
 @torch.inference_mode()
 def search_clip(w: torch.Tensor, x: torch.Tensor, bits: float, group_size: int, perm, n_grid: int = 20,
                 max_shrink: float = 0.5, n_tokens: int = 512, rows: slice | None = None) -> torch.Tensor:
-    """Per (row, group) range shrink in (1 - max_shrink, 1] minimising |x w^T - x w_q^T|^2 on sample tokens."""
+    """Per (row, group) range shrink in [1 - max_shrink, 1] minimising |x w^T - x w_q^T|^2 on sample tokens."""
     x = x.reshape(-1, x.shape[-1]).float()
     x = x[torch.linspace(0, len(x) - 1, min(n_tokens, len(x))).long()]
     n, k = w.shape
@@ -96,8 +96,8 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: float, group_size: int, 
     xg = F.pad(x[:, order], (0, kp - k)).view(len(x), -1, group_size)          # [T, G, g] stored order
     best = torch.ones(n, kp // group_size)
     best_err = torch.full_like(best, float("inf"))
-    for i in range(int(max_shrink * n_grid)):  # ratios 1, 0.95, ..., 0.55 with the defaults, as in AWQ
-        ratio = 1 - i / n_grid
+    for i in range(n_grid + 1):
+        ratio = 1 - max_shrink * i / n_grid
         clip = torch.full_like(best, ratio)
         diff = w.float() - fake_quantize(w, bits, group_size, perm, clip)
         dg = F.pad(diff[:, order], (0, kp - k)).view(n, -1, group_size)        # [N, G, g]
