@@ -8,7 +8,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 
