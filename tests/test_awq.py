@@ -7,7 +7,7 @@ import torch
 
 import lowbit
 from conftest import tiny_hf_llama
-from lowbit.awq import quantize_llama_awq, saliency_perm, scale_block
+from lowbit.awq import hf_block_view, lowbit_block_view, quantize_llama_awq, saliency_perm, scale_block
 from lowbit.models.llama import LlamaForCausalLM
 
 
@@ -26,10 +26,49 @@ def test_folding_scales_leaves_float_output_unchanged(tmp_path, kv_heads):
     with torch.no_grad():
         before = block(x, cos, sin, None)
         norm_before = block.attn_norm.weight.clone()
-        scale_block(block, x, cos, sin, bits=3.5, group_size=32, n_grid=10)
+        scale_block(lowbit_block_view(block, cos, sin), x, bits=3.5, group_size=32, n_grid=10)
         after = block(x, cos, sin, None)
     assert not torch.equal(block.attn_norm.weight, norm_before)  # scales really were folded in
     assert ((after - before).norm() / before.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("kv_heads", [2, 8])
+def test_folding_scales_leaves_transformers_block_unchanged(tmp_path, kv_heads):
+    model = tiny_hf_llama(tmp_path, num_key_value_heads=kv_heads)
+    layer = model.model.layers[1]
+    x = torch.randn(2, 24, 128)
+    cos, sin = model.model.rotary_emb(x, torch.arange(24).unsqueeze(0))
+    mask = torch.full((24, 24), float("-inf")).triu(1)[None, None]
+    view = hf_block_view(layer, cos, sin, mask)
+    with torch.no_grad():
+        before = view.forward(x)
+        norm_before = layer.input_layernorm.weight.clone()
+        v_before = layer.self_attn.v_proj.weight.clone()
+        inputs = scale_block(view, x, bits=4, group_size=32, n_grid=10)
+        after = view.forward(x)
+    assert not torch.equal(layer.input_layernorm.weight, norm_before)
+    assert ((after - before).norm() / before.norm()).item() < 1e-5
+    # The recorded scales map the folded weights back onto the float ones.
+    v = layer.self_attn.v_proj.weight
+    row, col = inputs["self_attn.v_proj"][1]
+    assert not torch.allclose(v, v_before)
+    torch.testing.assert_close(v / row[:, None] / col[None, :], v_before)
+
+
+def test_awq_on_transformers_llama(tmp_path):
+    """quantize_model(method="awq") on transformers' LlamaForCausalLM: every linear but lm_head quantized,
+    and the logits closer to float than round-to-nearest."""
+    model = tiny_hf_llama(tmp_path)
+    calib = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(2))
+    awq = lowbit.quantize_model(model, 3.5, 32, method="awq", calib=calib, inplace=False)
+    rtn = lowbit.quantize_model(model, 3.5, 32, inplace=False)
+    names = [n for n, m in awq.named_modules() if isinstance(m, lowbit.QuantLinear)]
+    assert len(names) == 7 * 3 and isinstance(awq.lm_head, torch.nn.Linear)
+    with torch.no_grad():
+        ref = model(ids).logits
+        err = {k: ((m(ids).logits - ref).norm() / ref.norm()).item() for k, m in (("awq", awq), ("rtn", rtn))}
+    assert err["awq"] < err["rtn"], err
 
 
 def test_saliency_perm_puts_salient_channels_on_4bit_positions():
@@ -63,7 +102,8 @@ def test_awq_rejects_bad_calibration_and_models(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 3.5])
 def test_awq_beats_rtn_on_real_activations(smollm2, bits):
-    """Logit error against float on held-out text: AWQ (with saliency order for int3.5) below RTN."""
+    """Logit and per-layer output error against float on held-out text: AWQ (with saliency order for
+    int3.5) below RTN."""
     tok = smollm2.tokenizer
     calib = lowbit.data.calibration_tokens(tok, n_samples=2, seq_len=256)
     ids = lowbit.data.evaluation_tokens(tok, max_tokens=256)
@@ -73,6 +113,15 @@ def test_awq_beats_rtn_on_real_activations(smollm2, bits):
         ref = smollm2(ids)
         err = {name: ((m(ids) - ref).norm() / ref.norm()).item() for name, m in (("rtn", rtn), ("awq", awq))}
     assert err["awq"] < err["rtn"], err
+    # Layer by layer on the float model's activations: AWQ below RTN, and int3.5 RTN between the
+    # uniform 3-bit and 4-bit quantizers.
+    reports = {name: lowbit.eval.rmse_report(smollm2, m, ids, baselines=(3, 4), progress=False).totals
+               for name, m in (("rtn", rtn), ("awq", awq))}
+    assert reports["awq"]["output_rel_rmse"] < reports["rtn"]["output_rel_rmse"], reports
+    rtn_report = reports["rtn"]
+    if bits == 3.5:
+        assert rtn_report["output_rel_rmse_uniform4"] < rtn_report["output_rel_rmse"] < \
+            rtn_report["output_rel_rmse_uniform3"], rtn_report
 
 
 def test_quantize_model_exclusions_and_tied_head(tmp_path):

@@ -1,4 +1,7 @@
-"""Activation-aware weight quantization (AWQ, Lin et al. 2023) of lowbit's LLaMA, block by block.
+"""Activation-aware weight quantization (AWQ, Lin et al. 2023) of LLaMA models, block by block.
+
+Works on lowbit's LlamaForCausalLM and on transformers' LlamaForCausalLM through BlockView, which names
+the parts of one decoder block that AWQ needs.
 
 Per decoder block, on the calibration activations entering it:
   1. for each set of linears sharing an input (q/k/v after the input norm, gate/up after the
@@ -13,8 +16,12 @@ Per decoder block, on the calibration activations entering it:
 Memory stays near one block plus the calibration activations.
 """
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from .models.llama import Block, LlamaForCausalLM
@@ -66,10 +73,13 @@ class _Swap:
 
 
 @torch.inference_mode()
-def search_scales(linears, x: torch.Tensor, inspect, bits: float, group_size: int, n_grid: int) -> torch.Tensor:
-    """Best per-channel scales for linears that share input x; inspect(x) runs the module they feed."""
-    reference = inspect(x)
+def search_scales(linears, x: torch.Tensor, inspect, bits: float, group_size: int, n_grid: int,
+                  n_search: int | None = None) -> torch.Tensor:
+    """Best per-channel scales for linears that share input x [n, T, K]; inspect(x) runs the module they
+    feed. Activation statistics come from all of x, the loss from its first n_search sequences."""
     x_mean = x_stats(x)
+    x = x[:n_search]
+    reference = inspect(x)
     w_mean = w_stats([lin.weight.data for lin in linears], group_size)
     best, best_loss = torch.ones_like(x_mean), float("inf")
     for i in range(n_grid):
@@ -112,6 +122,62 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: float, group_size: int, 
     return best
 
 
+@dataclass
+class BlockView:
+    """One decoder block as AWQ sees it. Linears are named by their path inside the block."""
+    block: nn.Module
+    attn_norm: nn.Module
+    ffn_norm: nn.Module
+    qkv: list[str]                            # linears reading the normed attention input
+    o: str
+    gate_up: list[str]                        # linears reading the normed MLP input
+    down: str
+    v_rows: tuple[str, slice]                 # the rows that compute o's input channels (v)
+    up_rows: tuple[str, slice]                # the rows that multiply into down's input channels (up)
+    clip_rows: dict[str, slice]               # rows whose range the clipping search may shrink
+    grouped_query: bool                       # o's input channels are not v's rows one to one
+    attention: Callable[[torch.Tensor], torch.Tensor]   # normed x [B, T, H] -> attention output
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+    forward: Callable[[torch.Tensor], torch.Tensor]     # x -> block output
+
+    def linear(self, name: str) -> nn.Linear:
+        return self.block.get_submodule(name)
+
+
+def lowbit_block_view(block: Block, cos, sin) -> BlockView:
+    attn, ffn = block.attn, block.ffn
+    q_dim, kv_dim = attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim
+    v_rows = slice(q_dim + kv_dim, q_dim + 2 * kv_dim)
+    return BlockView(block, block.attn_norm, block.ffn_norm, ["attn.wqkv"], "attn.wo", ["ffn.w_gate_up"], "ffn.w_down",
+                     ("attn.wqkv", v_rows), ("ffn.w_gate_up", slice(ffn.intermediate_size, 2 * ffn.intermediate_size)),
+                     # As in AWQ, q and k keep their full range (their errors are amplified by the softmax).
+                     {"attn.wqkv": v_rows, "attn.wo": slice(None), "ffn.w_gate_up": slice(None),
+                      "ffn.w_down": slice(None)},
+                     attn.n_kv_heads != attn.n_heads, lambda h: attn(h, cos, sin, None), ffn,
+                     lambda x: block(x, cos, sin, None))
+
+
+def hf_block_view(layer: nn.Module, cos, sin, mask) -> BlockView:
+    """transformers' LlamaDecoderLayer (q/k/v/o_proj, gate/up/down_proj, two RMSNorms)."""
+    attn, cfg = layer.self_attn, layer.self_attn.config
+
+    def attention(h):
+        return attn(h, position_embeddings=(cos, sin), attention_mask=mask)[0]
+
+    def forward(x):
+        out = layer(x, attention_mask=mask, position_embeddings=(cos, sin))
+        return out[0] if isinstance(out, tuple) else out
+
+    all_rows = slice(None)
+    return BlockView(layer, layer.input_layernorm, layer.post_attention_layernorm,
+                     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn.o_proj",
+                     ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj", ("self_attn.v_proj", all_rows),
+                     ("mlp.up_proj", all_rows),
+                     {"self_attn.v_proj": all_rows, "self_attn.o_proj": all_rows, "mlp.gate_proj": all_rows,
+                      "mlp.up_proj": all_rows, "mlp.down_proj": all_rows},
+                     cfg.num_key_value_heads != cfg.num_attention_heads, attention, layer.mlp, forward)
+
+
 def _fold_into_norm(norm, s):
     norm.weight.data = (norm.weight.data.float() / s).to(norm.weight.dtype)
 
@@ -127,82 +193,108 @@ def _scale_columns(linear, s):
 
 
 @torch.inference_mode()
-def scale_block(block: Block, x: torch.Tensor, cos, sin, bits: float, group_size: int, n_grid: int) -> dict:
+def scale_block(view: BlockView, x: torch.Tensor, bits: float, group_size: int, n_grid: int,
+                n_search: int | None = None) -> dict:
     """Step 1: search the AWQ scales of one float block and fold them in (its output stays the same).
 
-    Returns the inputs each linear now sees, for the clipping search."""
-    attn, ffn = block.attn, block.ffn
+    Returns, per linear name, the input it now sees (for the clipping search) and how its weight relates
+    to the original float one: W_now = diag(row_scale) W diag(col_scale)."""
+    lin = view.linear
     captured = {}
 
     def keep_input(name):
         return lambda module, inputs, output: captured.__setitem__(name, inputs[0])
 
-    hooks = [m.register_forward_hook(keep_input(n)) for n, m in (("wo", attn.wo), ("w_down", ffn.w_down))]
-    h_attn = block.attn_norm(x)
-    block(x, cos, sin, None)
+    hooks = [lin(n).register_forward_hook(keep_input(n)) for n in (view.o, view.down)]
+    h_attn = view.attn_norm(x)
+    view.forward(x)
     for hook in hooks:
         hook.remove()
-    resid = x + attn(h_attn, cos, sin, None)   # the MLP's residual input; unchanged by the folding below
+    resid = x + view.attention(h_attn)   # the MLP's residual input; unchanged by the folding below
 
-    s = search_scales([attn.wqkv], h_attn, lambda h: attn(h, cos, sin, None), bits, group_size, n_grid)
-    _fold_into_norm(block.attn_norm, s)
-    _scale_columns(attn.wqkv, s)
-    q_dim, kv_dim = attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim
-    if attn.n_kv_heads == attn.n_heads:  # o_proj's input channels are v's output channels
-        s = search_scales([attn.wo], captured["wo"], attn.wo, bits, group_size, n_grid)
-        _fold_into_rows(attn.wqkv, slice(q_dim + kv_dim, q_dim + 2 * kv_dim), s)
-        _scale_columns(attn.wo, s)
-        captured["wo"] = captured["wo"] / s
-    s = search_scales([ffn.w_gate_up], block.ffn_norm(resid), ffn, bits, group_size, n_grid)
-    _fold_into_norm(block.ffn_norm, s)
-    _scale_columns(ffn.w_gate_up, s)
-    s = search_scales([ffn.w_down], captured["w_down"], ffn.w_down, bits, group_size, n_grid)
-    _fold_into_rows(ffn.w_gate_up, slice(ffn.intermediate_size, 2 * ffn.intermediate_size), s)
-    _scale_columns(ffn.w_down, s)
-    captured["w_down"] = captured["w_down"] / s
-    return {"wqkv": block.attn_norm(x), "wo": captured["wo"], "w_gate_up": block.ffn_norm(resid),
-            "w_down": captured["w_down"]}
+    names = view.qkv + [view.o] + view.gate_up + [view.down]
+    row_scale = {n: torch.ones(lin(n).out_features) for n in names}
+    col_scale = {n: torch.ones(lin(n).in_features) for n in names}
+
+    def apply(targets, s, fold):
+        fold(s)
+        for n in targets:
+            _scale_columns(lin(n), s)
+            col_scale[n] = s
+
+    def fold_rows(rows_of):
+        def fold(s):
+            name, rows = rows_of
+            _fold_into_rows(lin(name), rows, s)
+            row_scale[name][rows] = 1 / s
+        return fold
+
+    s = search_scales([lin(n) for n in view.qkv], h_attn, view.attention, bits, group_size, n_grid, n_search)
+    apply(view.qkv, s, lambda s: _fold_into_norm(view.attn_norm, s))
+    if not view.grouped_query:  # o_proj's input channels are v's output channels
+        s = search_scales([lin(view.o)], captured[view.o], lin(view.o), bits, group_size, n_grid, n_search)
+        apply([view.o], s, fold_rows(view.v_rows))
+        captured[view.o] = captured[view.o] / s
+    h_ffn = view.ffn_norm(resid)
+    s = search_scales([lin(n) for n in view.gate_up], h_ffn, view.mlp, bits, group_size, n_grid, n_search)
+    apply(view.gate_up, s, lambda s: _fold_into_norm(view.ffn_norm, s))
+    s = search_scales([lin(view.down)], captured[view.down], lin(view.down), bits, group_size, n_grid, n_search)
+    apply([view.down], s, fold_rows(view.up_rows))
+    captured[view.down] = captured[view.down] / s
+
+    inputs = {n: view.attn_norm(x) for n in view.qkv} | {n: view.ffn_norm(resid) for n in view.gate_up}
+    inputs |= {view.o: captured[view.o], view.down: captured[view.down]}
+    return {n: (inputs[n], (row_scale[n], col_scale[n])) for n in names}
 
 
 @torch.inference_mode()
-def quantize_block(block: Block, inputs: dict, bits: float, group_size: int, clip: bool, saliency_order: bool):
-    """Steps 2-4: channel order (int3.5), clipping search, and QuantLinear in place of each linear."""
-    attn, ffn = block.attn, block.ffn
-    q_dim, kv_dim = attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim
-    targets = {"wqkv": (attn, "wqkv"), "wo": (attn, "wo"), "w_gate_up": (ffn, "w_gate_up"), "w_down": (ffn, "w_down")}
-    for name, (parent, attr) in targets.items():
-        linear = getattr(parent, attr)
-        x_in = inputs[name]
+def quantize_block(view: BlockView, inputs: dict, bits: float, group_size: int, clip: bool, saliency_order: bool):
+    """Steps 2-4: channel order (int3.5), clipping search, and QuantLinear in place of each linear.
+
+    inputs: scale_block's result, {linear name: (its input, (row_scale, col_scale))}."""
+    for name, (x_in, awq_scales) in inputs.items():
+        linear = view.linear(name)
         perm = saliency_perm(x_stats(x_in), linear.weight.data) if saliency_order and bits == 3.5 else None
         ratio = None
-        if clip:
-            # As in AWQ, q and k keep their full range (their errors are amplified by the softmax).
-            rows = slice(q_dim + kv_dim, q_dim + 2 * kv_dim) if name == "wqkv" else None
-            ratio = search_clip(linear.weight.data, x_in, bits, group_size, perm, rows=rows)
-        qw = quantize_weight(linear.weight.data, bits, group_size, perm=perm, clip=ratio)
-        setattr(parent, attr, QuantLinear(qw, linear.bias))
+        if clip and name in view.clip_rows:
+            ratio = search_clip(linear.weight.data, x_in, bits, group_size, perm, rows=view.clip_rows[name])
+        qlinear = QuantLinear(quantize_weight(linear.weight.data, bits, group_size, perm=perm, clip=ratio), linear.bias)
+        qlinear.awq_scales = awq_scales
+        parent, _, attr = name.rpartition(".")
+        setattr(view.block.get_submodule(parent), attr, qlinear)
 
 
-def quantize_llama_awq(model: LlamaForCausalLM, bits: float, group_size: int, calib: torch.Tensor,
+def quantize_llama_awq(model: nn.Module, bits: float, group_size: int, calib: torch.Tensor,
                        n_grid: int = 20, clip: bool = True, saliency_order: bool = True, n_search: int = 2,
-                       progress: bool = True) -> LlamaForCausalLM:
-    """AWQ of every decoder block's linears, in place. calib: token ids [n_samples, seq_len].
+                       progress: bool = True) -> nn.Module:
+    """AWQ of every decoder block's linears, in place, for lowbit's or transformers' LlamaForCausalLM.
 
-    The scale and clipping searches run on the first n_search calibration sequences (CPU time grows with
-    them); every sequence flows through the quantized blocks."""
-    if not isinstance(model, LlamaForCausalLM):
-        raise TypeError(f"AWQ works on lowbit.LlamaForCausalLM (load transformers checkpoints with "
-                        f"lowbit.LlamaForCausalLM.from_pretrained), got {type(model).__name__}")
+    calib: token ids [n_samples, seq_len]. Activation statistics (scales, saliency order, the clipping
+    search's sample tokens) come from every sequence; the scale search's loss, whose CPU time grows with
+    them, from the first n_search."""
+    is_hf = type(model).__name__ == "LlamaForCausalLM" and hasattr(model, "model")  # transformers
+    if not (isinstance(model, LlamaForCausalLM) or is_hf):
+        raise TypeError(f"AWQ works on lowbit.LlamaForCausalLM and transformers.LlamaForCausalLM, "
+                        f"got {type(model).__name__}")
     if calib is None or calib.dim() != 2 or calib.numel() == 0:
         raise ValueError("AWQ needs calibration tokens [n_samples, seq_len] (see lowbit.data.calibration_tokens)")
     with torch.inference_mode():
-        x = model.embed(calib.to(model.device))                     # [n, T, H]: the activations entering block 0
-        positions = torch.arange(calib.shape[1], dtype=torch.float32, device=model.device)
-        angles = torch.outer(positions, model.inv_freq)
-        cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
-        for block in tqdm(model.layers, desc=f"AWQ int{bits:g}", disable=not progress):
-            inputs = scale_block(block, x[:n_search], cos, sin, bits, group_size, n_grid)
-            quantize_block(block, inputs, bits, group_size, clip, saliency_order)
-            x = torch.cat([block(x[i:i + 8], cos, sin, None) for i in range(0, len(x), 8)])
+        ids = calib.to(model.device)
+        positions = torch.arange(calib.shape[1], device=model.device)
+        if isinstance(model, LlamaForCausalLM):
+            x = model.embed(ids)                      # [n, T, H]: the activations entering block 0
+            angles = torch.outer(positions.float(), model.inv_freq)
+            cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+            layers, views = model.layers, lambda block: lowbit_block_view(block, cos, sin)
+        else:
+            x = model.model.embed_tokens(ids)
+            cos, sin = model.model.rotary_emb(x, positions.unsqueeze(0))
+            t = calib.shape[1]
+            mask = torch.full((t, t), float("-inf"), dtype=x.dtype, device=x.device).triu(1)[None, None]
+            layers, views = model.model.layers, lambda layer: hf_block_view(layer, cos, sin, mask)
+        for block in tqdm(layers, desc=f"AWQ int{bits:g}", disable=not progress):
+            view = views(block)
+            inputs = scale_block(view, x, bits, group_size, n_grid, n_search)
+            quantize_block(view, inputs, bits, group_size, clip, saliency_order)
+            x = torch.cat([view.forward(x[i:i + 8]) for i in range(0, len(x), 8)])
     return model
-

@@ -20,6 +20,9 @@ class QuantLinear(nn.Module):
         if "perm" not in weight.tensors():
             self.perm = None
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # Set by AWQ, not saved: (row [N], col [K]) with this weight ~ diag(row) W_float diag(col), so that
+        # lowbit.eval.rmse_report can compare it with the float layer it came from.
+        self.awq_scales: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear_: nn.Linear, bits: float = 4, group_size: int = 128,

@@ -28,7 +28,14 @@ def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128, per
 
 def fake_quantize(w: torch.Tensor, bits: float, group_size: int, perm: torch.Tensor | None = None,
                   clip: torch.Tensor | None = None) -> torch.Tensor:
-    """quantize_weight(...).dequantize() without packing: W [N, K] as the quantized model will see it."""
+    """quantize_weight(...).dequantize() without packing: W [N, K] as the quantized model will see it.
+
+    bits is 4 or 3.5 (the lowbit formats) or, for reference only, an integer 2..8: uniform `bits`-bit
+    codes with the same grouping, range and float16 scale/zero (no packed format or kernel exists for
+    those; they place 3.5 bits between 3 and 4 in error reports).
+    """
+    if bits not in (3.5, 2, 3, 4, 5, 6, 7, 8):
+        raise ValueError(f"fake_quantize: bits must be 3.5 or an integer 2..8, got {bits!r}")
     n, k = w.shape
     codes, scales, zeros = _round_to_nearest(_grouped(w.float(), perm, group_size), bits, clip)
     if bits == 3.5:
@@ -70,19 +77,20 @@ def _grouped(w: torch.Tensor, perm, group_size: int) -> torch.Tensor:
 
 def _round_to_nearest(groups: torch.Tensor, bits: float, clip=None):
     """groups [N, G, group_size] -> (codes float [N, G, group_size], scales fp16 [N, G], zeros fp16 [N, G])."""
+    top = 15 if bits == 3.5 else 2 ** int(bits) - 1  # int3.5 counts in 4-bit steps (see STEP3)
     lo = groups.amin(-1).clamp(max=0)
     hi = groups.amax(-1).clamp(min=0)
     if clip is not None:
         lo, hi = lo * clip, hi * clip
-    scales = ((hi - lo) / 15).to(torch.float16)
+    scales = ((hi - lo) / top).to(torch.float16)
     if torch.isinf(scales).any():
         raise ValueError("w has groups whose range exceeds float16 scales (|w| > ~9e5); cannot quantize")
     # All-zero groups (and ranges below float16's smallest step) still get a usable scale.
     scales = scales.clamp(min=torch.finfo(torch.float16).smallest_normal * 2 ** -10)
     zeros = (-lo / scales.float()).to(torch.float16)
     # Quantize with the stored float16 values so codes match what decoders will compute.
-    t = groups / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)  # position in 4-bit steps
-    codes = t.round().clamp(0, 15)
+    t = groups / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)  # position in steps
+    codes = t.round().clamp(0, top)
     if bits == 3.5:
         codes[..., 1::2] = (t[..., 1::2] / formats.STEP3).round().clamp(0, 7)
     return codes, scales, zeros
