@@ -4,6 +4,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C, data, eval, formats, ops
 from .generate import Sampling, generate, stream
+from .io.checkpoint import convert, load_quantized, save_quantized
 from .io.fetch import fetch
 from .models.llama import LlamaConfig, LlamaForCausalLM
 from .nn import QuantLinear
@@ -29,6 +30,6 @@ def cpu_isa() -> str:
     return _C.cpu_isa()
 
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "QuantLinear", "QuantizedWeight", "Sampling", "build_info", "cpu_isa",
-           "data", "eval", "fetch", "formats", "generate", "linear", "ops", "quantize_model", "quantize_weight", "set_cpu_isa",
-           "stream"]
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "QuantLinear", "QuantizedWeight", "Sampling", "build_info", "convert",
+           "cpu_isa", "data", "eval", "fetch", "formats", "generate", "linear", "load_quantized", "ops", "quantize_model",
+           "quantize_weight", "save_quantized", "set_cpu_isa", "stream"]

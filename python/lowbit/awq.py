@@ -74,7 +74,7 @@ class _Swap:
 
 @torch.inference_mode()
 def search_scales(linears, x: torch.Tensor, inspect, bits: float, group_size: int, n_grid: int,
-                  n_search: int | None = None) -> torch.Tensor:
+                  n_search: int | None = None, integer_zeros: bool = False) -> torch.Tensor:
     """Best per-channel scales for linears that share input x [n, T, K]; inspect(x) runs the module they
     feed. Activation statistics come from all of x, the loss from its first n_search sequences."""
     x_mean = x_stats(x)
@@ -86,7 +86,8 @@ def search_scales(linears, x: torch.Tensor, inspect, bits: float, group_size: in
         ratio = i / n_grid
         s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        trial = [fake_quantize(lin.weight.data.float() * s, bits, group_size) / s for lin in linears]
+        trial = [fake_quantize(lin.weight.data.float() * s, bits, group_size, integer_zeros=integer_zeros) / s
+                 for lin in linears]
         with _Swap(linears, trial):
             loss = (inspect(x) - reference).float().pow(2).mean().item()
         if loss < best_loss:
@@ -96,7 +97,8 @@ def search_scales(linears, x: torch.Tensor, inspect, bits: float, group_size: in
 
 @torch.inference_mode()
 def search_clip(w: torch.Tensor, x: torch.Tensor, bits: float, group_size: int, perm, n_grid: int = 20,
-                max_shrink: float = 0.5, n_tokens: int = 512, rows: slice | None = None) -> torch.Tensor:
+                max_shrink: float = 0.5, n_tokens: int = 512, rows: slice | None = None,
+                integer_zeros: bool = False) -> torch.Tensor:
     """Per (row, group) range shrink in [1 - max_shrink, 1] minimising |x w^T - x w_q^T|^2 on sample tokens."""
     x = x.reshape(-1, x.shape[-1]).float()
     x = x[torch.linspace(0, len(x) - 1, min(n_tokens, len(x))).long()]
@@ -109,7 +111,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: float, group_size: int, 
     for i in range(n_grid + 1):
         ratio = 1 - max_shrink * i / n_grid
         clip = torch.full_like(best, ratio)
-        diff = w.float() - fake_quantize(w, bits, group_size, perm, clip)
+        diff = w.float() - fake_quantize(w, bits, group_size, perm, clip, integer_zeros)
         dg = F.pad(diff[:, order], (0, kp - k)).view(n, -1, group_size)        # [N, G, g]
         err = torch.einsum("ngk,tgk->ngt", dg, xg).pow(2).sum(-1)                # [N, G]
         better = err < best_err
@@ -194,7 +196,7 @@ def _scale_columns(linear, s):
 
 @torch.inference_mode()
 def scale_block(view: BlockView, x: torch.Tensor, bits: float, group_size: int, n_grid: int,
-                n_search: int | None = None) -> dict:
+                n_search: int | None = None, integer_zeros: bool = False) -> dict:
     """Step 1: search the AWQ scales of one float block and fold them in (its output stays the same).
 
     Returns, per linear name, the input it now sees (for the clipping search) and how its weight relates
@@ -229,16 +231,16 @@ def scale_block(view: BlockView, x: torch.Tensor, bits: float, group_size: int, 
             row_scale[name][rows] = 1 / s
         return fold
 
-    s = search_scales([lin(n) for n in view.qkv], h_attn, view.attention, bits, group_size, n_grid, n_search)
+    s = search_scales([lin(n) for n in view.qkv], h_attn, view.attention, bits, group_size, n_grid, n_search, integer_zeros)
     apply(view.qkv, s, lambda s: _fold_into_norm(view.attn_norm, s))
     if not view.grouped_query:  # o_proj's input channels are v's output channels
-        s = search_scales([lin(view.o)], captured[view.o], lin(view.o), bits, group_size, n_grid, n_search)
+        s = search_scales([lin(view.o)], captured[view.o], lin(view.o), bits, group_size, n_grid, n_search, integer_zeros)
         apply([view.o], s, fold_rows(view.v_rows))
         captured[view.o] = captured[view.o] / s
     h_ffn = view.ffn_norm(resid)
-    s = search_scales([lin(n) for n in view.gate_up], h_ffn, view.mlp, bits, group_size, n_grid, n_search)
+    s = search_scales([lin(n) for n in view.gate_up], h_ffn, view.mlp, bits, group_size, n_grid, n_search, integer_zeros)
     apply(view.gate_up, s, lambda s: _fold_into_norm(view.ffn_norm, s))
-    s = search_scales([lin(view.down)], captured[view.down], lin(view.down), bits, group_size, n_grid, n_search)
+    s = search_scales([lin(view.down)], captured[view.down], lin(view.down), bits, group_size, n_grid, n_search, integer_zeros)
     apply([view.down], s, fold_rows(view.up_rows))
     captured[view.down] = captured[view.down] / s
 
@@ -248,7 +250,8 @@ def scale_block(view: BlockView, x: torch.Tensor, bits: float, group_size: int, 
 
 
 @torch.inference_mode()
-def quantize_block(view: BlockView, inputs: dict, bits: float, group_size: int, clip: bool, saliency_order: bool):
+def quantize_block(view: BlockView, inputs: dict, bits: float, group_size: int, clip: bool, saliency_order: bool,
+                   integer_zeros: bool = False):
     """Steps 2-4: channel order (int3.5), clipping search, and QuantLinear in place of each linear.
 
     inputs: scale_block's result, {linear name: (its input, (row_scale, col_scale))}."""
@@ -257,8 +260,10 @@ def quantize_block(view: BlockView, inputs: dict, bits: float, group_size: int, 
         perm = saliency_perm(x_stats(x_in), linear.weight.data) if saliency_order and bits == 3.5 else None
         ratio = None
         if clip and name in view.clip_rows:
-            ratio = search_clip(linear.weight.data, x_in, bits, group_size, perm, rows=view.clip_rows[name])
-        qlinear = QuantLinear(quantize_weight(linear.weight.data, bits, group_size, perm=perm, clip=ratio), linear.bias)
+            ratio = search_clip(linear.weight.data, x_in, bits, group_size, perm, rows=view.clip_rows[name],
+                                integer_zeros=integer_zeros)
+        qw = quantize_weight(linear.weight.data, bits, group_size, perm=perm, clip=ratio, integer_zeros=integer_zeros)
+        qlinear = QuantLinear(qw, linear.bias)
         qlinear.awq_scales = awq_scales
         parent, _, attr = name.rpartition(".")
         setattr(view.block.get_submodule(parent), attr, qlinear)
@@ -266,7 +271,7 @@ def quantize_block(view: BlockView, inputs: dict, bits: float, group_size: int, 
 
 def quantize_llama_awq(model: nn.Module, bits: float, group_size: int, calib: torch.Tensor,
                        n_grid: int = 20, clip: bool = True, saliency_order: bool = True, n_search: int = 2,
-                       progress: bool = True) -> nn.Module:
+                       integer_zeros: bool = False, progress: bool = True) -> nn.Module:
     """AWQ of every decoder block's linears, in place, for lowbit's or transformers' LlamaForCausalLM.
 
     calib: token ids [n_samples, seq_len]. Activation statistics (scales, saliency order, the clipping
@@ -294,7 +299,7 @@ def quantize_llama_awq(model: nn.Module, bits: float, group_size: int, calib: to
             layers, views = model.model.layers, lambda layer: hf_block_view(layer, cos, sin, mask)
         for block in tqdm(layers, desc=f"AWQ int{bits:g}", disable=not progress):
             view = views(block)
-            inputs = scale_block(view, x, bits, group_size, n_grid, n_search)
+            inputs = scale_block(view, x, bits, group_size, n_grid, n_search, integer_zeros)
             quantize_block(view, inputs, bits, group_size, clip, saliency_order)
             x = torch.cat([view.forward(x[i:i + 8]) for i in range(0, len(x), 8)])
     return model

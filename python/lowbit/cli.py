@@ -1,4 +1,4 @@
-"""The `lowbit` command line: fetch, generate."""
+"""The `lowbit` command line: fetch, generate, convert, export, inspect."""
 
 import argparse
 import sys
@@ -63,6 +63,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .io.checkpoint import convert
+    out = convert(args.src, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
+                  calib_file=args.calib_file, align=args.align, force=args.force, integer_zeros=args.integer_zeros,
+                  quantize_lm_head=args.quantize_lm_head, float_dtype=getattr(torch, args.float_dtype))
+    print(out)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .io.autoawq import export_awq
+    print(export_awq(args.src, args.out, force=args.force))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .io.checkpoint import inspect_checkpoint
+    return 0 if inspect_checkpoint(args.path) else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lowbit", description="4-bit and 3.5-bit LLaMA inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,8 +111,40 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the model first (slow start, faster decode)")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("convert", help="quantize an HF directory or .gguf file (or import an AutoAWQ checkpoint) "
+                                       "into a lowbit checkpoint")
+    p.add_argument("src", help="HF float directory, .gguf file, or AutoAWQ GEMM directory")
+    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument("--bits", type=float, default=4, choices=[4, 3.5])
+    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256])
+    p.add_argument("--method", default="rtn", choices=["rtn", "awq"],
+                   help="rtn streams layer by layer; awq loads the float model and calibrates")
+    p.add_argument("--calib-file", help="text file to calibrate AWQ on (default: lowbit.data)")
+    p.add_argument("--align", type=int, help="start every tensor's data on this byte boundary (e.g. 1024)")
+    p.add_argument("--integer-zeros", action="store_true", help="integer zero points (needed by export --format awq)")
+    p.add_argument("--quantize-lm-head", action="store_true")
+    p.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the tensors that stay float (embeddings, norms)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a lowbit int4 checkpoint in another tool's layout")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--format", default="awq", choices=["awq"], help="awq: AutoAWQ GEMM (transformers, vLLM)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="tensors, sizes, formats and integrity checks of a lowbit checkpoint")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_inspect)
+
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

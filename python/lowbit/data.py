@@ -27,9 +27,13 @@ def token_stream(tokenizer, split: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_tokens(tokenizer, n_samples: int = 128, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
-    """[n_samples, seq_len] windows drawn at random (seeded) from the calibration split."""
-    stream = token_stream(tokenizer, "calibration")
+def calibration_tokens(tokenizer, n_samples: int = 128, seq_len: int = 512, seed: int = 0,
+                       text: str | None = None) -> torch.Tensor:
+    """[n_samples, seq_len] windows drawn at random (seeded) from the calibration split, or from `text`."""
+    if text is None:
+        stream = token_stream(tokenizer, "calibration")
+    else:
+        stream = torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
     if len(stream) <= seq_len:
         raise ValueError(f"calibration text has {len(stream)} tokens, fewer than seq_len={seq_len}")
     g = torch.Generator().manual_seed(seed)

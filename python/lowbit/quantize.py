@@ -10,24 +10,32 @@ from .weight import QuantizedWeight
 
 
 def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128, perm: torch.Tensor | None = None,
-                    clip: torch.Tensor | None = None) -> QuantizedWeight:
+                    clip: torch.Tensor | None = None, integer_zeros: bool = False) -> QuantizedWeight:
     """Min-max round-to-nearest quantization of W [N, K] (nn.Linear layout), per group of input columns.
 
     Each group's range [min(w, 0), max(w, 0)] maps onto codes 0..15 (4-bit positions) and 0..7 (3-bit
     positions of int3.5) with a float16 scale and a float16 zero point. perm (int32 [K], optional)
     reorders the input columns before grouping: stored column j holds input feature perm[j].
     clip ([N, groups] ratios in (0, 1], optional) shrinks each group's range before rounding.
+    integer_zeros rounds the zero points to integers (as AutoAWQ stores them, for `lowbit export`).
+    Rows are quantized in chunks, so memory stays near the size of W in float32.
     """
     bits = formats.check_bits(bits)
     group_size = formats.check_group_size(group_size)
-    w, perm = _checked(w, perm)
-    codes, scales, zeros = _round_to_nearest(_grouped(w, perm, group_size), bits, clip)
-    qweight = formats.pack(codes.view(w.shape[0], -1).to(torch.int32), bits)
-    return QuantizedWeight(qweight, scales, zeros, perm, bits, group_size, w.shape[1])
+    n, k = w.shape if isinstance(w, torch.Tensor) and w.dim() == 2 else (0, 0)
+    rows = max(1, (1 << 22) // max(k, 1))
+    parts = []
+    for start in range(0, max(n, 1), rows):
+        chunk, perm = _checked(w[start:start + rows] if n else w, perm)
+        ratio = None if clip is None else clip[start:start + rows]
+        codes, scales, zeros = _round_to_nearest(_grouped(chunk, perm, group_size), bits, ratio, integer_zeros)
+        parts.append((formats.pack(codes.view(chunk.shape[0], -1).to(torch.int32), bits), scales, zeros))
+    qweight, scales, zeros = (torch.cat(t) for t in zip(*parts))
+    return QuantizedWeight(qweight, scales, zeros, perm, bits, group_size, k)
 
 
 def fake_quantize(w: torch.Tensor, bits: float, group_size: int, perm: torch.Tensor | None = None,
-                  clip: torch.Tensor | None = None) -> torch.Tensor:
+                  clip: torch.Tensor | None = None, integer_zeros: bool = False) -> torch.Tensor:
     """quantize_weight(...).dequantize() without packing: W [N, K] as the quantized model will see it.
 
     bits is 4 or 3.5 (the lowbit formats) or, for reference only, an integer 2..8: uniform `bits`-bit
@@ -37,7 +45,7 @@ def fake_quantize(w: torch.Tensor, bits: float, group_size: int, perm: torch.Ten
     if bits not in (3.5, 2, 3, 4, 5, 6, 7, 8):
         raise ValueError(f"fake_quantize: bits must be 3.5 or an integer 2..8, got {bits!r}")
     n, k = w.shape
-    codes, scales, zeros = _round_to_nearest(_grouped(w.float(), perm, group_size), bits, clip)
+    codes, scales, zeros = _round_to_nearest(_grouped(w.float(), perm, group_size), bits, clip, integer_zeros)
     if bits == 3.5:
         codes[..., 1::2] *= formats.STEP3
     stored = ((codes - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).view(n, -1)[:, :k]
@@ -75,7 +83,7 @@ def _grouped(w: torch.Tensor, perm, group_size: int) -> torch.Tensor:
     return torch.nn.functional.pad(w, (0, kp - k)).view(n, kp // group_size, group_size)
 
 
-def _round_to_nearest(groups: torch.Tensor, bits: float, clip=None):
+def _round_to_nearest(groups: torch.Tensor, bits: float, clip=None, integer_zeros: bool = False):
     """groups [N, G, group_size] -> (codes float [N, G, group_size], scales fp16 [N, G], zeros fp16 [N, G])."""
     top = 15 if bits == 3.5 else 2 ** int(bits) - 1  # int3.5 counts in 4-bit steps (see STEP3)
     lo = groups.amin(-1).clamp(max=0)
@@ -87,7 +95,8 @@ def _round_to_nearest(groups: torch.Tensor, bits: float, clip=None):
         raise ValueError("w has groups whose range exceeds float16 scales (|w| > ~9e5); cannot quantize")
     # All-zero groups (and ranges below float16's smallest step) still get a usable scale.
     scales = scales.clamp(min=torch.finfo(torch.float16).smallest_normal * 2 ** -10)
-    zeros = (-lo / scales.float()).to(torch.float16)
+    zeros = -lo / scales.float()
+    zeros = (zeros.round().clamp(0, top) if integer_zeros else zeros).to(torch.float16)
     # Quantize with the stored float16 values so codes match what decoders will compute.
     t = groups / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)  # position in steps
     codes = t.round().clamp(0, top)
@@ -98,13 +107,14 @@ def _round_to_nearest(groups: torch.Tensor, bits: float, clip=None):
 
 def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, method: str = "rtn",
                    calib=None, modules_to_not_convert: list[str] | None = None, quantize_lm_head: bool = False,
-                   inplace: bool = True) -> nn.Module:
+                   inplace: bool = True, integer_zeros: bool = False) -> nn.Module:
     """Replace every nn.Linear of `model` by a QuantLinear (lowbit's LLaMA or transformers' LlamaForCausalLM).
 
     Modules whose qualified name equals or ends with an entry of modules_to_not_convert stay float, and so
     does the output head (lm_head) unless quantize_lm_head. method "rtn" is round-to-nearest per group;
     "awq" is activation-aware (lowbit.awq) on calib, token ids [n_samples, seq_len], for the decoder
-    blocks of a lowbit LlamaForCausalLM (remaining linears, such as a quantized lm_head, use RTN).
+    blocks (remaining linears, such as a quantized lm_head, use RTN). integer_zeros: see quantize_weight.
+    The choices are kept in model.quantization (save_quantized writes them to config.json).
     """
     from .nn import QuantLinear
     bits = formats.check_bits(bits)
@@ -117,7 +127,7 @@ def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, met
         from .awq import quantize_llama_awq
         if modules_to_not_convert:
             raise ValueError("modules_to_not_convert is not supported with method='awq'")
-        quantize_llama_awq(model, bits, group_size, calib)
+        quantize_llama_awq(model, bits, group_size, calib, integer_zeros=integer_zeros)
     keep = list(modules_to_not_convert or [])
     if not quantize_lm_head:
         keep.append("lm_head")
@@ -126,5 +136,9 @@ def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, met
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(linear, bits, group_size))
+        setattr(parent, child, QuantLinear(quantize_weight(linear.weight, bits, group_size,
+                                                           integer_zeros=integer_zeros), linear.bias))
+    model.quantization = {"bits": bits, "group_size": group_size, "method": method,
+                          "modules_not_converted": [name for name, m in model.named_modules()
+                                                    if isinstance(m, nn.Linear)]}
     return model

@@ -83,28 +83,41 @@ class GGUFFile:
             "torch_dtype": "float32",
         }
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor dequantized to float32, under HF LLaMA names, q/k rows in HF order."""
+    def _by_hf_name(self) -> dict:
+        if not hasattr(self, "_index"):
+            self._index = {}
+            for t in self.reader.tensors:
+                name = hf_name(t.name)
+                if name is None:
+                    raise CheckpointError(f"{self.path}: unexpected tensor {t.name!r}")
+                self._index[name] = t
+        return self._index
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_hf_name()
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor dequantized to float32, under its HF LLaMA name, q/k rows in HF order."""
         import gguf
-        config = self.config()
-        out = {}
-        for t in self.reader.tensors:
-            name = hf_name(t.name)
-            if name is None:
-                raise CheckpointError(f"{self.path}: unexpected tensor {t.name!r}")
-            try:
-                data = gguf.quants.dequantize(t.data, t.tensor_type)
-            except (NotImplementedError, ValueError) as e:
-                raise CheckpointError(f"{self.path}: tensor {t.name!r} has type {t.tensor_type.name}, which "
-                                      f"cannot be read ({e})") from e
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists the fastest dimension first
-            w = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a writable copy
-            if name.endswith("q_proj.weight"):
-                w = unpermute_rows(w, config["num_attention_heads"])
-            elif name.endswith("k_proj.weight"):
-                w = unpermute_rows(w, config["num_key_value_heads"])
-            out[name] = w
-        return out
+        t = self._by_hf_name().get(name)
+        if t is None:
+            raise CheckpointError(f"{self.path}: missing tensor for {name!r}")
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        except (NotImplementedError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: tensor {t.name!r} has type {t.tensor_type.name}, which "
+                                  f"cannot be read ({e})") from e
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists the fastest dimension first
+        w = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a writable copy
+        if name.endswith("q_proj.weight"):
+            w = unpermute_rows(w, self.value("llama.attention.head_count"))
+        elif name.endswith("k_proj.weight"):
+            w = unpermute_rows(w, self.value("llama.attention.head_count_kv", self.value("llama.attention.head_count")))
+        return w
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor dequantized to float32, under HF LLaMA names (see get)."""
+        return {name: self.get(name) for name in self._by_hf_name()}
 
     def tokenizer(self) -> Tokenizer:
         v = self.value

@@ -44,8 +44,11 @@ class SafetensorsDir:
     def __init__(self, directory: Path):
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
             if not files:
@@ -53,50 +56,63 @@ class SafetensorsDir:
         self.handles = {}
         self.location = {}
         for name in files:
-            handle = safe_open(str(directory / name), framework="pt")
+            try:
+                handle = safe_open(str(directory / name), framework="pt")
+                keys = list(handle.keys())
+            except Exception as e:  # safetensors raises SafetensorError, OSError, ... on bad files
+                raise CheckpointError(f"{directory / name}: not a readable safetensors file "
+                                      f"({type(e).__name__}: {e})") from e
             self.handles[name] = handle
-            for key in handle.keys():
+            for key in keys:
                 self.location[key] = name
         self.directory = directory
 
     def __contains__(self, key: str) -> bool:
         return key in self.location
 
+    def keys(self) -> list[str]:
+        return list(self.location)
+
+    def file_of(self, key: str) -> Path:
+        return self.directory / self.location[key]
+
     def get(self, key: str) -> torch.Tensor:
         if key not in self.location:
             raise CheckpointError(f"{self.directory}: missing tensor {key!r}")
-        return self.handles[self.location[key]].get_tensor(key)
+        try:
+            return self.handles[self.location[key]].get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} cannot be read ({type(e).__name__}: {e})") from e
 
 
-class NamedTensors(dict):
-    """Tensors by HF name, already in memory (e.g. from a GGUF file), with SafetensorsDir's get()."""
-
-    def __init__(self, tensors: dict, origin: str):
-        super().__init__(tensors)
-        self.origin = origin
-
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self:
-            raise CheckpointError(f"{self.origin}: missing tensor {key!r}")
-        return self[key]
-
-
-def to_lowbit_names(st, config: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """HF LLaMA tensors (a SafetensorsDir or NamedTensors) under lowbit's module names, fused projections."""
+def global_tensors(st, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder layers, under lowbit names."""
     out = {"embed.weight": st.get("model.embed_tokens.weight"), "norm.weight": st.get("model.norm.weight")}
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = st.get("lm_head.weight")
+    return out
+
+
+def layer_tensors(st, i: int) -> dict[str, torch.Tensor]:
+    """Decoder layer i's float tensors under lowbit names (q/k/v and gate/up fused along rows)."""
+    hf, ours, out = f"model.layers.{i}.", f"layers.{i}.", {}
+    for name, parts in FUSED.items():
+        for suffix in ("weight", "bias"):
+            keys = [f"{hf}{p}.{suffix}" for p in parts]
+            if suffix == "bias" and keys[0] not in st:
+                continue
+            out[f"{ours}{name}.{suffix}"] = torch.cat([st.get(k) for k in keys])
+    for name, hf_name in SINGLE.items():
+        for suffix in ("weight", "bias"):
+            key = f"{hf}{hf_name}.{suffix}"
+            if suffix == "weight" or key in st:
+                out[f"{ours}{name}.{suffix}"] = st.get(key)
+    return out
+
+
+def to_lowbit_names(st, config: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """HF LLaMA tensors (a SafetensorsDir or GGUFFile) under lowbit's module names, fused projections."""
+    out = global_tensors(st, config)
     for i in range(config.num_hidden_layers):
-        hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        for name, parts in FUSED.items():
-            for suffix in ("weight", "bias"):
-                keys = [f"{hf}{p}.{suffix}" for p in parts]
-                if suffix == "bias" and keys[0] not in st:
-                    continue
-                out[f"{ours}{name}.{suffix}"] = torch.cat([st.get(k) for k in keys])
-        for name, hf_name in SINGLE.items():
-            for suffix in ("weight", "bias"):
-                key = f"{hf}{hf_name}.{suffix}"
-                if suffix == "weight" or key in st:
-                    out[f"{ours}{name}.{suffix}"] = st.get(key)
+        out |= layer_tensors(st, i)
     return {k: v.to(dtype) for k, v in out.items()}

@@ -1,12 +1,14 @@
 """One entry point for every model source: HF directories and GGUF files."""
 
+import json
+import tempfile
 from pathlib import Path
 
 import torch
 
 from ..models.llama import LlamaConfig, LlamaForCausalLM, rope_inv_freq
 from ..tokenizer import Tokenizer
-from .hf import CheckpointError, NamedTensors, SafetensorsDir, read_config, to_lowbit_names
+from .hf import CheckpointError, SafetensorsDir, read_config, to_lowbit_names
 
 
 def build_model(config: LlamaConfig, state: dict[str, torch.Tensor], device="cpu") -> LlamaForCausalLM:
@@ -38,12 +40,23 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> LlamaF
         from .gguf import GGUFFile
         gguf = GGUFFile(path)
         config = LlamaConfig.from_dict(gguf.config())
-        state = to_lowbit_names(NamedTensors(gguf.tensors(), str(path)), config, dtype)
+        state = to_lowbit_names(gguf, config, dtype)
         model = build_model(config, state, device)
         model.tokenizer = gguf.tokenizer()
         return model.eval()
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
+    quant_method = _quant_method(path)
+    if quant_method == "lowbit":
+        from .checkpoint import load_quantized
+        return load_quantized(path, dtype, device)
+    if quant_method == "awq":  # AutoAWQ: converted in memory (the same numbers, lowbit's layout)
+        from .autoawq import import_awq
+        from .checkpoint import load_quantized
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_quantized(import_awq(path, Path(tmp) / "lowbit", progress=False), dtype, device)
+    if quant_method is not None:
+        raise CheckpointError(f"{path}: quantization method {quant_method!r} is not supported (lowbit, awq)")
     config = read_config(path)
     model = build_model(config, to_lowbit_names(SafetensorsDir(path), config, dtype), device)
     try:
@@ -51,3 +64,12 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> LlamaF
     except FileNotFoundError:
         model.tokenizer = None
     return model.eval()
+
+
+def _quant_method(directory: Path) -> str | None:
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # read_config reports it
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return qc.get("quant_method") if isinstance(qc, dict) else None

@@ -1,0 +1,339 @@
+"""Quantized checkpoints (docs/FORMAT.md, "Checkpoints"): save, load, convert layer by layer, inspect.
+
+A lowbit checkpoint is an HF-style directory: config.json with a `quantization_config`, safetensors
+(sharded past a size limit) holding each quantized linear as <module>.qweight / .scales / .zeros
+(/ .perm / .bias) under lowbit's module names, and the tokenizer files. Loading builds the model on the
+meta device and assigns the memory-mapped tensors; the float model is never built.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import formats
+from ..models.llama import LlamaConfig, LlamaForCausalLM, rope_inv_freq
+from ..nn import QuantLinear
+from ..quantize import quantize_weight
+from ..tokenizer import Tokenizer
+from ..weight import QuantizedWeight
+from .convert import atomic_directory
+from .hf import CheckpointError, SafetensorsDir, global_tensors, layer_tensors, read_config
+from .safetensors_io import PAD_PREFIX, ShardWriter
+
+FORMAT_VERSION = 1
+MAX_SHARD_BYTES = 1 << 30
+QUANT_TENSORS = ("qweight", "scales", "zeros")
+LAYER_LINEARS = ("attn.wqkv", "attn.wo", "ffn.w_gate_up", "ffn.w_down")
+
+
+def quantization_config(bits: float, group_size: int, method: str, not_converted: list[str]) -> dict:
+    return {"quant_method": "lowbit", "format_version": FORMAT_VERSION, "bits": bits, "group_size": group_size,
+            "method": method, "modules_not_converted": sorted(not_converted)}
+
+
+def checked_quantization_config(config: dict, where: Path) -> dict:
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "lowbit":
+        raise CheckpointError(f"{where}: config.json has no lowbit quantization_config")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: format_version {qc.get('format_version')!r} is not supported "
+                              f"(this lowbit reads {FORMAT_VERSION})")
+    try:
+        formats.check_bits(qc.get("bits"))
+        formats.check_group_size(qc.get("group_size"))
+    except ValueError as e:
+        raise CheckpointError(f"{where}: quantization_config: {e}") from e
+    if not isinstance(qc.get("modules_not_converted"), list):
+        raise CheckpointError(f"{where}: quantization_config.modules_not_converted must be a list")
+    return qc
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+def module_tensors(name: str, module: nn.Module, float_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one module: a QuantLinear's buffers, or float parameters."""
+    def cast(t):
+        return t.detach() if float_dtype is None else t.detach().to(float_dtype)
+    if isinstance(module, QuantLinear):
+        out = {f"{name}.{k}": t for k, t in module.weight.tensors().items()}
+        if module.bias is not None:
+            out[f"{name}.bias"] = cast(module.bias)
+        return out
+    return {f"{name}.{k}": cast(p) for k, p in module.named_parameters(recurse=False)}
+
+
+def write_checkpoint(out: Path, config: LlamaConfig, qconfig: dict, tensors, tokenizer: Tokenizer | None,
+                     force: bool = False, align: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """tensors: an iterable of (name, tensor), consumed once; the directory appears only when complete."""
+    with atomic_directory(out, force) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes, align, metadata={"format": "pt"})
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(config.to_dict() | {"quantization_config": qconfig}, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(out)
+
+
+def save_quantized(model: LlamaForCausalLM, out, force: bool = False, align: int | None = None,
+                   float_dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write a quantized lowbit LlamaForCausalLM as a checkpoint directory (atomically).
+
+    float_dtype: store the float tensors (embeddings, norms, unquantized linears) in this dtype (default:
+    as they are). align: start every tensor's data on this byte boundary of its file (e.g. 1024)."""
+    if not isinstance(model, LlamaForCausalLM):
+        raise TypeError(f"save_quantized takes a lowbit.LlamaForCausalLM, got {type(model).__name__}")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise ValueError("save_quantized: the model has no quantized layers (use lowbit.quantize_model first)")
+    kinds = {(m.bits, m.group_size) for m in layers.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"save_quantized: one bits/group_size per model is supported, found {sorted(kinds)}")
+    (bits, group_size), = kinds
+    method = getattr(model, "quantization", {}).get("method", "rtn")
+    not_converted = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    qconfig = quantization_config(bits, group_size, method, not_converted)
+    tied = model.config.tie_word_embeddings and model.lm_head.weight is model.embed.weight
+
+    def tensors():
+        for name, module in model.named_modules():
+            if name == "lm_head" and tied:
+                continue
+            yield from module_tensors(name, module, float_dtype).items()
+    return write_checkpoint(Path(out), model.config, qconfig, tensors(), model.tokenizer, force, align,
+                            max_shard_bytes)
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+def quantized_weight(st, name: str, bits: float, group_size: int, in_features: int) -> QuantizedWeight:
+    """A QuantizedWeight from checkpoint tensors, checked: shapes, dtypes, permutation, finite scales."""
+    tensors = {k: st.get(f"{name}.{k}") for k in QUANT_TENSORS}
+    if f"{name}.perm" in st:
+        tensors["perm"] = st.get(f"{name}.perm")
+    where = st.file_of(f"{name}.qweight") if hasattr(st, "file_of") else st
+    try:
+        weight = QuantizedWeight.from_tensors(tensors, bits, group_size, in_features)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {name}: {e}") from e
+    for k in ("scales", "zeros"):
+        if not torch.isfinite(tensors[k]).all():
+            raise CheckpointError(f"{where}: tensor {name}.{k} has non-finite values")
+    return weight
+
+
+def load_quantized(path, dtype: torch.dtype = torch.float32, device="cpu") -> LlamaForCausalLM:
+    """A lowbit checkpoint directory as a LlamaForCausalLM with QuantLinear layers (float parts in dtype)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory")
+    config = read_config(path)
+    qc = checked_quantization_config(config.extra, path)
+    st = SafetensorsDir(path)
+    bits, group_size = float(qc["bits"]), int(qc["group_size"])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    not_converted = set(qc["modules_not_converted"])
+    expected = set()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name not in not_converted:
+            qlinear = QuantLinear(quantized_weight(st, name, bits, group_size, module.in_features),
+                                  _float(st, f"{name}.bias", dtype) if module.bias is not None else None)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, qlinear)
+            expected |= {f"{name}.{k}" for k in qlinear.weight.tensors()} | ({f"{name}.bias"} if module.bias is not None else set())
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}"
+            if full == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            t = _float(st, full, dtype)
+            if tuple(t.shape) != tuple(param.shape):
+                raise CheckpointError(f"{st.file_of(full)}: tensor {full!r} has shape {list(t.shape)}, the config "
+                                      f"needs {list(param.shape)}")
+            setattr(module, pname, nn.Parameter(t, requires_grad=False))
+            expected.add(full)
+    unexpected = sorted(k for k in st.keys() if k not in expected and not k.startswith(PAD_PREFIX))
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]} (the config does not use them)")
+    if config.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear):
+        model.lm_head.weight = model.embed.weight
+    model.inv_freq = rope_inv_freq(config)
+    model.quantization = {k: qc[k] for k in ("bits", "group_size", "method", "modules_not_converted")}
+    try:
+        model.tokenizer = Tokenizer.from_dir(path)
+    except FileNotFoundError:
+        model.tokenizer = None
+    return model.to(device).eval()
+
+
+def _float(st, name: str, dtype: torch.dtype) -> torch.Tensor:
+    t = st.get(name)
+    if not t.is_floating_point():
+        raise CheckpointError(f"{st.file_of(name)}: tensor {name!r} must be floating point, got {t.dtype}")
+    if not torch.isfinite(t).all():
+        raise CheckpointError(f"{st.file_of(name)}: tensor {name!r} has non-finite values")
+    return t.to(dtype)
+
+
+# --- converting -------------------------------------------------------------------------------------
+
+def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn", calib_file=None,
+            align: int | None = None, force: bool = False, integer_zeros: bool = False, quantize_lm_head: bool = False,
+            float_dtype: torch.dtype = torch.float16, progress: bool = True) -> Path:
+    """Quantize an HF float directory or a .gguf file into a lowbit checkpoint; or import an AutoAWQ one.
+
+    RTN streams layer by layer (memory: one decoder layer plus one output shard). AWQ needs calibration
+    forward passes through the whole float model, so it loads the model first."""
+    src, out = Path(src), Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists (use --force to overwrite)")
+    bits, group_size = formats.check_bits(bits), formats.check_group_size(group_size)
+    if method not in ("rtn", "awq"):
+        raise ValueError(f"method must be 'rtn' or 'awq', got {method!r}")
+    if src.is_dir() and (src / "config.json").is_file():
+        raw = json.loads((src / "config.json").read_text())
+        qm = (raw.get("quantization_config") or {}).get("quant_method")
+        if qm == "awq":
+            from .autoawq import import_awq
+            return import_awq(src, out, align=align, force=force, progress=progress)
+        if qm is not None:
+            raise CheckpointError(f"{src}: already quantized ({qm}); lowbit converts float checkpoints and AutoAWQ ones")
+    if method == "awq":
+        from .. import data
+        from ..quantize import quantize_model
+        model = LlamaForCausalLM.from_pretrained(src)
+        text = Path(calib_file).read_text() if calib_file else None
+        calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512, text=text)
+        quantize_model(model, bits, group_size, "awq", calib, quantize_lm_head=quantize_lm_head,
+                       integer_zeros=integer_zeros)
+        return save_quantized(model, out, force, align, float_dtype)
+    source, config, tokenizer = _open_float(src)
+    names = [f"layers.{i}.{lin}" for i in range(config.num_hidden_layers) for lin in LAYER_LINEARS]
+    not_converted = [] if quantize_lm_head else ["lm_head"]
+    qconfig = quantization_config(bits, group_size, "rtn", not_converted)
+
+    def linear_tensors(name, weight, bias):
+        qw = quantize_weight(weight, bits, group_size, integer_zeros=integer_zeros)
+        yield from {f"{name}.{k}": t for k, t in qw.tensors().items()}.items()
+        if bias is not None:
+            yield f"{name}.bias", bias.to(float_dtype)
+
+    def tensors():
+        glob = global_tensors(source, config)
+        for name, t in glob.items():
+            if name == "lm_head.weight" and quantize_lm_head:
+                yield from linear_tensors("lm_head", t, None)
+            else:
+                yield name, t.to(float_dtype)
+        if quantize_lm_head and config.tie_word_embeddings:  # the head is quantized, the embedding stays float
+            config.tie_word_embeddings = False
+            yield from linear_tensors("lm_head", glob["embed.weight"], None)
+        for i in tqdm(range(config.num_hidden_layers), desc=f"int{bits:g} RTN", disable=not progress):
+            layer = layer_tensors(source, i)
+            for name, t in layer.items():
+                module, _, kind = name.rpartition(".")
+                if module in names:
+                    if kind == "weight":
+                        yield from linear_tensors(module, t, layer.get(f"{module}.bias"))
+                else:
+                    yield name, t.to(float_dtype)
+    return write_checkpoint(out, config, qconfig, tensors(), tokenizer, force, align)
+
+
+def _open_float(src: Path):
+    if src.is_file() and src.suffix == ".gguf":
+        from .gguf import GGUFFile
+        gguf = GGUFFile(src)
+        return gguf, LlamaConfig.from_dict(gguf.config()), gguf.tokenizer()
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: not a model directory or .gguf file")
+    try:
+        tokenizer = Tokenizer.from_dir(src)
+    except FileNotFoundError:
+        tokenizer = None
+    return SafetensorsDir(src), read_config(src), tokenizer
+
+
+# --- inspecting -------------------------------------------------------------------------------------
+
+def inspect_checkpoint(path, out=None) -> bool:
+    """Print a lowbit checkpoint's tensors, sizes and formats per layer, and run its integrity checks.
+
+    Returns True when every check passes."""
+    path, out = Path(path), out or sys.stdout
+    problems = []
+    try:
+        config = read_config(path)
+        qc = checked_quantization_config(config.extra, path)
+        st = SafetensorsDir(path)
+    except CheckpointError as e:
+        print(f"FAILED: {e}", file=out)
+        return False
+    bits, group_size = float(qc["bits"]), int(qc["group_size"])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    not_converted = set(qc["modules_not_converted"])
+    rows, seen, logical, total_bytes = [], set(), 0, 0
+    for name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        if not params or (name == "lm_head" and config.tie_word_embeddings and "lm_head" in not_converted):
+            continue
+        shape = tuple(params["weight"].shape)
+        n_logical = sum(p.numel() for p in params.values())
+        if isinstance(module, nn.Linear) and name not in not_converted:
+            names = [f"{name}.{k}" for k in (*QUANT_TENSORS, "perm", "bias") if f"{name}.{k}" in st]
+            try:
+                w = quantized_weight(st, name, bits, group_size, module.in_features)
+                if w.shape != shape:
+                    raise CheckpointError(f"{name}: shape {list(w.shape)} but the config needs {list(shape)}")
+                fmt = f"int{bits:g} g{group_size}" + (" perm" if w.perm is not None else "")
+            except CheckpointError as e:
+                problems.append(str(e))
+                fmt = "INVALID"
+        else:
+            names = [f"{name}.{k}" for k in params]
+            fmt = "float"
+            for k in names:
+                if k not in st:
+                    problems.append(f"{path}: missing tensor {k!r}")
+                    continue
+                t = st.get(k)
+                if tuple(t.shape) != tuple(params[k.rpartition('.')[2]].shape):
+                    problems.append(f"{st.file_of(k)}: tensor {k!r} has shape {list(t.shape)}, the config needs "
+                                    f"{list(params[k.rpartition('.')[2]].shape)}")
+                elif not (t.is_floating_point() and torch.isfinite(t).all()):
+                    problems.append(f"{st.file_of(k)}: tensor {k!r} is not finite floating point ({t.dtype})")
+                fmt = f"{t.dtype}".replace("torch.", "")
+        nbytes = 0
+        for k in names:
+            if k in st:
+                t = st.get(k)
+                nbytes += t.numel() * t.element_size()
+        seen |= set(names)
+        logical += n_logical
+        total_bytes += nbytes
+        rows.append((name, fmt, "x".join(map(str, shape)), n_logical, nbytes))
+    extra = sorted(k for k in st.keys() if k not in seen and not k.startswith(PAD_PREFIX))
+    if extra:
+        problems.append(f"{path}: {len(extra)} unexpected tensors, e.g. {extra[:3]}")
+    n_tensors = sum(1 for k in st.keys() if not k.startswith(PAD_PREFIX))
+    print(f"{path}: lowbit format v{qc['format_version']}, int{bits:g}, group size {group_size}, method "
+          f"{qc.get('method')}, {config.num_hidden_layers} layers", file=out)
+    print(f"{'module':<28} {'format':<14} {'shape':>12} {'params':>11} {'bytes':>11} {'bits/w':>7}", file=out)
+    for name, fmt, shape, n, nbytes in rows:
+        print(f"{name:<28} {fmt:<14} {shape:>12} {n:>11} {nbytes:>11} {8 * nbytes / n:>7.2f}", file=out)
+    q_rows = [r for r in rows if r[1].startswith("int")]
+    q_params, q_bytes = sum(r[3] for r in q_rows), sum(r[4] for r in q_rows)
+    print(f"tensors: {n_tensors} (expected {len(seen)}); logical parameters: {logical}; bytes: {total_bytes} "
+          f"({total_bytes / 1e6:.1f} MB); bits/weight: {8 * total_bytes / logical:.2f} overall, "
+          f"{8 * q_bytes / max(q_params, 1):.2f} in quantized layers", file=out)
+    for p in problems:
+        print(f"FAILED: {p}", file=out)
+    print("checks: " + ("all passed" if not problems else f"{len(problems)} failed"), file=out)
+    return not problems

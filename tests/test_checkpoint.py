@@ -1,0 +1,302 @@
+"""Quantized checkpoints: save/load, streaming convert, --align, AutoAWQ in/out, inspect, bad files, fuzzing."""
+
+import json
+import os
+import random
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lowbit
+from conftest import tiny_hf_llama
+from lowbit.cli import main as cli
+from lowbit.io.autoawq import AWQ_NIBBLE, awq_pack, awq_unpack
+from lowbit.io.hf import CheckpointError
+from lowbit.io.safetensors_io import PAD_PREFIX
+from lowbit.models.llama import LlamaForCausalLM
+
+IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    tiny_hf_llama(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+@pytest.fixture
+def saved(hf_dir, tmp_path):
+    """A tiny int4 RTN lowbit checkpoint and the in-memory model it was saved from."""
+    model = lowbit.quantize_model(LlamaForCausalLM.from_pretrained(hf_dir), 4, 32)
+    return lowbit.save_quantized(model, tmp_path / "q4"), model
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS)
+
+
+@pytest.mark.parametrize("bits,method", [(4, "rtn"), (3.5, "awq")])
+def test_save_load_round_trip(hf_dir, tmp_path, bits, method):
+    model = LlamaForCausalLM.from_pretrained(hf_dir)
+    calib = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    q = lowbit.quantize_model(model, bits, 32, method=method, calib=calib if method == "awq" else None)
+    out = lowbit.save_quantized(q, tmp_path / "ckpt")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "lowbit", "format_version": 1, "bits": bits, "group_size": 32, "method": method,
+                  "modules_not_converted": ["lm_head"]}
+    for loaded in (lowbit.load_quantized(out), LlamaForCausalLM.from_pretrained(out)):
+        assert torch.equal(logits(loaded), logits(q))
+        assert isinstance(loaded.layers[0].attn.wqkv, lowbit.QuantLinear)
+        assert (loaded.layers[0].attn.wqkv.perm is not None) == (bits == 3.5)  # saliency order is saved
+    with pytest.raises(FileExistsError, match="exists"):
+        lowbit.save_quantized(q, out)
+    lowbit.save_quantized(q, out, force=True)
+
+
+def test_sharded_checkpoint(saved, tmp_path):
+    _, model = saved
+    out = lowbit.save_quantized(model, tmp_path / "sharded", max_shard_bytes=100_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and all((out / s).is_file() for s in shards)
+    assert not (out / "model.safetensors").exists()
+    assert torch.equal(logits(lowbit.load_quantized(out)), logits(model))
+
+
+def test_convert_streams_the_same_quantization(hf_dir, saved, tmp_path):
+    """`lowbit convert` (layer by layer, float parts in float16) stores exactly what quantize_model computes."""
+    ckpt, model = saved
+    assert cli(["convert", str(hf_dir), str(tmp_path / "conv"), "--bits", "4", "--group-size", "32"]) == 0
+    ours, ref = load_file(str(tmp_path / "conv" / "model.safetensors")), load_file(str(ckpt / "model.safetensors"))
+    assert ours.keys() == ref.keys()
+    for name in ours:
+        expected = ref[name].half() if ref[name].is_floating_point() and ours[name].dtype == torch.float16 else ref[name]
+        assert torch.equal(ours[name], expected), name
+    # Existing output: refused without --force, and left as it was.
+    before = (tmp_path / "conv" / "model.safetensors").read_bytes()
+    assert cli(["convert", str(hf_dir), str(tmp_path / "conv"), "--bits", "3.5", "--group-size", "32"]) == 1
+    assert (tmp_path / "conv" / "model.safetensors").read_bytes() == before
+
+
+def test_failed_conversion_leaves_nothing(hf_dir, tmp_path):
+    shard = hf_dir / "model.safetensors"
+    tensors = load_file(str(shard))
+    tensors["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")  # fails late, after other layers
+    save_file(tensors, str(shard))
+    with pytest.raises(ValueError, match="non-finite"):
+        lowbit.convert(hf_dir, tmp_path / "out", bits=4, group_size=32, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_align_1024(hf_dir, saved, tmp_path):
+    out = lowbit.convert(hf_dir, tmp_path / "aligned", bits=3.5, group_size=64, align=1024, progress=False)
+    raw = (out / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    starts = [8 + n + v["data_offsets"][0] for k, v in header.items()
+              if k != "__metadata__" and not k.startswith(PAD_PREFIX)]  # the fillers between tensors
+    assert len(starts) > 40 and all(s % 1024 == 0 for s in starts)
+    stock = load_file(str(out / "model.safetensors"))  # the stock library reads it
+    plain = lowbit.convert(hf_dir, tmp_path / "plain", bits=3.5, group_size=64, progress=False)
+    assert torch.equal(logits(lowbit.load_quantized(out)), logits(lowbit.load_quantized(plain)))
+    assert all(torch.equal(t, stock[k]) for k, t in load_file(str(plain / "model.safetensors")).items())
+
+
+# --- AutoAWQ ----------------------------------------------------------------------------------------
+
+def awq_reference_dequantize(qweight, qzeros, scales, group_size):
+    """AutoAWQ's GEMM dequantization written out from its format: W^T [K, N] in float16."""
+    def unpack(p):
+        nibbles = [(p >> (4 * i)) & 15 for i in range(8)]          # nibble i of every word
+        return torch.stack([nibbles[AWQ_NIBBLE[c]] for c in range(8)], -1).reshape(p.shape[0], -1)
+    q, z = unpack(qweight), unpack(qzeros).repeat_interleave(group_size, 0)
+    return (q - z).half() * scales.repeat_interleave(group_size, 0)
+
+
+def write_awq_dir(path, group_size=32):
+    """A tiny random AutoAWQ GEMM checkpoint (HF names, transformers' quantization_config)."""
+    model = tiny_hf_llama(path)
+    g = torch.Generator().manual_seed(5)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if name.endswith("_proj.weight"):
+            n, k = t.shape
+            tensors[f"{module}.qweight"] = torch.randint(-2**31, 2**31, (k, n // 8), generator=g, dtype=torch.int64).to(torch.int32)
+            tensors[f"{module}.qzeros"] = torch.randint(-2**31, 2**31, (k // group_size, n // 8), generator=g,
+                                                        dtype=torch.int64).to(torch.int32)
+            tensors[f"{module}.scales"] = (torch.rand(k // group_size, n, generator=g) * 0.02 + 1e-3).half()
+        else:
+            tensors[name] = t.half()
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+                                     "version": "gemm", "modules_to_not_convert": None}
+    (path / "config.json").write_text(json.dumps(config))
+    return tensors
+
+
+def test_awq_pack_order():
+    values = torch.arange(8, dtype=torch.int32).view(1, 8)
+    word = awq_pack(values).item() & 0xFFFFFFFF
+    assert [(word >> (4 * i)) & 15 for i in range(8)] == [0, 2, 4, 6, 1, 3, 5, 7]
+    codes = torch.randint(0, 16, (5, 24), dtype=torch.int32)
+    assert torch.equal(awq_unpack(awq_pack(codes)), codes)
+
+
+def test_autoawq_import_is_exact_and_round_trips(tmp_path):
+    src = tmp_path / "awq"
+    tensors = write_awq_dir(src)
+    assert cli(["convert", str(src), str(tmp_path / "lowbit")]) == 0
+    model = lowbit.load_quantized(tmp_path / "lowbit")
+    # Dequantized weights equal AutoAWQ's, bit for bit (fused q/k/v rows in order).
+    q, k, v = (f"model.layers.1.self_attn.{p}_proj" for p in "qkv")
+    expected = torch.cat([awq_reference_dequantize(tensors[f"{m}.qweight"], tensors[f"{m}.qzeros"],
+                                                   tensors[f"{m}.scales"], 32).T for m in (q, k, v)])
+    assert torch.equal(model.layers[1].attn.wqkv.dequantize().half(), expected)
+    # from_pretrained reads AutoAWQ directories directly.
+    assert torch.equal(logits(LlamaForCausalLM.from_pretrained(src)), logits(model))
+    # And back: lowbit -> AutoAWQ is the original, bit for bit.
+    assert cli(["export", str(tmp_path / "lowbit"), str(tmp_path / "awq2"), "--format", "awq"]) == 0
+    back = load_file(str(tmp_path / "awq2" / "model.safetensors"))
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    config = json.loads((tmp_path / "awq2" / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                                             "version": "gemm", "modules_to_not_convert": None}
+
+
+def test_export_needs_integer_zeros(hf_dir, saved, tmp_path, capsys):
+    ckpt, _ = saved
+    assert cli(["export", str(ckpt), str(tmp_path / "awq")]) == 1
+    assert "zero points are not integers" in capsys.readouterr().err and not (tmp_path / "awq").exists()
+    lowbit.convert(hf_dir, tmp_path / "int", bits=4, group_size=32, integer_zeros=True, progress=False)
+    assert cli(["export", str(tmp_path / "int"), str(tmp_path / "awq")]) == 0
+    a = lowbit.load_quantized(tmp_path / "int").layers[0].ffn.w_down.dequantize()
+    b = LlamaForCausalLM.from_pretrained(tmp_path / "awq").layers[0].ffn.w_down.dequantize()
+    assert torch.equal(a, b)
+    q35 = lowbit.convert(hf_dir, tmp_path / "q35", bits=3.5, group_size=32, progress=False)
+    with pytest.raises(ValueError, match="4-bit weights only"):
+        lowbit.io.autoawq.export_awq(q35, tmp_path / "awq35")
+
+
+# --- inspect and bad files ----------------------------------------------------------------------------
+
+def test_inspect(saved, tmp_path, capsys):
+    ckpt, _ = saved
+    assert cli(["inspect", str(ckpt)]) == 0
+    text = capsys.readouterr().out
+    assert "layers.2.ffn.w_down" in text and "int4 g32" in text and "checks: all passed" in text
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    tensors["layers.1.attn.wo.scales"][3, 0] = float("inf")
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    assert cli(["inspect", str(ckpt)]) == 1
+    text = capsys.readouterr().out
+    assert "FAILED" in text and "layers.1.attn.wo.scales has non-finite values" in text
+    assert "checks: 1 failed" in text
+
+
+def rewrite(path, edit):
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("truncated", "not a readable safetensors file"),
+    ("header lies", "not a readable safetensors file"),
+    ("wrong dtype", "scales must be torch.float16"),
+    ("wrong shape", "qweight must be"),
+    ("missing tensor", "missing tensor 'layers.2.ffn.w_down.zeros'"),
+    ("extra tensor", "unexpected tensors"),
+    ("non-finite scales", "layers.0.attn.wqkv.scales has non-finite values"),
+    ("bad perm", "perm must be a permutation"),
+    ("unsupported bits", "bits must be 4 or 3.5"),
+    ("unsupported group size", "group_size must be one of"),
+    ("config disagrees", "has shape"),
+    ("not json", "config.json"),
+])
+def test_bad_checkpoints_raise_clear_errors(saved, case, match):
+    ckpt, _ = saved
+    st, cfg = ckpt / "model.safetensors", ckpt / "config.json"
+    config = json.loads(cfg.read_text())
+    if case == "truncated":
+        st.write_bytes(st.read_bytes()[:-1000])
+    elif case == "header lies":
+        raw = st.read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8:8 + n])
+        header["layers.0.attn.wo.qweight"]["data_offsets"][1] += 64
+        encoded = json.dumps(header).encode()
+        st.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + n:])
+    elif case == "wrong dtype":
+        rewrite(st, lambda t: t.__setitem__("layers.1.attn.wo.scales", t["layers.1.attn.wo.scales"].float()))
+    elif case == "wrong shape":
+        rewrite(st, lambda t: t.__setitem__("layers.1.attn.wo.qweight", t["layers.1.attn.wo.qweight"][:, :-16].contiguous()))
+    elif case == "missing tensor":
+        rewrite(st, lambda t: t.pop("layers.2.ffn.w_down.zeros"))
+    elif case == "extra tensor":
+        rewrite(st, lambda t: t.__setitem__("layers.9.attn.wo.qweight", torch.zeros(1, dtype=torch.uint8)))
+    elif case == "non-finite scales":
+        rewrite(st, lambda t: t["layers.0.attn.wqkv.scales"].view(-1).__setitem__(5, float("nan")))
+    elif case == "bad perm":
+        rewrite(st, lambda t: t.__setitem__("layers.0.attn.wo.perm", torch.zeros(128, dtype=torch.int32)))
+    elif case == "unsupported bits":
+        config["quantization_config"]["bits"] = 3
+    elif case == "unsupported group size":
+        config["quantization_config"]["group_size"] = 48
+    elif case == "config disagrees":
+        config["vocab_size"] = 500
+    elif case == "not json":
+        cfg.write_text("{not json")
+    if case not in ("not json",):
+        cfg.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=match):
+        lowbit.load_quantized(ckpt)
+
+
+def test_fuzzed_checkpoints_load_consistently_or_raise(saved):
+    """Random corruptions of a real checkpoint (header bytes, data bytes, truncation): each one either loads
+    a model whose forward runs and whose tensors are finite, or raises CheckpointError. Longer run:
+    LOWBIT_FUZZ_ITERATIONS=2000 pytest tests/test_checkpoint.py -k fuzz."""
+    ckpt, _ = saved
+    st = ckpt / "model.safetensors"
+    original = st.read_bytes()
+    header_end = 8 + struct.unpack("<Q", original[:8])[0]
+    rng = random.Random(0)
+    outcomes = {"loaded": 0, "rejected": 0}
+    for _ in range(int(os.environ.get("LOWBIT_FUZZ_ITERATIONS", 150))):
+        raw = bytearray(original)
+        kind = rng.choice(["header", "data", "truncate"])
+        if kind == "truncate":
+            raw = raw[:rng.randrange(len(raw))]
+        else:
+            lo, hi = (0, header_end) if kind == "header" else (header_end, len(raw))
+            for _ in range(rng.randint(1, 8)):
+                raw[rng.randrange(lo, hi)] = rng.randrange(256)
+        st.write_bytes(bytes(raw))
+        try:
+            model = lowbit.load_quantized(ckpt)
+        except CheckpointError:
+            outcomes["rejected"] += 1
+            continue
+        assert all(torch.isfinite(b).all() for n, b in model.named_buffers() if n.endswith(("scales", "zeros")))
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert logits(model).shape == (2, 24, 512)
+        outcomes["loaded"] += 1
+    st.write_bytes(original)
+    assert outcomes["loaded"] > 0 and outcomes["rejected"] > 0, outcomes
+
+
+def test_no_pickle_anywhere():
+    import pathlib
+    root = pathlib.Path(lowbit.__file__).parent
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "torch.load(" not in text and "import pickle" not in text, path
