@@ -21,11 +21,12 @@ from ..quantize import quantize_weight
 from ..tokenizer import Tokenizer
 from ..weight import QuantizedWeight
 from .convert import atomic_directory
-from .hf import CheckpointError, SafetensorsDir, global_tensors, layer_tensors, read_config
+from .hf import CheckpointError, SafetensorsDir, global_names, layer_tensors, read_config
 from .safetensors_io import PAD_PREFIX, ShardWriter
 
 FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 1 << 30
+CONVERT_SHARD_BYTES = 1 << 29  # the converter holds one shard in memory: keep it small
 QUANT_TENSORS = ("qweight", "scales", "zeros")
 LAYER_LINEARS = ("attn.wqkv", "attn.wo", "ffn.w_gate_up", "ffn.w_down")
 
@@ -225,17 +226,19 @@ def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn
             yield f"{name}.bias", bias.to(float_dtype)
 
     def tensors():
-        glob = global_tensors(source, config)
-        for name, t in glob.items():
+        for name, hf_name in global_names(config).items():  # one at a time: the embeddings are large
+            t = source.get(hf_name)
             if name == "lm_head.weight" and quantize_lm_head:
                 yield from linear_tensors("lm_head", t, None)
             else:
                 yield name, t.to(float_dtype)
-        if quantize_lm_head and config.tie_word_embeddings:  # the head is quantized, the embedding stays float
-            config.tie_word_embeddings = False
-            yield from linear_tensors("lm_head", glob["embed.weight"], None)
+            if name == "embed.weight" and quantize_lm_head and config.tie_word_embeddings:
+                config.tie_word_embeddings = False  # the head is quantized, the embedding stays float
+                yield from linear_tensors("lm_head", t, None)
+            del t
         for i in tqdm(range(config.num_hidden_layers), desc=f"int{bits:g} RTN", disable=not progress):
-            layer = layer_tensors(source, i)
+            # A fresh memory map per layer: pages read for earlier layers are released with the old one.
+            layer = layer_tensors(SafetensorsDir(src) if i and src.is_dir() else source, i)
             for name, t in layer.items():
                 module, _, kind = name.rpartition(".")
                 if module in names:
@@ -243,7 +246,7 @@ def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn
                         yield from linear_tensors(module, t, layer.get(f"{module}.bias"))
                 else:
                     yield name, t.to(float_dtype)
-    return write_checkpoint(out, config, qconfig, tensors(), tokenizer, force, align)
+    return write_checkpoint(out, config, qconfig, tensors(), tokenizer, force, align, max_shard_bytes=CONVERT_SHARD_BYTES)
 
 
 def _open_float(src: Path):

@@ -85,12 +85,12 @@ class SafetensorsDir:
             raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} cannot be read ({type(e).__name__}: {e})") from e
 
 
-def global_tensors(st, config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """The tensors outside the decoder layers, under lowbit names."""
-    out = {"embed.weight": st.get("model.embed_tokens.weight"), "norm.weight": st.get("model.norm.weight")}
+def global_names(config: LlamaConfig) -> dict[str, str]:
+    """lowbit name -> HF name of the tensors outside the decoder layers."""
+    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     if not config.tie_word_embeddings:
-        out["lm_head.weight"] = st.get("lm_head.weight")
-    return out
+        names["lm_head.weight"] = "lm_head.weight"
+    return names
 
 
 def layer_tensors(st, i: int) -> dict[str, torch.Tensor]:
@@ -112,7 +112,7 @@ def layer_tensors(st, i: int) -> dict[str, torch.Tensor]:
 
 def to_lowbit_names(st, config: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """HF LLaMA tensors (a SafetensorsDir or GGUFFile) under lowbit's module names, fused projections."""
-    out = global_tensors(st, config)
+    out = {ours: st.get(hf) for ours, hf in global_names(config).items()}
     for i in range(config.num_hidden_layers):
         out |= layer_tensors(st, i)
     return {k: v.to(dtype) for k, v in out.items()}
