@@ -10,22 +10,11 @@ import torch
 
 import lowbit
 from lowbit import data
-from lowbit.eval import perplexity
+from lowbit.eval import model_bytes, perplexity
 
 PROMPT = "Give me three short tips for staying focused while studying."
 FORMATS = [("int4", 4, 64), ("int3.5", 3.5, 64)]  # (name, bits, group size): no padding at K = 576
 EVAL_TOKENS = 2048
-
-
-def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer, counting shared (tied) storage once."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
 
 
 def linear_stats(model) -> tuple[int, int]:

@@ -313,11 +313,7 @@ def inspect_checkpoint(path, out=None) -> bool:
                 elif not (t.is_floating_point() and torch.isfinite(t).all()):
                     problems.append(f"{st.file_of(k)}: tensor {k!r} is not finite floating point ({t.dtype})")
                 fmt = f"{t.dtype}".replace("torch.", "")
-        nbytes = 0
-        for k in names:
-            if k in st:
-                t = st.get(k)
-                nbytes += t.numel() * t.element_size()
+        nbytes = sum(st.nbytes(k) for k in names if k in st)
         seen |= set(names)
         logical += n_logical
         total_bytes += nbytes

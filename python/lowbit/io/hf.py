@@ -4,6 +4,7 @@ Tensors are read through safetensors' memory map; nothing is unpickled.
 """
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -22,6 +23,9 @@ SINGLE = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+
+
+ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class CheckpointError(ValueError):
@@ -75,6 +79,11 @@ class SafetensorsDir:
 
     def file_of(self, key: str) -> Path:
         return self.directory / self.location[key]
+
+    def nbytes(self, key: str) -> int:
+        """Size of a tensor's data, from the header (nothing is read)."""
+        sl = self.handles[self.location[key]].get_slice(key)
+        return math.prod(sl.get_shape()) * ELEMENT_BYTES[sl.get_dtype()]
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self.location:
