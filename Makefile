@@ -9,15 +9,19 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lowbit-installed
-SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc python -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
+SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc python -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean cuda-check
 
 demo: $(STAMP)
 	$(PY) -m lowbit.demo
 
-test: $(STAMP)
+test: $(STAMP) cuda-check
 	$(PY) -m pytest -q tests
+
+# Compiles the CUDA kernels (skipped without nvcc): CI has no GPU, this keeps them building.
+cuda-check:
+	bash .ci/cuda_compile_check.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
@@ -34,7 +38,7 @@ $(STAMP): $(SOURCES)
 	  $(PY) -m pip install --retries 1 --timeout 20 "$(TORCH_SPEC)" --index-url $(TORCH_INDEX) || \
 	  $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install numpy safetensors tokenizers jinja2 gguf tqdm transformers sentencepiece pybind11 pytest \
-	  "scikit-build-core>=0.10" ninja cmake
+	  nbclient nbformat ipykernel matplotlib "scikit-build-core>=0.10" ninja cmake
 	$(PY) -m pip install --no-build-isolation -e .
 	touch $(STAMP)
 

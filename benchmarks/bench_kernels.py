@@ -1,12 +1,18 @@
-"""CPU kernel benchmark: lowbit int4 / int3.5 linear vs F.linear in float32 and bfloat16.
+"""Kernel benchmark: lowbit int4 / int3.5 linear vs F.linear, on the CPU (float32, bfloat16) or a CUDA GPU
+(float16, cuBLAS).
 
 LLaMA-7B layer shapes, several activation row counts M. Each configuration rotates through enough
-distinct weight matrices that the working set is at least 4x the last-level cache, as in a real
-decode step where every layer's weights come from DRAM. The machine's copy bandwidth is measured
+distinct weight matrices that the working set is at least 4x the last-level cache (the GPU's L2), as in
+a real decode step where every layer's weights come from DRAM. The machine's copy bandwidth is measured
 in the same run; effective bandwidth counts the bytes the kernel must read (weights + activations).
 
     python benchmarks/bench_kernels.py            # full run, writes benchmarks/results/kernels_cpu.{json,md}
     python benchmarks/bench_kernels.py --quick    # one shape, three M values, under a minute
+    python benchmarks/bench_kernels.py --device cuda [--quick]   # writes benchmarks/results/kernels_cuda.*
+
+On CUDA, calls are timed with CUDA events around replays of a CUDA graph of the rotating calls, after
+warm-up, so that the time is the kernels' and not the Python launch overhead; bytes also count the
+output, and the reference is F.linear in float16 (cuBLAS) on the same rotation of float16 weights.
 """
 
 import argparse
@@ -24,6 +30,7 @@ from lowbit import formats
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N out, K in): q/k/v/o, gate/up, down
 M_VALUES = [1, 4, 16, 64, 512]
+CUDA_M_VALUES = [1, 4, 16, 64, 256, 4096]
 GROUP_SIZE = 128
 
 
@@ -151,24 +158,147 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- CUDA ---------------------------------------------------------------------------------------------
+
+
+def cuda_random_quantized(n: int, k: int, bits: float) -> lowbit.QuantizedWeight:
+    """random_quantized, made on the GPU."""
+    kp = formats.padded_in_features(k, GROUP_SIZE)
+    qweight = torch.randint(0, 256, (n, formats.packed_row_bytes(bits, kp)), dtype=torch.uint8, device="cuda")
+    scales = (torch.rand(n, kp // GROUP_SIZE, device="cuda") * 0.01 + 0.001).half()
+    zeros = torch.full((n, kp // GROUP_SIZE), 7.5, device="cuda").half()
+    return lowbit.QuantizedWeight(qweight, scales, zeros, None, bits, GROUP_SIZE, k)
+
+
+def cuda_time_per_call(fn, count: int, min_seconds: float) -> float:
+    """Seconds per call of fn(i), i cycling over 0..count-1, from replays of one CUDA graph of all count calls
+    (captured after a warm-up on a side stream), timed with CUDA events."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(count):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(count):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    replays = 1
+    while True:
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+        if seconds >= min_seconds or replays >= 1 << 16:
+            return seconds / (replays * count)
+        replays = max(2 * replays, int(replays * min_seconds / max(seconds, 1e-6)) + 1)
+
+
+def cuda_copy_bandwidth(nbytes: int, min_seconds: float) -> float:
+    """Bytes moved (read + written) per second by a device-to-device copy of nbytes."""
+    src = torch.ones(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = cuda_time_per_call(lambda _: dst.copy_(src), 1, min_seconds)
+    return 2 * nbytes / seconds
+
+
+def run_cuda(shapes, m_values, min_seconds: float) -> dict:
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 * 1024 ** 2)
+    working_set = 4 * l2
+    copy_bw = cuda_copy_bandwidth(1024 ** 3, min_seconds)
+    rows = []
+    for n, k in shapes:
+        fp16 = [torch.randn(n, k, device="cuda", dtype=torch.float16)
+                for _ in range(copies_for(2 * n * k, working_set))]
+        quantized = {bits: [cuda_random_quantized(n, k, bits)
+                            for _ in range(copies_for(int(n * k * bits / 8), working_set))] for bits in (4, 3.5)}
+        for m in m_values:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            t_fp16 = cuda_time_per_call(lambda i: F.linear(x, fp16[i % len(fp16)]), len(fp16), min_seconds)
+            for bits, weights in quantized.items():
+                t = cuda_time_per_call(lambda i: lowbit.linear(x, weights[i % len(weights)]), len(weights),
+                                       min_seconds)
+                bytes_moved = weights[0].nbytes + 2 * m * k + 2 * m * n
+                rows.append({
+                    "N": n, "K": k, "M": m, "format": "int4" if bits == 4 else "int3.5",
+                    "time_us": t * 1e6,
+                    "GB_per_s": bytes_moved / t / 1e9,
+                    "fraction_of_copy_bw": bytes_moved / t / copy_bw,
+                    "speedup_vs_fp16": t_fp16 / t,
+                    "fp16_us": t_fp16 * 1e6,
+                    "fp16_GB_per_s": (2 * n * k + 2 * m * k + 2 * m * n) / t_fp16 / 1e9,
+                    "TFLOP_per_s": 2 * m * n * k / t / 1e12,
+                })
+                print(format_cuda_row(rows[-1]), flush=True)
+    return {
+        "machine": {
+            "device": props.name,
+            "multiprocessors": props.multi_processor_count,
+            "memory_GiB": props.total_memory / 1024 ** 3,
+            "L2_MiB": l2 / 1024 ** 2,
+            "copy_bandwidth_GB_per_s": copy_bw / 1e9,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "group_size": GROUP_SIZE,
+        "rows": rows,
+    }
+
+
+CUDA_HEADER = ("| N x K | M | format | time us | GB/s | of copy BW | vs fp16 F.linear | fp16 F.linear us "
+               "| TFLOP/s |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def format_cuda_row(r: dict) -> str:
+    return (f"| {r['N']}x{r['K']} | {r['M']} | {r['format']} | {r['time_us']:.1f} | {r['GB_per_s']:.0f} | "
+            f"{100 * r['fraction_of_copy_bw']:.0f}% | {r['speedup_vs_fp16']:.2f}x | {r['fp16_us']:.1f} | "
+            f"{r['TFLOP_per_s']:.1f} |")
+
+
+def cuda_markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"GPU: {m['device']}, {m['multiprocessors']} SMs, L2 {m['L2_MiB']:.0f} MiB, copy bandwidth "
+             f"{m['copy_bandwidth_GB_per_s']:.0f} GB/s (read + write), torch {m['torch']}, CUDA {m['cuda']}, "
+             f"group size {result['group_size']}", "", CUDA_HEADER]
+    lines += [format_cuda_row(r) for r in result["rows"]]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one shape and three M values (under a minute)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels_cpu"),
-                        help="output path without extension (.json and .md are written)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out", default=None, help="output path without extension (.json and .md are written); "
+                        "default benchmarks/results/kernels_cpu or kernels_cuda")
     parser.add_argument("--min-seconds", type=float, default=None, help="timing per configuration")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU")
     shapes = SHAPES[:1] if args.quick else SHAPES
-    m_values = [1, 16, 512] if args.quick else M_VALUES
-    min_seconds = args.min_seconds or (0.1 if args.quick else 0.5)
-    print(HEADER)
-    result = run(shapes, m_values, min_seconds)
-    out = Path(args.out)
+    out = Path(args.out or Path(__file__).parent / "results" / f"kernels_{args.device}")
+    if args.device == "cuda":
+        m_values = [1, 16, 256] if args.quick else CUDA_M_VALUES
+        min_seconds = args.min_seconds or (0.05 if args.quick else 0.2)
+        print(CUDA_HEADER)
+        result = run_cuda(shapes, m_values, min_seconds)
+        table = cuda_markdown(result)
+    else:
+        m_values = [1, 16, 512] if args.quick else M_VALUES
+        min_seconds = args.min_seconds or (0.1 if args.quick else 0.5)
+        print(HEADER)
+        result = run(shapes, m_values, min_seconds)
+        table = markdown(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    out.with_suffix(".md").write_text(table)
     print()
-    print(markdown(result))
+    print(table)
 
 
 if __name__ == "__main__":

@@ -58,8 +58,8 @@ def pack(codes: torch.Tensor, bits: float) -> torch.Tensor:
     # int3.5: pair p of a 16-column block is the 7-bit value even | odd << 4 at bits [7p, 7p + 7) of
     # the block's 56-bit little-endian integer, which is written as 7 bytes.
     pairs = (even | (odd << 4)).view(n, kp // 16, 8)
-    block = (pairs << (7 * torch.arange(8))).sum(-1)  # disjoint bit ranges: sum == or
-    block_bytes = (block.unsqueeze(-1) >> (8 * torch.arange(7))) & 0xFF
+    block = (pairs << (7 * torch.arange(8, device=c.device))).sum(-1)  # disjoint bit ranges: sum == or
+    block_bytes = (block.unsqueeze(-1) >> (8 * torch.arange(7, device=c.device))) & 0xFF
     return block_bytes.to(torch.uint8).reshape(n, kp // 16 * 7)
 
 
@@ -71,8 +71,8 @@ def unpack(qweight: torch.Tensor, bits: float) -> torch.Tensor:
         even, odd = b & 15, b >> 4
     else:
         blocks = b.view(n, -1, 7)
-        block = (blocks << (8 * torch.arange(7))).sum(-1)
-        pairs = ((block.unsqueeze(-1) >> (7 * torch.arange(8))) & 0x7F).reshape(n, -1)
+        block = (blocks << (8 * torch.arange(7, device=b.device))).sum(-1)
+        pairs = ((block.unsqueeze(-1) >> (7 * torch.arange(8, device=b.device))) & 0x7F).reshape(n, -1)
         even, odd = pairs & 15, pairs >> 4
     return torch.stack([even, odd], dim=-1).reshape(n, -1).to(torch.int32)
 
