@@ -1,9 +1,11 @@
-"""The `lowbit` command line: fetch, generate, convert, export, inspect."""
+"""The `lowbit` command line: fetch, generate, convert, export, inspect, bench."""
 
 import argparse
 import sys
 
 import torch
+
+from .bench import add_parser as add_bench_parser
 
 
 def load_for_cli(model_arg: str, bits: float | None, group_size: int, method: str, quantize_lm_head: bool):
@@ -138,6 +140,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("inspect", help="tensors, sizes, formats and integrity checks of a lowbit checkpoint")
     p.add_argument("path")
     p.set_defaults(func=cmd_inspect)
+
+    add_bench_parser(sub)
 
     args = parser.parse_args(argv)
     try:
