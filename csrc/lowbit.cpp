@@ -35,6 +35,8 @@ PYBIND11_MODULE(_C, m) {
     cpu["avx512vl"] = f.avx512vl;
     cpu["avx512_vnni"] = f.avx512_vnni;
     cpu["avx_vnni"] = f.avx_vnni;
+    cpu["avx512_bf16"] = f.avx512_bf16;
+    cpu["amx_bf16"] = f.amx_bf16;
     py::dict info;
     info["compiler"] = LOWBIT_COMPILER;
     info["torch_version"] = TORCH_VERSION;

@@ -21,6 +21,8 @@ const CpuFeatures& cpu_features() {
     f.avx512vl = __builtin_cpu_supports("avx512vl");
     f.avx512_vnni = __builtin_cpu_supports("avx512vnni");
     f.avx_vnni = __builtin_cpu_supports("avxvnni");
+    f.avx512_bf16 = __builtin_cpu_supports("avx512bf16");
+    f.amx_bf16 = __builtin_cpu_supports("amx-bf16");
 #endif
     return f;
   }();
