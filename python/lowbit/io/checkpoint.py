@@ -214,7 +214,7 @@ def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn
         quantize_model(model, bits, group_size, "awq", calib, quantize_lm_head=quantize_lm_head,
                        integer_zeros=integer_zeros)
         return save_quantized(model, out, force, align, float_dtype)
-    source, config, tokenizer = _open_float(src)
+    open_source, config, tokenizer = _open_float(src)
     names = [f"layers.{i}.{lin}" for i in range(config.num_hidden_layers) for lin in LAYER_LINEARS]
     not_converted = [] if quantize_lm_head else ["lm_head"]
     qconfig = quantization_config(bits, group_size, "rtn", not_converted)
@@ -223,44 +223,49 @@ def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn
         qw = quantize_weight(weight, bits, group_size, integer_zeros=integer_zeros)
         yield from {f"{name}.{k}": t for k, t in qw.tensors().items()}.items()
         if bias is not None:
-            yield f"{name}.bias", bias.to(float_dtype)
+            yield f"{name}.bias", bias.to(float_dtype, copy=True)
 
+    # Source tensors are memory-mapped, and a mapping's pages stay resident while any tensor read through
+    # it lives. So every step reads through a fresh mapping, and what goes on to the output shard is a
+    # copy: each step's pages are released when it ends.
     def tensors():
         for name, hf_name in global_names(config).items():  # one at a time: the embeddings are large
-            t = source.get(hf_name)
+            t = open_source().get(hf_name)
             if name == "lm_head.weight" and quantize_lm_head:
                 yield from linear_tensors("lm_head", t, None)
             else:
-                yield name, t.to(float_dtype)
+                yield name, t.to(float_dtype, copy=True)
             if name == "embed.weight" and quantize_lm_head and config.tie_word_embeddings:
                 config.tie_word_embeddings = False  # the head is quantized, the embedding stays float
                 yield from linear_tensors("lm_head", t, None)
             del t
         for i in tqdm(range(config.num_hidden_layers), desc=f"int{bits:g} RTN", disable=not progress):
-            # A fresh memory map per layer: pages read for earlier layers are released with the old one.
-            layer = layer_tensors(SafetensorsDir(src) if i and src.is_dir() else source, i)
+            layer = layer_tensors(open_source(), i)
             for name, t in layer.items():
                 module, _, kind = name.rpartition(".")
                 if module in names:
                     if kind == "weight":
                         yield from linear_tensors(module, t, layer.get(f"{module}.bias"))
                 else:
-                    yield name, t.to(float_dtype)
+                    yield name, t.to(float_dtype, copy=True)
+            del layer, t
     return write_checkpoint(out, config, qconfig, tensors(), tokenizer, force, align, max_shard_bytes=CONVERT_SHARD_BYTES)
 
 
 def _open_float(src: Path):
+    """(a function returning a fresh reader of the float tensors, config, tokenizer or None)"""
     if src.is_file() and src.suffix == ".gguf":
         from .gguf import GGUFFile
         gguf = GGUFFile(src)
-        return gguf, LlamaConfig.from_dict(gguf.config()), gguf.tokenizer()
+        return lambda: gguf, LlamaConfig.from_dict(gguf.config()), gguf.tokenizer()
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: not a model directory or .gguf file")
     try:
         tokenizer = Tokenizer.from_dir(src)
     except FileNotFoundError:
         tokenizer = None
-    return SafetensorsDir(src), read_config(src), tokenizer
+    SafetensorsDir(src)  # every file opens, or the error names the bad one
+    return lambda: SafetensorsDir(src), read_config(src), tokenizer
 
 
 # --- inspecting -------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Writing safetensors files: sharded as HF does, optionally with every tensor aligned in the file.
 
-Reading goes through the `safetensors` library (memory-mapped); writing uses it too, except with
-`align`, where a small writer here places every tensor's data on an `align`-byte boundary of the file.
-The format forbids holes between tensors, so the gaps are filled by uint8 tensors named
-PAD_PREFIX + index, which readers skip; the stock library loads such files unchanged.
+Reading goes through the `safetensors` library (memory-mapped). Writing is done here: the library's
+save_file first copies every tensor into a bytes object, which doubles the memory of a shard, while this
+writer streams each tensor's own buffer to the file. With `align`, every tensor's data starts on an
+`align`-byte boundary of the file. The format forbids holes between tensors, so the gaps are filled by
+uint8 tensors named PAD_PREFIX + index, which readers skip; the stock library loads such files unchanged.
 """
 
 import json
@@ -11,7 +12,6 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 PAD_PREFIX = "__lowbit_pad__."
 DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
@@ -20,15 +20,12 @@ DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None,
                       align: int | None = None) -> None:
-    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    if not align:
-        save_file(tensors, str(path), metadata=metadata)
-        return
-    if align < 8 or align & (align - 1):
+    if align is not None and (align < 8 or align & (align - 1)):
         raise ValueError(f"align must be a power of two >= 8, got {align}")
     header, chunks, offset = {}, [], 0
     for name, t in tensors.items():
-        gap = -offset % align
+        t = t.detach().contiguous().cpu()
+        gap = -offset % align if align else 0
         if gap:
             header[f"{PAD_PREFIX}{len(header)}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
             chunks.append(bytes(gap))
@@ -40,7 +37,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     if metadata:
         header["__metadata__"] = metadata
     encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-(8 + len(encoded)) % align)  # data starts on a boundary; trailing spaces are allowed
+    # Data starts on a multiple of 8 (of align when given); trailing spaces in the header are allowed.
+    encoded += b" " * (-(8 + len(encoded)) % (align or 8))
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
