@@ -89,6 +89,13 @@ def main():
     lines += ["", "out rel. RMSE: every quantized layer on the float model's activations (1024 held-out tokens), "
               "squared errors pooled over layers; uniform 3/4-bit: reference-only quantizers with the same groups. "
               "model MB: the in-memory model (embeddings, tied to the output head, stay float32)."]
+    for group_size in group_sizes:
+        inc = {r["variant"]: r["ppl_increase"] for r in rows if r["group_size"] == group_size}
+        lines.append(f"\nGroup size {group_size}: int4 AWQ's perplexity increase is "
+                     f"{100 * inc['int4 AWQ'] / inc['int4 RTN']:.0f}% of int4 RTN's (target <= 50%); int3.5 AWQ with "
+                     f"saliency order {inc['int3.5 AWQ + saliency order']:+.2f} vs int4 RTN {inc['int4 RTN']:+.2f} "
+                     f"(target: not more); saliency order vs plain int3.5 AWQ "
+                     f"{inc['int3.5 AWQ + saliency order'] - inc['int3.5 AWQ']:+.2f} perplexity.")
     table = "\n".join(lines)
     print("\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
