@@ -33,6 +33,7 @@ PYBIND11_MODULE(_C, m) {
     cpu["avx512f"] = f.avx512f;
     cpu["avx512bw"] = f.avx512bw;
     cpu["avx512vl"] = f.avx512vl;
+    cpu["avx512_vbmi"] = f.avx512_vbmi;
     cpu["avx512_vnni"] = f.avx512_vnni;
     cpu["avx_vnni"] = f.avx_vnni;
     cpu["avx512_bf16"] = f.avx512_bf16;

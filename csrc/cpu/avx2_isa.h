@@ -26,6 +26,16 @@ struct Avx2Isa {
     return _mm_cvtss_f32(s);
   }
   static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+  // Round to nearest even (the dequantized weights are finite), then the 8 low halves in order.
+  static void store_bf16(uint16_t* p, Vec v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  static constexpr int kChunksPerStep = 1;
 
   using Codes = __m256i;  // 32 codes, one per byte
 

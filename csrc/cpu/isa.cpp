@@ -19,6 +19,7 @@ const CpuFeatures& cpu_features() {
     f.avx512f = __builtin_cpu_supports("avx512f");
     f.avx512bw = __builtin_cpu_supports("avx512bw");
     f.avx512vl = __builtin_cpu_supports("avx512vl");
+    f.avx512_vbmi = __builtin_cpu_supports("avx512vbmi");
     f.avx512_vnni = __builtin_cpu_supports("avx512vnni");
     f.avx_vnni = __builtin_cpu_supports("avxvnni");
     f.avx512_bf16 = __builtin_cpu_supports("avx512bf16");
@@ -46,7 +47,7 @@ const std::vector<IsaEntry>& isa_entries() {  // lowest first
       {"avx512_vnni", avx512_vnni_kernels,
        [] {
          const CpuFeatures& f = cpu_features();
-         return f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512vl && f.avx512_vnni;
+         return f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512vl && f.avx512bw && f.avx512_vbmi && f.avx512_vnni;
        }},
 #endif
   };

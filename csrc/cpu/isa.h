@@ -11,7 +11,7 @@ namespace cpu {
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
-  bool avx512f = false, avx512bw = false, avx512vl = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512_vbmi = false;
   bool avx512_vnni = false, avx_vnni = false;
   bool avx512_bf16 = false, amx_bf16 = false;  // native bfloat16 dot products (the GEMM path's choice)
 };

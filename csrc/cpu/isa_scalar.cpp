@@ -22,6 +22,12 @@ struct Isa {
   static void store(float* p, Vec v) { *p = v; }
   static Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
   static float hsum(Vec v) { return v; }
+  static void store_bf16(uint16_t* p, Vec v) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &v, sizeof bits);
+    *p = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  }
+  static constexpr int kChunksPerStep = 1;
 
   static float half_to_float(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;

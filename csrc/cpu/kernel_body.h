@@ -9,7 +9,12 @@
 //   dot_acc(IntAcc, Codes, const int8_t* x)  adds one chunk's products (exact over an activation block)
 //   to_float(IntAcc)                         the partial sums as a Vec (their total is the dot product)
 //   widen(Codes, Vec[kVecs])                 the codes as floats, x-order
+//   store_bf16(uint16_t*, Vec)               kWidth floats as bfloat16, rounded to nearest even
 //   kOrder[format][32]                       the x-order: chunk column held by each lane position
+//   kChunksPerStep                           1, or 2 when the ISA also has the two-chunk primitives
+//   Codes2, decode2<F>, dot_acc2              (used when an activation block spans two chunks):
+//                                            the codes of chunks c and c + 1, each in x-order;
+//                                            decode2 may read up to 4 bytes past them
 #pragma once
 
 constexpr float kStep3 = 15.0f / 7.0f;  // 3-bit step relative to the 4-bit step (docs/FORMAT.md)
@@ -17,8 +22,10 @@ constexpr float kStep3 = 15.0f / 7.0f;  // 3-bit step relative to the 4-bit step
 // AVX2 development machine at ~0.8 ms instead of ~0.7 ms for a 4096 x 4096 int4 GEMV.
 constexpr int64_t kPrefetchBytes = 4096;
 
-// F: weight format, MB: activation rows, CX: 32-column chunks per activation block.
-template <Format F, int MB, int CX>
+// F: weight format, MB: activation rows, CX: 32-column chunks per activation block, kPairs: decode two
+// chunks per step where the ISA can. (I is Isa, as a template parameter so that ISAs without two-chunk
+// primitives compile the branch that uses them away.)
+template <Format F, int MB, int CX, bool kPairs, typename I = Isa>
 void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
   using Vec = Isa::Vec;
   constexpr int64_t kBytes = chunk_bytes(F);
@@ -48,10 +55,16 @@ void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
         typename Isa::IntAcc dot[MB];
         for (int m = 0; m < MB; ++m) dot[m] = Isa::int_zero();
         __builtin_prefetch(codes + xb * CX * kBytes + kPrefetchBytes);  // never faults, even past the end
-        for (int cc = 0; cc < CX; ++cc) {
-          const int64_t c = xb * CX + cc;
-          const typename Isa::Codes q = Isa::template decode<F>(codes + c * kBytes);
-          for (int m = 0; m < MB; ++m) dot[m] = Isa::dot_acc(dot[m], q, a.xq + m * w.Kp + c * kChunk);
+        if constexpr (kPairs && CX == 2 && I::kChunksPerStep == 2) {
+          const int64_t c = xb * CX;
+          const typename I::Codes2 q = I::template decode2<F>(codes + c * kBytes);
+          for (int m = 0; m < MB; ++m) dot[m] = I::dot_acc2(dot[m], q, a.xq + m * w.Kp + c * kChunk);
+        } else {
+          for (int cc = 0; cc < CX; ++cc) {
+            const int64_t c = xb * CX + cc;
+            const typename Isa::Codes q = Isa::template decode<F>(codes + c * kBytes);
+            for (int m = 0; m < MB; ++m) dot[m] = Isa::dot_acc(dot[m], q, a.xq + m * w.Kp + c * kChunk);
+          }
         }
         for (int m = 0; m < MB; ++m)
           total[m] = Isa::fma(Isa::to_float(dot[m]), Isa::set1(s * a.xscale[m * n_xblocks + xb]), total[m]);
@@ -61,6 +74,15 @@ void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
     const float b = a.bias ? a.bias[n] : 0.0f;
     for (int m = 0; m < MB; ++m) a.y[m * w.N + n] = Isa::hsum(total[m]) - zero_term[m] + b;
   }
+}
+
+template <Format F, int MB, int CX>
+void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  // A two-chunk step may read a few bytes past its chunks (decode2), which only the weight's very last
+  // step could take past the end of the buffer: the last row goes one chunk at a time.
+  const int64_t paired_end = n_end == a.w.N ? n_end - 1 : n_end;
+  gemv_rows_m<F, MB, CX, true>(a, n_begin, paired_end);
+  gemv_rows_m<F, MB, CX, false>(a, paired_end, n_end);
 }
 
 template <Format F, int CX>
@@ -86,12 +108,14 @@ void gemv(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
   else int4 ? gemv_rows<Format::kInt4, 1>(a, n_begin, n_end) : gemv_rows<Format::kInt35, 1>(a, n_begin, n_end);
 }
 
-template <Format F>
-void dequant_rows(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
+inline void store_out(float* p, Isa::Vec v) { Isa::store(p, v); }
+inline void store_out(uint16_t* p, Isa::Vec v) { Isa::store_bf16(p, v); }
+
+template <Format F, typename Out>
+void dequant_rows(const QWeight& w, Out* rows, int64_t n_begin, int64_t n_end) {
   using Vec = Isa::Vec;
   constexpr int V = Isa::kVecs;
   constexpr int64_t kBytes = chunk_bytes(F);
-  const QWeight& w = a.w;
   const int64_t n_groups = w.Kp / w.group_size;
   const int64_t n_chunks = w.Kp / kChunk;
   const int64_t chunks_per_group = w.group_size / kChunk;
@@ -100,7 +124,7 @@ void dequant_rows(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
   for (int i = 0; i < kChunk; ++i)
     step[i] = F == Format::kInt35 && Isa::kOrder[static_cast<int>(F)][i] % 2 ? kStep3 : 1.0f;
   for (int64_t n = n_begin; n < n_end; ++n) {
-    float* out = a.out + (n - n_begin) * w.Kp;
+    Out* out = rows + (n - n_begin) * w.Kp;
     for (int64_t g = 0; g < n_groups; ++g) {
       const float s = Isa::half_to_float(w.scales[n * n_groups + g]);
       const Vec vs = Isa::set1(s);
@@ -111,15 +135,21 @@ void dequant_rows(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
         Vec q[V];
         Isa::widen(Isa::template decode<F>(w.codes + (n * n_chunks + c) * kBytes), q);
         for (int v = 0; v < V; ++v)
-          Isa::store(out + c * kChunk + v * Isa::kWidth, Isa::fma(q[v], lane_step[v], offset));
+          store_out(out + c * kChunk + v * Isa::kWidth, Isa::fma(q[v], lane_step[v], offset));
       }
     }
   }
 }
 
+template <typename Out>
+void dequant_to(const QWeight& w, Out* rows, int64_t n_begin, int64_t n_end) {
+  if (w.format == Format::kInt4) dequant_rows<Format::kInt4>(w, rows, n_begin, n_end);
+  else dequant_rows<Format::kInt35>(w, rows, n_begin, n_end);
+}
+
 void dequant(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
-  if (a.w.format == Format::kInt4) dequant_rows<Format::kInt4>(a, n_begin, n_end);
-  else dequant_rows<Format::kInt35>(a, n_begin, n_end);
+  if (a.out_bf16) dequant_to(a.w, a.out_bf16, n_begin, n_end);
+  else dequant_to(a.w, a.out, n_begin, n_end);
 }
 
 KernelTable make_table(const char* name) {

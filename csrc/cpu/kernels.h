@@ -43,10 +43,12 @@ struct GemvArgs {
 constexpr int64_t kMaxGemvRows = 8;
 constexpr int64_t kXBlock = 64;
 
-// Dequantized rows for the GEMM path: out[n - n_begin, :] = W[n, :] in x-order, [n_end - n_begin, Kp].
+// Dequantized rows for the GEMM path: out[n - n_begin, :] = W[n, :] in x-order, [n_end - n_begin, Kp],
+// as float32 (out) or as bfloat16 rounded to nearest even (out_bf16); the other pointer is null.
 struct DequantArgs {
   QWeight w;
   float* out;
+  uint16_t* out_bf16;
 };
 
 // Each ISA decodes a 32-column chunk into registers in whatever lane order is cheapest for it.

@@ -11,9 +11,9 @@ namespace lowbit {
 namespace cpu {
 namespace {
 
-// Rows of W dequantized per GEMM step: about 4 MiB of float32, so the tile stays in cache, but at
-// least 256 rows so that each BLAS call stays large enough to run at full speed.
-constexpr int64_t kGemmTileFloats = int64_t{1} << 20;
+// Rows of W dequantized per GEMM step: about 4 MiB, so the tile stays in the last-level cache while
+// each BLAS call is large enough that repacking the activations for every tile costs little.
+constexpr int64_t kGemmTileBytes = int64_t{4} << 20;
 constexpr int64_t kGemmMinTileRows = 256;
 
 QWeight view_weight(const WeightShape& s, const at::Tensor& qweight, const at::Tensor& scales,
@@ -103,15 +103,15 @@ void quantize_x(const at::Tensor& x2, const int64_t* src, const int* lane_odd, f
   }
 }
 
-// GEMM input: float32 [M, Kp] in x-order.
-template <typename T>
-void layout_x(const at::Tensor& x2, const int64_t* src, int64_t Kp, float* out) {
+// GEMM input: [M, Kp] in x-order, in the GEMM's dtype (float32, or bfloat16 from bfloat16: exact).
+template <typename T, typename Out>
+void layout_x(const at::Tensor& x2, const int64_t* src, int64_t Kp, Out* out) {
   const T* x = x2.data_ptr<T>();
   at::parallel_for(0, x2.size(0), 16, [&](int64_t m_begin, int64_t m_end) {
     for (int64_t m = m_begin; m < m_end; ++m) {
       const T* row = x + m * x2.stride(0);
-      float* o = out + m * Kp;
-      for (int64_t j = 0; j < Kp; ++j) o[j] = source_value(row, src[j]);
+      Out* o = out + m * Kp;
+      for (int64_t j = 0; j < Kp; ++j) o[j] = static_cast<Out>(source_value(row, src[j]));
     }
   });
 }
@@ -167,27 +167,31 @@ at::Tensor linear_cpu(const char* op, Format format, const at::Tensor& x, const 
   // bfloat16 dot products: there oneDNN's bfloat16 GEMM runs several times faster than the float32 one.
   const CpuFeatures& cpu = cpu_features();
   const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && (cpu.avx512_bf16 || cpu.amx_bf16);
-  const auto f32 = x.options().dtype(at::kFloat);
-  const auto gemm_options = x.options().dtype(bf16_gemm ? at::kBFloat16 : at::kFloat);
-  at::Tensor xf = at::empty({M, s.Kp}, f32);
+  const at::Tensor xg = at::empty({M, s.Kp}, x.options().dtype(bf16_gemm ? at::kBFloat16 : at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_layout_x", [&] {
-    layout_x<scalar_t>(x2, scratch.src.data(), s.Kp, xf.data_ptr<float>());
+    if (bf16_gemm) layout_x<scalar_t>(x2, scratch.src.data(), s.Kp, xg.data_ptr<at::BFloat16>());
+    else layout_x<scalar_t>(x2, scratch.src.data(), s.Kp, xg.data_ptr<float>());
   });
-  if (bf16_gemm) xf = xf.to(at::kBFloat16);  // exact: the values came from bfloat16
-  const int64_t tile_rows = std::min(s.N, std::max<int64_t>(kGemmMinTileRows, kGemmTileFloats / s.Kp));
-  const at::Tensor tile = at::empty({tile_rows, s.Kp}, f32);
-  const at::Tensor gemm_tile = bf16_gemm ? at::empty({tile_rows, s.Kp}, gemm_options) : tile;
-  const at::Tensor yt = at::empty({s.N, M}, gemm_options);
+  // y [M, N] is the output itself when the GEMM runs in x's dtype; each tile's product lands in its
+  // columns (BLAS writes strided rows directly).
+  const bool direct = xg.scalar_type() == x.scalar_type();
+  const at::Tensor y = direct ? out.view({M, s.N}) : at::empty({M, s.N}, xg.options());
+  const int64_t tile_rows =
+      std::min(s.N, std::max<int64_t>(kGemmMinTileRows, kGemmTileBytes / (s.Kp * xg.element_size())));
+  const at::Tensor tile = at::empty({tile_rows, s.Kp}, xg.options());
   for (int64_t n0 = 0; n0 < s.N; n0 += tile_rows) {
     const int64_t rows = std::min(tile_rows, s.N - n0);
     at::parallel_for(n0, n0 + rows, 4, [&](int64_t n_begin, int64_t n_end) {
-      kernels.dequant(DequantArgs{w, tile.data_ptr<float>() + (n_begin - n0) * s.Kp}, n_begin, n_end);
+      const int64_t offset = (n_begin - n0) * s.Kp;
+      kernels.dequant(bf16_gemm ? DequantArgs{w, nullptr, reinterpret_cast<uint16_t*>(tile.data_ptr()) + offset}
+                                : DequantArgs{w, tile.data_ptr<float>() + offset, nullptr},
+                      n_begin, n_end);
     });
-    if (bf16_gemm) gemm_tile.narrow(0, 0, rows).copy_(tile.narrow(0, 0, rows));
-    at::Tensor y_rows = yt.narrow(0, n0, rows);
-    at::mm_out(y_rows, gemm_tile.narrow(0, 0, rows), xf.t());
+    at::Tensor y_cols = y.narrow(1, n0, rows);
+    at::mm_out(y_cols, xg, tile.narrow(0, 0, rows).t());
   }
-  out.view({M, s.N}).copy_(bias ? yt.t().to(at::kFloat) + bias_f32 : yt.t());
+  if (bias) y.add_(bias_f32);
+  if (!direct) out.view({M, s.N}).copy_(y);
   return out;
 }
 
@@ -208,7 +212,7 @@ at::Tensor dequantize_cpu(const char* op, Format format, const at::Tensor& qweig
   at::parallel_for(0, s.N, 16, [&](int64_t n_begin, int64_t n_end) {
     std::vector<float> row(s.Kp);
     for (int64_t n = n_begin; n < n_end; ++n) {
-      kernels.dequant(DequantArgs{w, row.data()}, n, n + 1);
+      kernels.dequant(DequantArgs{w, row.data(), nullptr}, n, n + 1);
       float* dst = o + n * s.K;
       for (int64_t j = 0; j < s.K; ++j) dst[p ? p[j] : j] = row[j / kChunk * kChunk + inverse_order[j % kChunk]];
     }
