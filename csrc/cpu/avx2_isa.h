@@ -19,12 +19,6 @@ struct Avx2Isa {
   static Vec load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-  static float hsum(Vec v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
   static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
   // Round to nearest even (the dequantized weights are finite), then the 8 low halves in order.
   static void store_bf16(uint16_t* p, Vec v) {
@@ -75,6 +69,18 @@ struct Avx2Isa {
     return _mm256_add_epi16(acc, _mm256_maddubs_epi16(q, xv));
   }
   static Vec to_float(IntAcc acc) { return _mm256_cvtepi32_ps(_mm256_madd_epi16(acc, _mm256_set1_epi16(1))); }
+
+  using Acc = __m256;
+  static Acc acc_zero() { return _mm256_setzero_ps(); }
+  static Acc scale_add(IntAcc dot, float s, Acc acc) {
+    return _mm256_fmadd_ps(to_float(dot), _mm256_set1_ps(s), acc);
+  }
+  static float acc_sum(Acc v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
 
   static void widen(Codes q, Vec out[kVecs]) {
     const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);

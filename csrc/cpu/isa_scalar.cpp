@@ -21,7 +21,6 @@ struct Isa {
   static Vec load(const float* p) { return *p; }
   static void store(float* p, Vec v) { *p = v; }
   static Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
-  static float hsum(Vec v) { return v; }
   static void store_bf16(uint16_t* p, Vec v) {
     uint32_t bits;
     __builtin_memcpy(&bits, &v, sizeof bits);
@@ -76,7 +75,10 @@ struct Isa {
     for (int i = 0; i < kChunk; ++i) acc += q.v[i] * x[i];
     return acc;
   }
-  static Vec to_float(IntAcc acc) { return static_cast<float>(acc); }
+  using Acc = float;
+  static Acc acc_zero() { return 0.0f; }
+  static Acc scale_add(IntAcc dot, float s, Acc acc) { return static_cast<float>(dot) * s + acc; }
+  static float acc_sum(Acc acc) { return acc; }
 
   static void widen(const Codes& q, Vec out[kVecs]) {
     for (int i = 0; i < kChunk; ++i) out[i] = q.v[i];

@@ -2,12 +2,13 @@
 //
 // Included by each isa_*.cpp inside its own namespace, after that file defines `struct Isa`:
 //   Vec, kWidth, kVecs = 32 / kWidth        float vector, and how many cover one 32-column chunk
-//   zero, set1, load, store, fma, hsum       the obvious float vector operations
+//   zero, set1, load, store, fma             the obvious float vector operations
 //   half_to_float(uint16_t)                  one float16 value (scales and zeros)
 //   Codes, decode<F>(const uint8_t*)         the 32 codes of one chunk, as bytes in the ISA's x-order
 //   IntAcc, int_zero()                       integer partial sums of code * x
 //   dot_acc(IntAcc, Codes, const int8_t* x)  adds one chunk's products (exact over an activation block)
-//   to_float(IntAcc)                         the partial sums as a Vec (their total is the dot product)
+//   Acc, acc_zero(), scale_add(IntAcc, s, Acc)  float sums of the dot products: Acc += s * (partial sums)
+//   acc_sum(Acc)                             their total
 //   widen(Codes, Vec[kVecs])                 the codes as floats, x-order
 //   store_bf16(uint16_t*, Vec)               kWidth floats as bfloat16, rounded to nearest even
 //   kOrder[format][32]                       the x-order: chunk column held by each lane position
@@ -27,7 +28,6 @@ constexpr int64_t kPrefetchBytes = 4096;
 // primitives compile the branch that uses them away.)
 template <Format F, int MB, int CX, bool kPairs, typename I = Isa>
 void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
-  using Vec = Isa::Vec;
   constexpr int64_t kBytes = chunk_bytes(F);
   const QWeight& w = a.w;
   const int64_t n_groups = w.Kp / w.group_size;
@@ -40,10 +40,10 @@ void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
     const uint8_t* codes = w.codes + n * n_chunks * kBytes;
     const uint16_t* scales = w.scales + n * n_groups;
     const uint16_t* zeros = w.zeros + n * n_groups;
-    Vec total[MB];
+    typename Isa::Acc total[MB];
     float zero_term[MB];
     for (int m = 0; m < MB; ++m) {
-      total[m] = Isa::zero();
+      total[m] = Isa::acc_zero();
       zero_term[m] = 0.0f;
     }
     for (int64_t g = 0; g < n_groups; ++g) {
@@ -67,12 +67,12 @@ void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
           }
         }
         for (int m = 0; m < MB; ++m)
-          total[m] = Isa::fma(Isa::to_float(dot[m]), Isa::set1(s * a.xscale[m * n_xblocks + xb]), total[m]);
+          total[m] = Isa::scale_add(dot[m], s * a.xscale[m * n_xblocks + xb], total[m]);
       }
       for (int m = 0; m < MB; ++m) zero_term[m] += sz * a.xsum[m * n_groups + g];
     }
     const float b = a.bias ? a.bias[n] : 0.0f;
-    for (int m = 0; m < MB; ++m) a.y[m * w.N + n] = Isa::hsum(total[m]) - zero_term[m] + b;
+    for (int m = 0; m < MB; ++m) a.y[m * w.N + n] = Isa::acc_sum(total[m]) - zero_term[m] + b;
   }
 }
 

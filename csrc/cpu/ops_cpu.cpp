@@ -203,10 +203,12 @@ at::Tensor dequantize_cpu(const char* op, Format format, const at::Tensor& qweig
   const KernelTable& kernels = active_kernels();
   const QWeight w = view_weight(s, qweight, scales, zeros);
   // Kernel rows come in x-order: stored column j sits at chunk_start + inverse_order[j % 32], and
-  // stored column j holds logical input feature perm[j].
+  // stored column j holds logical input feature perm[j]. source[j]: where logical column j is in a row.
   int inverse_order[kChunk];
   for (int i = 0; i < kChunk; ++i) inverse_order[kernels.x_order[static_cast<int>(format)][i]] = i;
   const int32_t* p = perm ? perm->data_ptr<int32_t>() : nullptr;
+  std::vector<int64_t> source(s.K);
+  for (int64_t j = 0; j < s.K; ++j) source[p ? p[j] : j] = j / kChunk * kChunk + inverse_order[j % kChunk];
   at::Tensor out = at::empty({s.N, s.K}, qweight.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   at::parallel_for(0, s.N, 16, [&](int64_t n_begin, int64_t n_end) {
@@ -214,7 +216,7 @@ at::Tensor dequantize_cpu(const char* op, Format format, const at::Tensor& qweig
     for (int64_t n = n_begin; n < n_end; ++n) {
       kernels.dequant(DequantArgs{w, row.data(), nullptr}, n, n + 1);
       float* dst = o + n * s.K;
-      for (int64_t j = 0; j < s.K; ++j) dst[p ? p[j] : j] = row[j / kChunk * kChunk + inverse_order[j % kChunk]];
+      for (int64_t j = 0; j < s.K; ++j) dst[j] = row[source[j]];
     }
   });
   return out;
