@@ -1,10 +1,11 @@
 """Kernel benchmark: lowbit int4 / int3.5 linear vs F.linear, on the CPU (float32, bfloat16) or a CUDA GPU
 (float16, cuBLAS).
 
-LLaMA-7B layer shapes, several activation row counts M. Each configuration rotates through enough
-distinct weight matrices that the working set is at least 4x the last-level cache (the GPU's L2), as in
-a real decode step where every layer's weights come from DRAM. The machine's copy bandwidth is measured
-in the same run; effective bandwidth counts the bytes the kernel must read (weights + activations).
+LLaMA-7B layer shapes, several activation row counts M. Decode configurations (on the CPU M <= 8; on
+CUDA every M) rotate through enough distinct weight matrices that the working set is at least 4x the
+last-level cache (the GPU's L2), as in a real decode step where every layer's weights come from DRAM.
+The machine's copy bandwidth is measured in the same run; effective bandwidth counts the bytes the kernel
+must read (weights + activations).
 
     python benchmarks/bench_kernels.py            # full run, writes benchmarks/results/kernels_cpu.{json,md}
     python benchmarks/bench_kernels.py --quick    # one shape, three M values, under a minute
@@ -92,10 +93,31 @@ def copies_for(bytes_each: int, working_set: int) -> int:
     return max(1, -(-working_set // bytes_each))
 
 
-def run(shapes, m_values, min_seconds: float) -> dict:
+def interleaved_times(candidates: dict, min_seconds: float, rounds: int) -> dict:
+    """Seconds per call of each candidate (name: (fn, count)), the candidates taking turns: a round runs
+    one rotation (count calls) of each; rounds repeat until every candidate has had min_seconds and at
+    least `rounds` rotations. The median rotation counts, so that a slow spell of a shared machine falls
+    on all candidates alike and a lucky one does not decide."""
+    samples = {name: [] for name in candidates}
+    spent = dict.fromkeys(candidates, 0.0)
+    for fn, count in candidates.values():  # warm-up rotation
+        for i in range(count):
+            fn(i)
+    while min(len(v) for v in samples.values()) < rounds or min(spent.values()) < min_seconds:
+        for name, (fn, count) in candidates.items():
+            start = time.perf_counter()
+            for i in range(count):
+                fn(i)
+            elapsed = time.perf_counter() - start
+            spent[name] += elapsed
+            samples[name].append(elapsed / count)
+    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+
+
+def run(shapes, m_values, min_seconds: float, rounds: int) -> dict:
     llc = last_level_cache_bytes()
     working_set = 4 * llc
-    copy_bw = copy_bandwidth(max(256 * 1024 ** 2, 4 * working_set), min_seconds)
+    copy_bw = sorted(copy_bandwidth(max(256 * 1024 ** 2, 4 * working_set), min_seconds) for _ in range(5))[2]
     rows = []
     for n, k in shapes:
         fp32 = [torch.randn(n, k) for _ in range(copies_for(4 * n * k, working_set))]
@@ -104,14 +126,22 @@ def run(shapes, m_values, min_seconds: float) -> dict:
                      for bits in (4, 3.5)}
         for m in m_values:
             x32, x16 = torch.randn(m, k), torch.randn(m, k).bfloat16()
-            t_fp32 = time_per_call(lambda i: F.linear(x32, fp32[i % len(fp32)]), len(fp32), min_seconds)
-            t_bf16 = time_per_call(lambda i: F.linear(x16, bf16[i % len(bf16)]), len(bf16), min_seconds)
+
+            def rotation(weights):  # beyond the decode rows the calls are compute-bound: two weights will do
+                return len(weights) if m <= 8 else min(2, len(weights))
+            candidates = {"fp32": (lambda i: F.linear(x32, fp32[i % len(fp32)]), rotation(fp32)),
+                          "bf16": (lambda i: F.linear(x16, bf16[i % len(bf16)]), rotation(bf16))}
+            for bits, ws in quantized.items():
+                candidates |= {
+                    (bits, "x32"): (lambda i, ws=ws: lowbit.linear(x32, ws[i % len(ws)]), rotation(ws)),
+                    (bits, "x16"): (lambda i, ws=ws: lowbit.linear(x16, ws[i % len(ws)]), rotation(ws)),
+                    (bits, "dequantize"): (lambda i, ws=ws: F.linear(x32, ws[i % len(ws)].dequantize()),
+                                           rotation(ws)),
+                }
+            best = interleaved_times(candidates, min_seconds, rounds)
+            t_fp32, t_bf16 = best["fp32"], best["bf16"]
             for bits, weights in quantized.items():
-                t = time_per_call(lambda i: lowbit.linear(x32, weights[i % len(weights)]), len(weights), min_seconds)
-                t_x16 = time_per_call(lambda i: lowbit.linear(x16, weights[i % len(weights)]), len(weights),
-                                      min_seconds)
-                t_deq = time_per_call(lambda i: F.linear(x32, weights[i % len(weights)].dequantize()), len(weights),
-                                      min_seconds)
+                t, t_x16, t_deq = best[bits, "x32"], best[bits, "x16"], best[bits, "dequantize"]
                 bytes_read = weights[0].nbytes + 4 * m * k + 4 * m * n
                 rows.append({
                     "N": n, "K": k, "M": m, "format": "int4" if bits == 4 else "int3.5",
@@ -139,6 +169,7 @@ def run(shapes, m_values, min_seconds: float) -> dict:
             "lowbit_cpu_isa": lowbit.cpu_isa(),
         },
         "group_size": GROUP_SIZE,
+        "rounds": rounds,
         "rows": rows,
     }
 
@@ -158,7 +189,9 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"CPU: {m['cpu']}, {m['threads']} threads, LLC {m['last_level_cache_MiB']:.0f} MiB, "
              f"copy bandwidth {m['copy_bandwidth_GB_per_s']:.1f} GB/s (read + write), kernels: {m['lowbit_cpu_isa']}, "
-             f"torch {m['torch']}, group size {result['group_size']}. GB/s and copy-bandwidth fraction are for "
+             f"torch {m['torch']}, group size {result['group_size']}, median of >= {result.get('rounds', 1)} "
+             "interleaved rounds. "
+             "GB/s and copy-bandwidth fraction are for "
              "float32 activations; bf16 x: lowbit with bfloat16 activations against F.linear with bfloat16 weights "
              "and activations; best vs best: the faster lowbit call against the faster F.linear.", "", HEADER]
     lines += [format_row(r) for r in result["rows"]]
@@ -283,7 +316,9 @@ def main():
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default=None, help="output path without extension (.json and .md are written); "
                         "default benchmarks/results/kernels_cpu or kernels_cuda")
-    parser.add_argument("--min-seconds", type=float, default=None, help="timing per configuration")
+    parser.add_argument("--min-seconds", type=float, default=None, help="timing per configuration and round")
+    parser.add_argument("--rounds", type=int, default=None, help="CPU: least interleaved rounds per configuration "
+                        "(default 5; 3 with --quick); the median counts")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU")
@@ -299,7 +334,7 @@ def main():
         m_values = [1, 16, 512] if args.quick else M_VALUES
         min_seconds = args.min_seconds or (0.1 if args.quick else 0.5)
         print(HEADER)
-        result = run(shapes, m_values, min_seconds)
+        result = run(shapes, m_values, min_seconds, args.rounds or (3 if args.quick else 5))
         table = markdown(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
