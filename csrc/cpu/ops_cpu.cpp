@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../op_entries.h"
 #include "isa.h"
 
 namespace lowbit {
@@ -222,40 +223,9 @@ at::Tensor dequantize_cpu(const char* op, Format format, const at::Tensor& qweig
   return out;
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                       const at::Tensor& zeros, const std::optional<at::Tensor>& perm,
-                       const std::optional<at::Tensor>& bias, int64_t group_size, int64_t in_features) {
-  return linear_cpu("lowbit.int4_linear", Format::kInt4, x, qweight, scales, zeros, perm, bias, group_size,
-                    in_features);
-}
-
-at::Tensor int35_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                        const at::Tensor& zeros, const std::optional<at::Tensor>& perm,
-                        const std::optional<at::Tensor>& bias, int64_t group_size, int64_t in_features) {
-  return linear_cpu("lowbit.int35_linear", Format::kInt35, x, qweight, scales, zeros, perm, bias, group_size,
-                    in_features);
-}
-
-at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                           const std::optional<at::Tensor>& perm, int64_t group_size, int64_t in_features) {
-  return dequantize_cpu("lowbit.int4_dequantize", Format::kInt4, qweight, scales, zeros, perm, group_size,
-                        in_features);
-}
-
-at::Tensor int35_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                            const std::optional<at::Tensor>& perm, int64_t group_size, int64_t in_features) {
-  return dequantize_cpu("lowbit.int35_dequantize", Format::kInt35, qweight, scales, zeros, perm, group_size,
-                        in_features);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
-  m.impl("int4_linear", &int4_linear);
-  m.impl("int35_linear", &int35_linear);
-  m.impl("int4_dequantize", &int4_dequantize);
-  m.impl("int35_dequantize", &int35_dequantize);
-}
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) { impl_ops<linear_cpu, dequantize_cpu>(m); }
 
 }  // namespace cpu
 }  // namespace lowbit

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../op_entries.h"
 #include "kernels.h"
 
 namespace lowbit {
@@ -179,40 +180,9 @@ at::Tensor dequantize_cuda(const char* op, Format format, const at::Tensor& qwei
   return out;
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                       const at::Tensor& zeros, const std::optional<at::Tensor>& perm,
-                       const std::optional<at::Tensor>& bias, int64_t group_size, int64_t in_features) {
-  return linear_cuda("lowbit.int4_linear", Format::kInt4, x, qweight, scales, zeros, perm, bias, group_size,
-                     in_features);
-}
-
-at::Tensor int35_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                        const at::Tensor& zeros, const std::optional<at::Tensor>& perm,
-                        const std::optional<at::Tensor>& bias, int64_t group_size, int64_t in_features) {
-  return linear_cuda("lowbit.int35_linear", Format::kInt35, x, qweight, scales, zeros, perm, bias, group_size,
-                     in_features);
-}
-
-at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                           const std::optional<at::Tensor>& perm, int64_t group_size, int64_t in_features) {
-  return dequantize_cuda("lowbit.int4_dequantize", Format::kInt4, qweight, scales, zeros, perm, group_size,
-                         in_features);
-}
-
-at::Tensor int35_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                            const std::optional<at::Tensor>& perm, int64_t group_size, int64_t in_features) {
-  return dequantize_cuda("lowbit.int35_dequantize", Format::kInt35, qweight, scales, zeros, perm, group_size,
-                         in_features);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
-  m.impl("int4_linear", &int4_linear);
-  m.impl("int35_linear", &int35_linear);
-  m.impl("int4_dequantize", &int4_dequantize);
-  m.impl("int35_dequantize", &int35_dequantize);
-}
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) { impl_ops<linear_cuda, dequantize_cuda>(m); }
 
 }  // namespace cuda
 }  // namespace lowbit

@@ -1,0 +1,44 @@
+// The four lowbit ops of one backend, bound to that backend's format-generic linear and dequantize:
+// int4 and int3.5 differ only in the op name and the format passed on.
+#pragma once
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "format.h"
+
+namespace lowbit {
+
+using LinearImpl = at::Tensor (*)(const char* op, Format format, const at::Tensor& x, const at::Tensor& qweight,
+                                  const at::Tensor& scales, const at::Tensor& zeros,
+                                  const std::optional<at::Tensor>& perm, const std::optional<at::Tensor>& bias,
+                                  int64_t group_size, int64_t in_features);
+using DequantizeImpl = at::Tensor (*)(const char* op, Format format, const at::Tensor& qweight,
+                                      const at::Tensor& scales, const at::Tensor& zeros,
+                                      const std::optional<at::Tensor>& perm, int64_t group_size,
+                                      int64_t in_features);
+
+template <LinearImpl kLinear, Format F>
+at::Tensor linear_op(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const at::Tensor& zeros, const std::optional<at::Tensor>& perm,
+                     const std::optional<at::Tensor>& bias, int64_t group_size, int64_t in_features) {
+  return kLinear(F == Format::kInt4 ? "lowbit.int4_linear" : "lowbit.int35_linear", F, x, qweight, scales, zeros,
+                 perm, bias, group_size, in_features);
+}
+
+template <DequantizeImpl kDequantize, Format F>
+at::Tensor dequantize_op(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                         const std::optional<at::Tensor>& perm, int64_t group_size, int64_t in_features) {
+  return kDequantize(F == Format::kInt4 ? "lowbit.int4_dequantize" : "lowbit.int35_dequantize", F, qweight,
+                     scales, zeros, perm, group_size, in_features);
+}
+
+// Called from a backend's TORCH_LIBRARY_IMPL block.
+template <LinearImpl kLinear, DequantizeImpl kDequantize>
+void impl_ops(torch::Library& m) {
+  m.impl("int4_linear", &linear_op<kLinear, Format::kInt4>);
+  m.impl("int35_linear", &linear_op<kLinear, Format::kInt35>);
+  m.impl("int4_dequantize", &dequantize_op<kDequantize, Format::kInt4>);
+  m.impl("int35_dequantize", &dequantize_op<kDequantize, Format::kInt35>);
+}
+
+}  // namespace lowbit
