@@ -11,9 +11,11 @@ float matmuls, everything else) from torch.profiler.
 On a CUDA GPU (--device cuda): decode speed of a LLaMA-2-7B-shaped model (dim 4096, 32 layers, 32 heads,
 ffn 11008, vocab 32000) with random weights, float16 vs int4 vs int3.5 (round to nearest, group size 128,
 quantized layer by layer on the GPU; the output head stays float16). Each decode step is one CUDA graph
-(static KV cache, attention over the whole cache with a mask), replayed token after token.
+(static KV cache, attention over the whole cache with a mask), replayed token after token; with --compile
+the step is torch.compile'd first (the norms, rotary embedding and activations fuse into a few kernels).
 
     python benchmarks/bench_generate.py --device cuda     # writes benchmarks/results/generate_cuda.{json,md}
+    python benchmarks/bench_generate.py --device cuda --compile   # generate_cuda_compiled.{json,md}
 """
 
 import argparse
@@ -149,8 +151,9 @@ def static_decode_step(model, token, position):
     return model.lm_head(model.norm(x)).float()[:, -1]
 
 
-def cuda_decode_speed(model, prompt_len: int, new_tokens: int) -> dict:
+def cuda_decode_speed(model, prompt_len: int, new_tokens: int, compile: bool) -> dict:
     device = model.device
+    step = torch.compile(static_decode_step, dynamic=False) if compile else static_decode_step
     max_len = -(-(prompt_len + new_tokens + 1) // 64) * 64
     model.setup_cache(1, max_len)
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
@@ -161,17 +164,19 @@ def cuda_decode_speed(model, prompt_len: int, new_tokens: int) -> dict:
         # The static step agrees with the eager forward (which reads the same cache).
         position.fill_(prompt_len)
         eager = model(token, start=prompt_len)[:, -1]
-        static = static_decode_step(model, token, position)
+        compile_start = time.perf_counter()
+        static = step(model, token, position)
+        compile_s = time.perf_counter() - compile_start
         agreement = ((static - eager).norm() / eager.norm()).item()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                static_decode_step(model, token, position)
+                step(model, token, position)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = static_decode_step(model, token, position)
+            logits = step(model, token, position)
         for _ in range(3):  # warm-up replays
             graph.replay()
         torch.cuda.synchronize()
@@ -184,7 +189,7 @@ def cuda_decode_speed(model, prompt_len: int, new_tokens: int) -> dict:
         seconds = time.perf_counter() - start
     model.drop_cache()
     return {"decode_tok_s": new_tokens / seconds, "ms_per_token": 1e3 * seconds / new_tokens,
-            "static_vs_eager_rel_diff": agreement}
+            "static_vs_eager_rel_diff": agreement, "first_step_seconds": compile_s}
 
 
 def weight_bytes(model) -> int:
@@ -208,7 +213,7 @@ def run_cuda(args):
         build_s = time.perf_counter() - start
         torch.cuda.synchronize()
         row = {"variant": name, "build_seconds": build_s, "weights_GB": weight_bytes(model) / 1e9,
-               **cuda_decode_speed(model, prompt_len, new_tokens)}
+               **cuda_decode_speed(model, prompt_len, new_tokens, args.compile)}
         row["weights_GB_per_s"] = row["weights_GB"] * row["decode_tok_s"]
         rows.append(row)
         print(name, f"decode {row['decode_tok_s']:.1f} tok/s ({row['ms_per_token']:.2f} ms/token), weights "
@@ -219,16 +224,19 @@ def run_cuda(args):
     base = rows[0]["decode_tok_s"]
     lines = [f"GPU: {props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}; LLaMA-2-7B-shaped model with "
              f"random weights, batch 1, {prompt_len}-token prompt, {new_tokens} new tokens, each decode step one "
-             f"CUDA graph; group size {CUDA_GROUP_SIZE}, output head float16", "",
+             f"CUDA graph{', torch.compile' if args.compile else ''}; group size {CUDA_GROUP_SIZE}, "
+             "output head float16", "",
              "| variant | decode tok/s | ms/token | vs float16 | weights GB | weights GB/s |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['decode_tok_s']:.1f} | {r['ms_per_token']:.2f} | "
                      f"{r['decode_tok_s'] / base:.2f}x | {r['weights_GB']:.2f} | {r['weights_GB_per_s']:.0f} |")
     table = "\n".join(lines) + "\n"
-    out = Path(args.out or Path(__file__).parent / "results" / "generate_cuda")
+    stem = "generate_cuda_compiled" if args.compile else "generate_cuda"
+    out = Path(args.out or Path(__file__).parent / "results" / stem)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"device": props.name, "prompt_tokens": prompt_len,
+    out.with_suffix(".json").write_text(json.dumps({"device": props.name, "compiled": args.compile,
+                                                    "prompt_tokens": prompt_len,
                                                     "new_tokens": new_tokens, "rows": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(table)
     print()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA backend on a GPU machine, in one command: build lowbit with its CUDA kernels, run
 # tests/test_cuda.py, run compute-sanitizer (memcheck on a small subset of the tests, racecheck on the
-# tiled kernel), then both benchmarks (benchmarks/results/{kernels,generate}_cuda.{json,md}).
+# tiled kernel), then both benchmarks (benchmarks/results/kernels_cuda.*, generate_cuda.* and
+# generate_cuda_compiled.*).
 #
 #     bash benchmarks/run_cuda.sh                 # every step (about 10 minutes on an H100)
 #     bash benchmarks/run_cuda.sh build test      # only these steps: build test sanitize kernels generate
@@ -60,9 +61,11 @@ print('racecheck ran')"
       run bench_kernels "$py" benchmarks/bench_kernels.py --device cuda &&
         cp benchmarks/results/kernels_cuda.json benchmarks/results/kernels_cuda.md "$logs/"
       ;;
-    generate)
+    generate)  # each decode step a CUDA graph, eager and torch.compile'd
       run bench_generate "$py" benchmarks/bench_generate.py --device cuda &&
         cp benchmarks/results/generate_cuda.json benchmarks/results/generate_cuda.md "$logs/"
+      run bench_generate_compiled "$py" benchmarks/bench_generate.py --device cuda --compile &&
+        cp benchmarks/results/generate_cuda_compiled.json benchmarks/results/generate_cuda_compiled.md "$logs/"
       ;;
     *)
       echo "unknown step $step (build test sanitize kernels generate)"

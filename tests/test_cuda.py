@@ -71,9 +71,12 @@ def test_extension_has_cuda_kernels():
 
 @pytest.mark.parametrize("bits", [4, 3.5])
 @pytest.mark.parametrize("group_size", formats.GROUP_SIZES)
-@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 16, 33, 64, 256])
-def test_linear_every_m_and_group_size(bits, group_size, m):
-    n, k = 100, 328  # neither a multiple of 64; K pads up to the group size (int3.5 rows of odd length)
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 9, 16, 17, 33, 64, 256])
+@pytest.mark.parametrize("n, k", [
+    (100, 328),  # neither a multiple of 64; K pads up to the group size (int3.5 rows of odd length)
+    (40, 640),   # int3.5 rows a multiple of 8 bytes, not of 16 (the GEMV's 8-byte loads)
+])
+def test_linear_every_m_and_group_size(bits, group_size, m, n, k):
     qw = make_weight(n, k, bits, group_size, with_perm=False)
     check_linear(torch.randn(m, k, device=CUDA).half(), qw)
 
@@ -165,7 +168,7 @@ def test_decode_prefill_and_dense_paths_agree(bits):
     n, k = 256, 1024
     qw = make_weight(n, k, bits, 128, with_perm=True)
     x = torch.randn(1024, k, device=CUDA).half()
-    dense = lowbit.linear(x, qw)[:16]                                        # M >= 1024: cuBLAS
+    dense = lowbit.linear(x, qw)[:16]                                        # M >= 128: cuBLAS
     tiles = lowbit.linear(x[:16], qw)                                        # M = 16: tensor-core tiles
     gemv = torch.cat([lowbit.linear(x[i:i + 8], qw) for i in (0, 8)])        # M = 8: GEMV
     for y in (tiles, gemv):

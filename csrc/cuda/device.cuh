@@ -62,17 +62,24 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 
 // Weights, read exactly once: through the read-only path, without taking L1 from the activations.
 // (Not volatile: the callers only pass valid addresses, so the compiler may schedule these freely.)
+#define LOWBIT_LD_STREAM "ld.global.nc.L1::no_allocate"
 __device__ __forceinline__ uint4 load_stream_16(const void* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+  asm(LOWBIT_LD_STREAM ".v4.u32 {%0, %1, %2, %3}, [%4];\n"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
 }
 
+__device__ __forceinline__ uint2 load_stream_8(const void* p) {
+  uint2 v;
+  asm(LOWBIT_LD_STREAM ".v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
 __device__ __forceinline__ uint32_t load_stream_4(const void* p) {
   uint32_t v;
-  asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  asm(LOWBIT_LD_STREAM ".u32 %0, [%1];\n" : "=r"(v) : "l"(p));
   return v;
 }
 
@@ -213,7 +220,7 @@ struct Slice {
   }
 };
 
-// Loads a slice from global memory, kVec bytes at a time: the vector at byte `offset` + i * kVec of
+// Loads a slice from global memory, kVec (16, 8 or 4) bytes at a time: the vector at byte `offset` + i * kVec of
 // `row` when it starts before `valid` bytes from `offset`, else zeros. No branches: a vector past
 // `valid` reads the row's first bytes instead and is dropped. (Conditional loads become branches, and
 // the compiler then no longer issues the slice's loads together, ahead of their uses.) Callers keep
@@ -229,8 +236,16 @@ __device__ __forceinline__ void load_slice(const uint8_t* row, int offset, int v
       w[4 * i] = ok ? v.x : 0u, w[4 * i + 1] = ok ? v.y : 0u, w[4 * i + 2] = ok ? v.z : 0u,
       w[4 * i + 3] = ok ? v.w : 0u;
     }
+  } else if constexpr (kVec == 8) {
+    static_assert(kWords % 2 == 0, "8-byte loads need a slice of whole 8-byte vectors");
+#pragma unroll
+    for (int i = 0; i < kWords / 2; ++i) {
+      const bool ok = 8 * i < valid;
+      const uint2 v = load_stream_8(row + (ok ? offset + 8 * i : 0));
+      w[2 * i] = ok ? v.x : 0u, w[2 * i + 1] = ok ? v.y : 0u;
+    }
   } else {
-    static_assert(kVec == 4, "loads are 16 or 4 bytes wide");
+    static_assert(kVec == 4, "loads are 16, 8 or 4 bytes wide");
 #pragma unroll
     for (int i = 0; i < kWords; ++i) {
       const bool ok = 4 * i < valid;

@@ -70,16 +70,32 @@ __global__ void __launch_bounds__(kPrepareThreads)
   }
 }
 
+// 16 float values -> dst[0..15] with 16-byte stores (dst 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void store_16(T* dst, const float (&v)[16]) {
+  constexpr int kPerVector = 16 / sizeof(T);
+#pragma unroll
+  for (int i = 0; i < 16; i += kPerVector) {
+    T packed[kPerVector];
+#pragma unroll
+    for (int k = 0; k < kPerVector; ++k) packed[k] = from_float<T>(v[i + k]);
+    *reinterpret_cast<uint4*>(dst + i) = *reinterpret_cast<const uint4*>(packed);
+  }
+}
+
 // One thread per 16 stored columns (one int3.5 block, 8 int4 bytes) of one row; byte loads, so any
 // alignment of the codes works. Values as lowbit.formats.dequantize computes them in float32:
 // c = q (times 15/7 on int3.5's odd columns), w = (c - z) * s, each step rounded (no fused multiply-add).
+// Without perm, rows whose 16-column runs start 16-byte aligned (K a multiple of 16) take vector stores.
 template <Format F, typename T>
 __global__ void dequantize_kernel(const PackedWeight w, const int32_t* perm, const int64_t K, T* out) {
   const int64_t blocks_per_row = ceil_div(K, 16);
   const int64_t total = w.N * blocks_per_row;
+  const bool vector_rows = perm == nullptr && K % 16 == 0;
+  const int group_shift = __ffs(static_cast<int>(w.group_size)) - 1;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = i / blocks_per_row, col0 = 16 * (i % blocks_per_row);
+    const int64_t n = i / blocks_per_row, col0 = 16 * (i - n * blocks_per_row);
     const uint8_t* p = w.codes + n * w.row_stride + packed_bytes(F, col0);
     uint32_t codes[16];
     if constexpr (F == Format::kInt4) {
@@ -98,19 +114,27 @@ __global__ void dequantize_kernel(const PackedWeight w, const int32_t* perm, con
         codes[2 * k] = pair & 15u, codes[2 * k + 1] = pair >> 4;
       }
     }
-    const int64_t group = n * w.n_groups + col0 / w.group_size;
+    const int64_t group = n * w.n_groups + (col0 >> group_shift);
     const float s = __half2float(__ushort_as_half(w.scales[group]));
     const float z = __half2float(__ushort_as_half(w.zeros[group]));
+    float values[16];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      float code = static_cast<float>(codes[k]);
+      if (F == Format::kInt35 && k % 2 == 1) code = __fmul_rn(code, kStep3);
+      values[k] = __fmul_rn(__fsub_rn(code, z), s);
+    }
     T* dst = out + n * K;
+    if (vector_rows) {
+      store_16(dst + col0, values);
+      continue;
+    }
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
       const int64_t col = col0 + k;
       if (col >= K) break;
-      float code = static_cast<float>(codes[k]);
-      if (F == Format::kInt35 && k % 2 == 1) code = __fmul_rn(code, kStep3);
-      const float value = __fmul_rn(__fsub_rn(code, z), s);
       const int64_t target = perm ? perm[col] : col;
-      if (target >= 0 && target < K) dst[target] = from_float<T>(value);
+      if (target >= 0 && target < K) dst[target] = from_float<T>(values[k]);
     }
   }
 }

@@ -299,9 +299,7 @@ auto with_kernel(int config, const PackedWeight& w, Fn&& fn) {
   return config == 0 ? with_format<NarrowTile>(w, fn) : with_format<WideTile>(w, fn);
 }
 
-bool supported(const PackedWeight& w) {
-  return w.format == Format::kInt4 ? w.vector_bytes == 16 : w.vector_bytes == 16 || w.vector_bytes == 4;
-}
+bool supported(const PackedWeight& w) { return w.vector_bytes >= (w.format == Format::kInt4 ? 16 : 4); }
 
 }  // namespace
 

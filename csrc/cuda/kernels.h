@@ -19,8 +19,8 @@ struct PackedWeight {
   const uint8_t* codes;    // row n starts at codes + n * row_stride
   int64_t row_stride;      // bytes between rows: row_bytes, or more for a padded copy (ops_cuda.cu)
   int64_t row_bytes;       // packed bytes of one row's Kp columns
-  int vector_bytes;        // widest load the rows allow: 16 (codes and row_stride 16-byte aligned),
-                           // or 4 (int3.5 rows 4-byte aligned); see weight_vector_bytes
+  int vector_bytes;        // widest load the rows allow: 16, 8 or 4 bytes (int3.5 only for 8 and 4);
+                           // see weight_vector_bytes
   const uint16_t* scales;  // [N, n_groups] float16 bits
   const uint16_t* zeros;   // [N, n_groups] float16 bits
   int64_t N;               // out features
@@ -29,16 +29,17 @@ struct PackedWeight {
   int64_t n_groups;        // Kp / group_size
 };
 
-// The load width the matmul kernels use for a weight whose rows start at `codes` every `row_stride`
-// bytes, or 0 when the rows are too badly aligned for them (the caller then makes an aligned copy).
-// int4 rows are always a multiple of 16 bytes; int3.5 rows (7 bytes per 16 columns) are a multiple of
-// 16 bytes when Kp is a multiple of 256, of 4 bytes when Kp is a multiple of 64.
+// The widest load the matmul kernels may use for a weight whose rows start at `codes` every
+// `row_stride` bytes, or 0 when the rows are too badly aligned for them (the caller then makes an
+// aligned copy). int4 rows are always a multiple of 16 bytes; int3.5 rows (7 bytes per 16 columns) are
+// a multiple of 16 bytes when Kp is a multiple of 256, of 8 bytes for 128, of 4 bytes for 64.
 inline int weight_vector_bytes(Format format, const void* codes, int64_t row_stride, int64_t Kp) {
   const auto address = reinterpret_cast<uintptr_t>(codes);
-  const bool int35 = format == Format::kInt35;
-  if (address % 16 == 0 && row_stride % 16 == 0 && (!int35 || Kp % 256 == 0)) return 16;
-  if (int35 && address % 4 == 0 && row_stride % 4 == 0) return 4;
-  return 0;
+  const auto aligned = [&](int64_t bytes) { return address % bytes == 0 && row_stride % bytes == 0; };
+  if (format == Format::kInt4) return aligned(16) ? 16 : 0;
+  if (aligned(16) && Kp % 256 == 0) return 16;
+  if (aligned(8) && Kp % 128 == 0) return 8;
+  return aligned(4) ? 4 : 0;
 }
 
 // Activations of a matmul: float16 [M, cols] with row m at x + m * row_stride, in stored-column order
@@ -59,7 +60,7 @@ struct Output {
   DType dtype;
 };
 
-// Decode: tensor-core GEMV for M <= kMaxGemvRows, streaming the weight once with 128-bit loads.
+// Decode: tensor-core GEMV for M <= kMaxGemvRows, streaming the weight once with wide loads.
 constexpr int64_t kMaxGemvRows = 8;
 cudaError_t gemv(const PackedWeight& w, const Activations& x, const Output& y, cudaStream_t stream);
 

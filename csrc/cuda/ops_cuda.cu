@@ -3,8 +3,9 @@
 //   M <= 8                gemv (gemv.cu): decode, streams the weight once; tensor cores, float32 sums
 //   8 < M < dense rows    gemm (gemm.cu): prefill, tensor-core tiles dequantized in registers
 //   M >= dense rows       dequantize to x's dtype, then at::linear (cuBLAS): compute-bound, and the
-//                         dequantization is a small fraction of the matmul. dense rows = 1024, or the
-//                         environment variable LOWBIT_CUDA_DENSE_MIN_ROWS (read once).
+//                         dequantization is a small fraction of the matmul. dense rows = 128 (the
+//                         crossover measured on an H100, benchmarks/README.md), or the environment
+//                         variable LOWBIT_CUDA_DENSE_MIN_ROWS (read once).
 // The matmul kernels take float16 activations: float16 x is read as it is (without perm; with perm it is
 // gathered once per call into a small buffer); bfloat16 and float32 x are converted to float16 with a
 // per-row power-of-two scale (exact for bfloat16, float16 rounding for float32), undone in the epilogue.
@@ -35,7 +36,7 @@ constexpr int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 int64_t dense_min_rows() {
   static const int64_t rows = [] {
     const char* value = std::getenv("LOWBIT_CUDA_DENSE_MIN_ROWS");
-    return value ? std::max<int64_t>(kMaxGemvRows + 1, std::atoll(value)) : int64_t{1024};
+    return value ? std::max<int64_t>(kMaxGemvRows + 1, std::atoll(value)) : int64_t{128};
   }();
   return rows;
 }
