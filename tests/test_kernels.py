@@ -110,6 +110,25 @@ def test_isas_agree_exactly_on_integer_path():
         assert (y - outputs[0]).abs().max().item() <= 2e-6 * scale
 
 
+@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("group_size", formats.GROUP_SIZES)
+def test_bfloat16_tiles_agree_across_isas(bits, group_size):
+    # AVX-512 builds bfloat16 prefill tiles by table lookup, AVX2 by arithmetic: the same values, and the
+    # two share one column order, so the products are identical.
+    available = lowbit.build_info()["cpu_isas_available"]
+    if "avx512_vnni" not in available or not lowbit.build_info()["cpu_features"]["avx512_bf16"]:
+        pytest.skip("needs AVX-512 with bfloat16 dot products (the only ISA with the lookup)")
+    qw = make_weight(200, 576, bits, group_size, with_perm=True)
+    x = torch.randn(40, 576).bfloat16()
+    previous = lowbit.cpu_isa()
+    outputs = []
+    for name in ("avx2", "avx512_vnni"):
+        lowbit.set_cpu_isa(name)
+        outputs.append(lowbit.linear(x, qw))
+    lowbit.set_cpu_isa(previous)
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_respects_thread_count():
     qw = make_weight(256, 1024, 4, 128, with_perm=False)
     x = torch.randn(1, 1024)

@@ -30,6 +30,7 @@ struct Avx2Isa {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }
   static constexpr int kChunksPerStep = 1;
+  static constexpr bool kBf16Lookup = false;
 
   using Codes = __m256i;  // 32 codes, one per byte
 

@@ -41,6 +41,15 @@ alignas(64) constexpr uint16_t kInt4Shift[32] = {0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4
                                                  0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4};
 
 struct Isa : Avx2Isa {
+  // bfloat16 tiles by table lookup (vpermw: 32 entries of 16 bits, indexed by code + lane offset).
+  static constexpr bool kBf16Lookup = true;
+  using Bf16Table = __m512i;
+  static Bf16Table load_bf16_table(const uint16_t* p) { return _mm512_loadu_si512(p); }
+  static void lookup_bf16(uint16_t* out, Codes q, Bf16Table table, Bf16Table offsets) {
+    const __m512i index = _mm512_or_si512(_mm512_cvtepu8_epi16(q), offsets);
+    _mm512_storeu_si512(out, _mm512_permutexvar_epi16(index, table));
+  }
+
   static constexpr int kChunksPerStep = 2;
 
   template <Format F>

@@ -27,6 +27,7 @@ struct Isa {
     *p = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
   }
   static constexpr int kChunksPerStep = 1;
+  static constexpr bool kBf16Lookup = false;
 
   static float half_to_float(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;

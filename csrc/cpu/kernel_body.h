@@ -13,6 +13,9 @@
 //   store_bf16(uint16_t*, Vec)               kWidth floats as bfloat16, rounded to nearest even
 //   kOrder[format][32]                       the x-order: chunk column held by each lane position
 //   kChunksPerStep                           1, or 2 when the ISA also has the two-chunk primitives
+//   kBf16Lookup                              true when the ISA also has the table primitives:
+//   Bf16Table, load_bf16_table(const uint16_t*)   32 bfloat16 values (or 16-bit lane offsets)
+//   lookup_bf16(uint16_t*, Codes, table, offsets) the 32 codes of a chunk as table[code + offset]
 //   Codes2, decode2<F>, dot_acc2              (used when an activation block spans two chunks):
 //                                            the codes of chunks c and c + 1, each in x-order;
 //                                            decode2 may read up to 4 bytes past them
@@ -141,14 +144,60 @@ void dequant_rows(const QWeight& w, Out* rows, int64_t n_begin, int64_t n_end) {
   }
 }
 
+// bfloat16 tiles by table lookup: a group has at most 16 + 8 distinct values (int3.5's 3-bit codes take
+// entries 16..23), computed once per group exactly as dequant_rows computes every weight, so each code
+// costs one lookup instead of a conversion, a multiply-add and a rounding. The same tiles, faster.
+template <Format F, typename I = Isa>
+void dequant_rows_bf16_lookup(const QWeight& w, uint16_t* rows, int64_t n_begin, int64_t n_end) {
+  using Vec = typename I::Vec;
+  constexpr int64_t kBytes = chunk_bytes(F);
+  const int64_t n_groups = w.Kp / w.group_size;
+  const int64_t n_chunks = w.Kp / kChunk;
+  const int64_t chunks_per_group = w.group_size / kChunk;
+  alignas(64) uint16_t lane_offset[kChunk];  // 16 on the lanes of 3-bit codes
+  alignas(64) float entry_code[kChunk], entry_step[kChunk];
+  for (int i = 0; i < kChunk; ++i) {
+    lane_offset[i] = F == Format::kInt35 && I::kOrder[static_cast<int>(F)][i] % 2 ? 16 : 0;
+    entry_code[i] = static_cast<float>(i % 16);
+    entry_step[i] = i < 16 ? 1.0f : kStep3;
+  }
+  const auto offsets = I::load_bf16_table(lane_offset);
+  alignas(64) uint16_t values[kChunk];
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    uint16_t* out = rows + (n - n_begin) * w.Kp;
+    for (int64_t g = 0; g < n_groups; ++g) {
+      const float s = I::half_to_float(w.scales[n * n_groups + g]);
+      const Vec vs = I::set1(s);
+      const Vec offset = I::set1(-s * I::half_to_float(w.zeros[n * n_groups + g]));
+      for (int v = 0; v < kChunk / I::kWidth; ++v) {
+        const Vec step = I::fma(I::load(entry_step + v * I::kWidth), vs, I::zero());
+        I::store_bf16(values + v * I::kWidth, I::fma(I::load(entry_code + v * I::kWidth), step, offset));
+      }
+      const auto table = I::load_bf16_table(values);
+      for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c)
+        I::lookup_bf16(out + c * kChunk, I::template decode<F>(w.codes + (n * n_chunks + c) * kBytes), table, offsets);
+    }
+  }
+}
+
 template <typename Out>
 void dequant_to(const QWeight& w, Out* rows, int64_t n_begin, int64_t n_end) {
   if (w.format == Format::kInt4) dequant_rows<Format::kInt4>(w, rows, n_begin, n_end);
   else dequant_rows<Format::kInt35>(w, rows, n_begin, n_end);
 }
 
+template <typename I = Isa>
+void dequant_bf16(const QWeight& w, uint16_t* rows, int64_t n_begin, int64_t n_end) {
+  if constexpr (I::kBf16Lookup) {
+    if (w.format == Format::kInt4) dequant_rows_bf16_lookup<Format::kInt4>(w, rows, n_begin, n_end);
+    else dequant_rows_bf16_lookup<Format::kInt35>(w, rows, n_begin, n_end);
+  } else {
+    dequant_to(w, rows, n_begin, n_end);
+  }
+}
+
 void dequant(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
-  if (a.out_bf16) dequant_to(a.w, a.out_bf16, n_begin, n_end);
+  if (a.out_bf16) dequant_bf16(a.w, a.out_bf16, n_begin, n_end);
   else dequant_to(a.w, a.out, n_begin, n_end);
 }
 
