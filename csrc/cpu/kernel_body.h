@@ -114,91 +114,65 @@ void gemv(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 inline void store_out(float* p, Isa::Vec v) { Isa::store(p, v); }
 inline void store_out(uint16_t* p, Isa::Vec v) { Isa::store_bf16(p, v); }
 
-template <Format F, typename Out>
+// Dequantized rows in x-order, as float32 or bfloat16. With kLookup (bfloat16 on ISAs with
+// kBf16Lookup), each group's at most 16 + 8 distinct values (int3.5's 3-bit codes take entries 16..23) are
+// computed once, exactly as the arithmetic computes every weight, and each code is one table lookup: the
+// same tiles, faster.
+template <Format F, typename Out, bool kLookup = false, typename I = Isa>
 void dequant_rows(const QWeight& w, Out* rows, int64_t n_begin, int64_t n_end) {
-  using Vec = Isa::Vec;
-  constexpr int V = Isa::kVecs;
+  using Vec = typename I::Vec;
+  constexpr int V = I::kVecs;
   constexpr int64_t kBytes = chunk_bytes(F);
   const int64_t n_groups = w.Kp / w.group_size;
   const int64_t n_chunks = w.Kp / kChunk;
   const int64_t chunks_per_group = w.group_size / kChunk;
-  // w = (q - z) * s for 4-bit codes and (q * 15/7 - z) * s for 3-bit codes (odd columns of int3.5).
-  float step[kChunk];
-  for (int i = 0; i < kChunk; ++i)
-    step[i] = F == Format::kInt35 && Isa::kOrder[static_cast<int>(F)][i] % 2 ? kStep3 : 1.0f;
+  // w = (q - z) * s for 4-bit codes and (q * 15/7 - z) * s for 3-bit codes (odd columns of int3.5). The
+  // vectors hold one chunk's lanes in x-order, or with kLookup the table entries (code i % 16).
+  alignas(64) float code[kChunk], step[kChunk];
+  alignas(64) uint16_t lane_offset[kChunk];  // table index offset: 16 on the lanes of 3-bit codes
+  for (int i = 0; i < kChunk; ++i) {
+    const bool three_bit = F == Format::kInt35 && I::kOrder[static_cast<int>(F)][i] % 2;
+    lane_offset[i] = three_bit ? 16 : 0;
+    code[i] = static_cast<float>(i % 16);
+    step[i] = (kLookup ? i >= 16 : three_bit) ? kStep3 : 1.0f;
+  }
   for (int64_t n = n_begin; n < n_end; ++n) {
     Out* out = rows + (n - n_begin) * w.Kp;
-    for (int64_t g = 0; g < n_groups; ++g) {
-      const float s = Isa::half_to_float(w.scales[n * n_groups + g]);
-      const Vec vs = Isa::set1(s);
-      const Vec offset = Isa::set1(-s * Isa::half_to_float(w.zeros[n * n_groups + g]));
-      Vec lane_step[V];
-      for (int v = 0; v < V; ++v) lane_step[v] = Isa::fma(Isa::load(step + v * Isa::kWidth), vs, Isa::zero());
-      for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
-        Vec q[V];
-        Isa::widen(Isa::template decode<F>(w.codes + (n * n_chunks + c) * kBytes), q);
-        for (int v = 0; v < V; ++v)
-          store_out(out + c * kChunk + v * Isa::kWidth, Isa::fma(q[v], lane_step[v], offset));
-      }
-    }
-  }
-}
-
-// bfloat16 tiles by table lookup: a group has at most 16 + 8 distinct values (int3.5's 3-bit codes take
-// entries 16..23), computed once per group exactly as dequant_rows computes every weight, so each code
-// costs one lookup instead of a conversion, a multiply-add and a rounding. The same tiles, faster.
-template <Format F, typename I = Isa>
-void dequant_rows_bf16_lookup(const QWeight& w, uint16_t* rows, int64_t n_begin, int64_t n_end) {
-  using Vec = typename I::Vec;
-  constexpr int64_t kBytes = chunk_bytes(F);
-  const int64_t n_groups = w.Kp / w.group_size;
-  const int64_t n_chunks = w.Kp / kChunk;
-  const int64_t chunks_per_group = w.group_size / kChunk;
-  alignas(64) uint16_t lane_offset[kChunk];  // 16 on the lanes of 3-bit codes
-  alignas(64) float entry_code[kChunk], entry_step[kChunk];
-  for (int i = 0; i < kChunk; ++i) {
-    lane_offset[i] = F == Format::kInt35 && I::kOrder[static_cast<int>(F)][i] % 2 ? 16 : 0;
-    entry_code[i] = static_cast<float>(i % 16);
-    entry_step[i] = i < 16 ? 1.0f : kStep3;
-  }
-  const auto offsets = I::load_bf16_table(lane_offset);
-  alignas(64) uint16_t values[kChunk];
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    uint16_t* out = rows + (n - n_begin) * w.Kp;
     for (int64_t g = 0; g < n_groups; ++g) {
       const float s = I::half_to_float(w.scales[n * n_groups + g]);
       const Vec vs = I::set1(s);
       const Vec offset = I::set1(-s * I::half_to_float(w.zeros[n * n_groups + g]));
-      for (int v = 0; v < kChunk / I::kWidth; ++v) {
-        const Vec step = I::fma(I::load(entry_step + v * I::kWidth), vs, I::zero());
-        I::store_bf16(values + v * I::kWidth, I::fma(I::load(entry_code + v * I::kWidth), step, offset));
+      Vec lane_step[V];
+      for (int v = 0; v < V; ++v) lane_step[v] = I::fma(I::load(step + v * I::kWidth), vs, I::zero());
+      if constexpr (kLookup) {
+        alignas(64) uint16_t values[kChunk];
+        for (int v = 0; v < V; ++v)
+          I::store_bf16(values + v * I::kWidth, I::fma(I::load(code + v * I::kWidth), lane_step[v], offset));
+        const auto table = I::load_bf16_table(values), offsets = I::load_bf16_table(lane_offset);
+        for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c)
+          I::lookup_bf16(out + c * kChunk, I::template decode<F>(w.codes + (n * n_chunks + c) * kBytes), table,
+                         offsets);
+      } else {
+        for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
+          Vec q[V];
+          I::widen(I::template decode<F>(w.codes + (n * n_chunks + c) * kBytes), q);
+          for (int v = 0; v < V; ++v)
+            store_out(out + c * kChunk + v * I::kWidth, I::fma(q[v], lane_step[v], offset));
+        }
       }
-      const auto table = I::load_bf16_table(values);
-      for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c)
-        I::lookup_bf16(out + c * kChunk, I::template decode<F>(w.codes + (n * n_chunks + c) * kBytes), table, offsets);
     }
   }
 }
 
-template <typename Out>
+template <bool kLookup, typename Out>
 void dequant_to(const QWeight& w, Out* rows, int64_t n_begin, int64_t n_end) {
-  if (w.format == Format::kInt4) dequant_rows<Format::kInt4>(w, rows, n_begin, n_end);
-  else dequant_rows<Format::kInt35>(w, rows, n_begin, n_end);
-}
-
-template <typename I = Isa>
-void dequant_bf16(const QWeight& w, uint16_t* rows, int64_t n_begin, int64_t n_end) {
-  if constexpr (I::kBf16Lookup) {
-    if (w.format == Format::kInt4) dequant_rows_bf16_lookup<Format::kInt4>(w, rows, n_begin, n_end);
-    else dequant_rows_bf16_lookup<Format::kInt35>(w, rows, n_begin, n_end);
-  } else {
-    dequant_to(w, rows, n_begin, n_end);
-  }
+  if (w.format == Format::kInt4) dequant_rows<Format::kInt4, Out, kLookup>(w, rows, n_begin, n_end);
+  else dequant_rows<Format::kInt35, Out, kLookup>(w, rows, n_begin, n_end);
 }
 
 void dequant(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
-  if (a.out_bf16) dequant_bf16(a.w, a.out_bf16, n_begin, n_end);
-  else dequant_to(a.w, a.out, n_begin, n_end);
+  if (a.out_bf16) dequant_to<Isa::kBf16Lookup>(a.w, a.out_bf16, n_begin, n_end);
+  else dequant_to<false>(a.w, a.out, n_begin, n_end);
 }
 
 KernelTable make_table(const char* name) {
