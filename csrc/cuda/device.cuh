@@ -62,10 +62,9 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 
 // Weights, read exactly once: through the read-only path, without taking L1 from the activations.
 // (Not volatile: the callers only pass valid addresses, so the compiler may schedule these freely.)
-#define LOWBIT_LD_STREAM "ld.global.nc.L1::no_allocate"
 __device__ __forceinline__ uint4 load_stream_16(const void* p) {
   uint4 v;
-  asm(LOWBIT_LD_STREAM ".v4.u32 {%0, %1, %2, %3}, [%4];\n"
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
@@ -73,13 +72,13 @@ __device__ __forceinline__ uint4 load_stream_16(const void* p) {
 
 __device__ __forceinline__ uint2 load_stream_8(const void* p) {
   uint2 v;
-  asm(LOWBIT_LD_STREAM ".v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
   return v;
 }
 
 __device__ __forceinline__ uint32_t load_stream_4(const void* p) {
   uint32_t v;
-  asm(LOWBIT_LD_STREAM ".u32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
   return v;
 }
 
@@ -220,11 +219,12 @@ struct Slice {
   }
 };
 
-// Loads a slice from global memory, kVec (16, 8 or 4) bytes at a time: the vector at byte `offset` + i * kVec of
-// `row` when it starts before `valid` bytes from `offset`, else zeros. No branches: a vector past
-// `valid` reads the row's first bytes instead and is dropped. (Conditional loads become branches, and
-// the compiler then no longer issues the slice's loads together, ahead of their uses.) Callers keep
-// `valid` a multiple of kVec, or every vector that starts before it within the row stride.
+// Loads a slice from global memory, kVec (16, 8 or 4) bytes at a time: the vector at byte
+// `offset` + i * kVec of `row` when it starts before `valid` bytes from `offset`, else zeros. No
+// branches: a vector past `valid` reads the row's first bytes instead and is dropped. (Conditional loads
+// become branches, and the compiler then no longer issues the slice's loads together, ahead of their
+// uses.) Callers keep `valid` a multiple of kVec, or every vector that starts before it within the row
+// stride.
 template <int kVec, int kWords>
 __device__ __forceinline__ void load_slice(const uint8_t* row, int offset, int valid, uint32_t (&w)[kWords]) {
   if constexpr (kVec == 16) {
