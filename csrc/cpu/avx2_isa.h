@@ -20,12 +20,15 @@ struct Avx2Isa {
   static void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
-  // Round to nearest even (the dequantized weights are finite), then the 8 low halves in order.
-  static void store_bf16(uint16_t* p, Vec v) {
+  // bfloat16 bits of each lane, rounded to nearest even (the dequantized weights are finite), in the
+  // low half of its 32-bit lane.
+  static __m256i round_bf16(Vec v) {
     const __m256i bits = _mm256_castps_si256(v);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    const __m256i bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff));
-    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
+    return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  }
+  static void store_bf16(uint16_t* p, Vec v) {
+    const __m256i rounded = round_bf16(v);
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xD8);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }

@@ -40,11 +40,21 @@ alignas(64) constexpr Int35Lanes kInt35 = int35_lanes();
 alignas(64) constexpr uint16_t kInt4Shift[32] = {0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4,
                                                  0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4};
 
+// Word 2i of two concatenated registers, i = 0..31: the low half of each 32-bit lane.
+alignas(64) constexpr uint16_t kEvenWords[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                                 32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+
 struct Isa : Avx2Isa {
   // bfloat16 tiles by table lookup (vpermw: 32 entries of 16 bits, indexed by code + lane offset).
   static constexpr bool kBf16Lookup = true;
   using Bf16Table = __m512i;
   static Bf16Table load_bf16_table(const uint16_t* p) { return _mm512_loadu_si512(p); }
+  // Built in registers: through memory, the 64-byte reload of narrower stores stalls on store forwarding.
+  static Bf16Table bf16_table(const Vec v[kVecs]) {
+    const __m512i lo = _mm512_inserti64x4(_mm512_castsi256_si512(round_bf16(v[0])), round_bf16(v[1]), 1);
+    const __m512i hi = _mm512_inserti64x4(_mm512_castsi256_si512(round_bf16(v[2])), round_bf16(v[3]), 1);
+    return _mm512_permutex2var_epi16(lo, _mm512_load_si512(kEvenWords), hi);
+  }
   static void lookup_bf16(uint16_t* out, Codes q, Bf16Table table, Bf16Table offsets) {
     const __m512i index = _mm512_or_si512(_mm512_cvtepu8_epi16(q), offsets);
     _mm512_storeu_si512(out, _mm512_permutexvar_epi16(index, table));

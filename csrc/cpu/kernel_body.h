@@ -14,7 +14,8 @@
 //   kOrder[format][32]                       the x-order: chunk column held by each lane position
 //   kChunksPerStep                           1, or 2 when the ISA also has the two-chunk primitives
 //   kBf16Lookup                              true when the ISA also has the table primitives:
-//   Bf16Table, load_bf16_table(const uint16_t*)   32 bfloat16 values (or 16-bit lane offsets)
+//   Bf16Table, bf16_table(const Vec[kVecs])     32 floats as bfloat16, rounded to nearest even
+//   load_bf16_table(const uint16_t*)              32 16-bit values (the lane offsets)
 //   lookup_bf16(uint16_t*, Codes, table, offsets) the 32 codes of a chunk as table[code + offset]
 //   Codes2, decode2<F>, dot_acc2              (used when an activation block spans two chunks):
 //                                            the codes of chunks c and c + 1, each in x-order;
@@ -138,6 +139,7 @@ void dequant_rows(const QWeight& w, Out* rows, int64_t n_begin, int64_t n_end) {
   }
   for (int64_t n = n_begin; n < n_end; ++n) {
     Out* out = rows + (n - n_begin) * w.Kp;
+    const uint8_t* row_codes = w.codes + n * n_chunks * kBytes;
     for (int64_t g = 0; g < n_groups; ++g) {
       const float s = I::half_to_float(w.scales[n * n_groups + g]);
       const Vec vs = I::set1(s);
@@ -145,17 +147,17 @@ void dequant_rows(const QWeight& w, Out* rows, int64_t n_begin, int64_t n_end) {
       Vec lane_step[V];
       for (int v = 0; v < V; ++v) lane_step[v] = I::fma(I::load(step + v * I::kWidth), vs, I::zero());
       if constexpr (kLookup) {
-        alignas(64) uint16_t values[kChunk];
-        for (int v = 0; v < V; ++v)
-          I::store_bf16(values + v * I::kWidth, I::fma(I::load(code + v * I::kWidth), lane_step[v], offset));
-        const auto table = I::load_bf16_table(values), offsets = I::load_bf16_table(lane_offset);
-        for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c)
-          I::lookup_bf16(out + c * kChunk, I::template decode<F>(w.codes + (n * n_chunks + c) * kBytes), table,
-                         offsets);
+        Vec values[V];
+        for (int v = 0; v < V; ++v) values[v] = I::fma(I::load(code + v * I::kWidth), lane_step[v], offset);
+        const auto table = I::bf16_table(values), offsets = I::load_bf16_table(lane_offset);
+        for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
+          __builtin_prefetch(row_codes + c * kBytes + kPrefetchBytes);
+          I::lookup_bf16(out + c * kChunk, I::template decode<F>(row_codes + c * kBytes), table, offsets);
+        }
       } else {
         for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
           Vec q[V];
-          I::widen(I::template decode<F>(w.codes + (n * n_chunks + c) * kBytes), q);
+          I::widen(I::template decode<F>(row_codes + c * kBytes), q);
           for (int v = 0; v < V; ++v)
             store_out(out + c * kChunk + v * I::kWidth, I::fma(q[v], lane_step[v], offset));
         }

@@ -112,7 +112,7 @@ void layout_x(const at::Tensor& x2, const int64_t* src, int64_t Kp, Out* out) {
     for (int64_t m = m_begin; m < m_end; ++m) {
       const T* row = x + m * x2.stride(0);
       Out* o = out + m * Kp;
-      for (int64_t j = 0; j < Kp; ++j) o[j] = static_cast<Out>(source_value(row, src[j]));
+      for (int64_t j = 0; j < Kp; ++j) o[j] = src[j] >= 0 ? static_cast<Out>(row[src[j]]) : Out(0);
     }
   });
 }
