@@ -45,6 +45,12 @@ PYBIND11_MODULE(_C, m) {
     info["cpu_isas_compiled"] = lowbit::cpu::compiled_isas();
     info["cpu_isas_available"] = lowbit::cpu::available_isas();
     info["cpu_features"] = cpu;
+    py::dict int8_rows;  // per activation dtype; None: every row count
+    for (const char* dtype : {"float32", "float16", "bfloat16"}) {
+      const int64_t rows = lowbit::cpu::int8_max_rows(std::string(dtype) == "bfloat16");
+      int8_rows[dtype] = rows == INT64_MAX ? py::object(py::none()) : py::object(py::int_(rows));
+    }
+    info["cpu_int8_max_rows"] = int8_rows;
     return info;
   });
   m.def("cpu_isa", [] { return std::string(lowbit::cpu::active_kernels().name); },

@@ -5,7 +5,7 @@ import torch
 from lowbit import formats
 from lowbit.weight import QuantizedWeight
 
-# The decode path (M <= 8) quantizes activations to int8 per block of this many columns (docs/FORMAT.md).
+# The int8 path (decode rows, and more: docs/FORMAT.md) quantizes activations to int8 per block of this many columns (docs/FORMAT.md).
 X_BLOCK = 64
 
 
@@ -17,7 +17,7 @@ def reference_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None) -> torch.T
 
 
 def int8_activation_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None) -> torch.Tensor:
-    """What the GEMV kernels compute, step by step: int8 activations per block, integer dot products,
+    """What the int8 kernels compute, step by step: int8 activations per block, integer dot products,
     then y = sum_g s * (sum_b xscale_b * dot_b - z * sum_g x'), in float64, where x' are the
     dequantized int8 activations (odd columns of int3.5 divided back by 15/7)."""
     k, g = qw.in_features, qw.group_size

@@ -39,10 +39,11 @@ def test_rmse_report_rtn(tiny):
     expected = ((q.layers[0].attn.wqkv.dequantize() - w).norm() / w.norm()).item()
     assert math.isclose(first["weight_rel_rmse"], expected, rel_tol=1e-6)
     assert first["bits_per_weight"] == 5.0 and first["bytes"] == 192 * 128 // 2 + 192 * 4 * 2 * 2  # codes + fp16 scales, zeros
-    # int4 RTN is the uniform 4-bit quantizer, so its output error equals the baseline's (prefill uses
-    # float activations); uniform 3-bit is clearly worse.
+    # int4 RTN is the uniform 4-bit quantizer, so its output error is the baseline's (float weights
+    # rounded, float activations) plus the small error of the kernels' int8 activations; uniform 3-bit is
+    # clearly worse.
     for row in report.rows:
-        assert math.isclose(row["output_rel_rmse"], row["output_rel_rmse_uniform4"], rel_tol=1e-3)
+        assert math.isclose(row["output_rel_rmse"], row["output_rel_rmse_uniform4"], rel_tol=1e-2)
         assert row["output_rel_rmse_uniform3"] > 1.5 * row["output_rel_rmse"]
     t = report.totals
     assert t["quantized_layers"] == 12 and t["bits_per_weight"] == 5.0

@@ -1,11 +1,11 @@
 """CPU kernels against the reference, for every ISA this machine has.
 
-Tolerances (relative to max |y| of the reference):
-  GEMM path (M > 8, float32 activations):           exact reference, 2e-5
-  GEMV path (M <= 8, int8 activations per 64 cols): reference model of the int8 steps
-                                                     (tests/reference.py), 2e-5; and the exact
-                                                     reference within 2% relative RMS error
-  bfloat16 / float16 outputs add their rounding:     8e-3 / 1e-3
+Which path runs depends on the row count, the activation dtype and the ISA
+(lowbit.build_info()["cpu_int8_max_rows"]). Tolerances (relative to max |y| of the reference):
+  int8 path (int8 activations per 64 cols):      reference model of the int8 steps (tests/reference.py),
+                                                  2e-5; and the exact reference within 2% relative RMS error
+  GEMM path (dequantized tiles and BLAS):         exact reference, 2e-5
+  bfloat16 / float16 outputs add their rounding:  8e-3 / 1e-3
 """
 
 import pytest
@@ -17,6 +17,12 @@ from reference import int8_activation_linear, reference_linear
 
 M_VALUES = [1, 2, 3, 7, 8, 16, 33, 128]
 OUT_TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def int8_path(m, dtype):
+    """Whether linear runs the int8 kernels for m rows of this dtype with the active ISA."""
+    limit = lowbit.build_info()["cpu_int8_max_rows"][str(dtype).removeprefix("torch.")]
+    return limit is None or m <= limit
 
 
 def make_weight(n, k, bits, group_size, with_perm):
@@ -31,7 +37,7 @@ def check_linear(x, qw, bias):
     scale = exact.abs().max().item() + 1e-6
     m = x.reshape(-1, x.shape[-1]).shape[0]
     tol = OUT_TOL[x.dtype] * scale
-    if m <= 8:
+    if int8_path(m, x.dtype):
         model = int8_activation_linear(x.float(), qw, None if bias is None else bias.float())
         assert (y.double() - model).abs().max().item() <= tol
         assert ((y.double() - exact).norm() / exact.norm()).item() < 0.02
@@ -76,11 +82,28 @@ def test_linear_3d_and_non_contiguous_inputs(isa, bits):
 
 
 @pytest.mark.parametrize("bits", [4, 3.5])
-def test_gemv_and_gemm_paths_agree(isa, bits):
+def test_int8_row_blocks_match_single_rows(isa, bits):
+    # Each activation row is quantized and summed on its own, whichever block of rows it runs in.
+    limit = lowbit.build_info()["cpu_int8_max_rows"]["float32"]
+    m = 37 if limit is None else limit
+    qw = make_weight(64, 512, bits, 64, with_perm=True)
+    x = torch.randn(m, 512)
+    one_by_one = torch.cat([lowbit.linear(x[i:i + 1], qw) for i in range(m)])
+    assert torch.equal(lowbit.linear(x, qw), one_by_one)
+
+
+@pytest.mark.parametrize("bits", [4, 3.5])
+def test_int8_and_gemm_paths_agree(isa, bits):
+    limits = lowbit.build_info()["cpu_int8_max_rows"]
+    dtype = next((d for d in (torch.float32, torch.bfloat16) if limits[str(d)[6:]] is not None), None)
+    if dtype is None:
+        pytest.skip("every row count runs the int8 kernels with this ISA and activation dtype")
+    m = limits[str(dtype)[6:]] + 1
     qw = make_weight(64, 512, bits, 64, with_perm=False)
-    x = torch.randn(16, 512)
-    batched = lowbit.linear(x, qw)
-    one_by_one = torch.cat([lowbit.linear(x[i:i + 1], qw) for i in range(16)])
+    x = torch.randn(m, 512).to(dtype)
+    assert int8_path(1, dtype) and not int8_path(m, dtype)
+    batched = lowbit.linear(x, qw).float()                               # GEMM path
+    one_by_one = torch.cat([lowbit.linear(x[i:i + 1], qw) for i in range(m)]).float()  # int8 path
     assert ((batched - one_by_one).norm() / batched.norm()).item() < 0.02
 
 
@@ -119,11 +142,12 @@ def test_bfloat16_tiles_agree_across_isas(bits, group_size):
     if "avx512_vnni" not in available or not lowbit.build_info()["cpu_features"]["avx512_bf16"]:
         pytest.skip("needs AVX-512 with bfloat16 dot products (the only ISA with the lookup)")
     qw = make_weight(200, 576, bits, group_size, with_perm=True)
-    x = torch.randn(40, 576).bfloat16()
+    x = torch.randn(64, 576).bfloat16()
     previous = lowbit.cpu_isa()
     outputs = []
     for name in ("avx2", "avx512_vnni"):
         lowbit.set_cpu_isa(name)
+        assert not int8_path(64, torch.bfloat16)
         outputs.append(lowbit.linear(x, qw))
     lowbit.set_cpu_isa(previous)
     assert torch.equal(outputs[0], outputs[1])

@@ -18,8 +18,10 @@ struct Avx2Isa {
   static Vec set1(float v) { return _mm256_set1_ps(v); }
   static Vec load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+  static Vec load_halves(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   // bfloat16 bits of each lane, rounded to nearest even (the dequantized weights are finite), in the
   // low half of its 32-bit lane.
   static __m256i round_bf16(Vec v) {
@@ -34,6 +36,9 @@ struct Avx2Isa {
   }
   static constexpr int kChunksPerStep = 1;
   static constexpr bool kBf16Lookup = false;
+  // 4096 x 4096 on the AVX-512 development machine (benchmarks/README.md): float32 x, int8 2-4x faster
+  // than float32 BLAS from 16 to 512 rows; bfloat16 x, faster than bfloat16 BLAS at 16 rows, slower at 32.
+  static constexpr int64_t kInt8MaxRows = INT64_MAX, kInt8MaxRowsVsBf16 = 16;
 
   using Codes = __m256i;  // 32 codes, one per byte
 
@@ -79,6 +84,7 @@ struct Avx2Isa {
   static Acc scale_add(IntAcc dot, float s, Acc acc) {
     return _mm256_fmadd_ps(to_float(dot), _mm256_set1_ps(s), acc);
   }
+  static Acc acc_fma(Acc a, float s, Acc acc) { return _mm256_fmadd_ps(a, _mm256_set1_ps(s), acc); }
   static float acc_sum(Acc v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

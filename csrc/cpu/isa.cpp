@@ -97,5 +97,12 @@ const KernelTable& active_kernels() { return *active().load(std::memory_order_re
 
 void set_isa(const std::string& name) { active().store(find_supported(name)); }
 
+bool native_bf16_gemm() { return cpu_features().avx512_bf16 || cpu_features().amx_bf16; }
+
+int64_t int8_max_rows(bool bfloat16_activations) {
+  const KernelTable& k = active_kernels();
+  return bfloat16_activations && native_bf16_gemm() ? k.int8_max_rows_vs_bf16 : k.int8_max_rows;
+}
+
 }  // namespace cpu
 }  // namespace lowbit

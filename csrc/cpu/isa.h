@@ -22,5 +22,11 @@ std::vector<std::string> compiled_isas();
 const KernelTable& active_kernels();
 void set_isa(const std::string& name);  // throws c10::ValueError when unknown or not supported here
 
+// Whether the CPU has native bfloat16 dot products: then bfloat16 activations multiply in bfloat16 on
+// the BLAS path (oneDNN's bfloat16 GEMM runs several times faster than the float32 one there).
+bool native_bf16_gemm();
+// Activation rows up to which linear runs the active int8 kernels rather than dequantize + BLAS.
+int64_t int8_max_rows(bool bfloat16_activations);
+
 }  // namespace cpu
 }  // namespace lowbit

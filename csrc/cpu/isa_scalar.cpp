@@ -20,6 +20,7 @@ struct Isa {
   static Vec set1(float v) { return v; }
   static Vec load(const float* p) { return *p; }
   static void store(float* p, Vec v) { *p = v; }
+  static Vec mul(Vec a, Vec b) { return a * b; }
   static Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
   static void store_bf16(uint16_t* p, Vec v) {
     uint32_t bits;
@@ -28,6 +29,8 @@ struct Isa {
   }
   static constexpr int kChunksPerStep = 1;
   static constexpr bool kBf16Lookup = false;
+  // Plain C++ integer dot products are no match for BLAS beyond the decode rows.
+  static constexpr int64_t kInt8MaxRows = kMaxGemvRows, kInt8MaxRowsVsBf16 = kMaxGemvRows;
 
   static float half_to_float(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -43,6 +46,8 @@ struct Isa {
     __builtin_memcpy(&f, &bits, sizeof f);
     return f;
   }
+
+  static Vec load_halves(const uint16_t* p) { return half_to_float(*p); }
 
   struct Codes {
     uint8_t v[kChunk];
@@ -79,6 +84,7 @@ struct Isa {
   using Acc = float;
   static Acc acc_zero() { return 0.0f; }
   static Acc scale_add(IntAcc dot, float s, Acc acc) { return static_cast<float>(dot) * s + acc; }
+  static Acc acc_fma(Acc a, float s, Acc acc) { return a * s + acc; }
   static float acc_sum(Acc acc) { return acc; }
 
   static void widen(const Codes& q, Vec out[kVecs]) {

@@ -2,17 +2,19 @@
 //
 // Included by each isa_*.cpp inside its own namespace, after that file defines `struct Isa`:
 //   Vec, kWidth, kVecs = 32 / kWidth        float vector, and how many cover one 32-column chunk
-//   zero, set1, load, store, fma             the obvious float vector operations
-//   half_to_float(uint16_t)                  one float16 value (scales and zeros)
+//   zero, set1, load, store, mul, fma        the obvious float vector operations
+//   half_to_float(uint16_t), load_halves(const uint16_t*)  one / kWidth float16 values as float32
 //   Codes, decode<F>(const uint8_t*)         the 32 codes of one chunk, as bytes in the ISA's x-order
 //   IntAcc, int_zero()                       integer partial sums of code * x
 //   dot_acc(IntAcc, Codes, const int8_t* x)  adds one chunk's products (exact over an activation block)
 //   Acc, acc_zero(), scale_add(IntAcc, s, Acc)  float sums of the dot products: Acc += s * (partial sums)
+//   acc_fma(Acc a, s, Acc)                   Acc += s * a
 //   acc_sum(Acc)                             their total
 //   widen(Codes, Vec[kVecs])                 the codes as floats, x-order
 //   store_bf16(uint16_t*, Vec)               kWidth floats as bfloat16, rounded to nearest even
 //   kOrder[format][32]                       the x-order: chunk column held by each lane position
 //   kChunksPerStep                           1, or 2 when the ISA also has the two-chunk primitives
+//   kInt8MaxRows, kInt8MaxRowsVsBf16         KernelTable::int8_max_rows, int8_max_rows_vs_bf16
 //   kBf16Lookup                              true when the ISA also has the table primitives:
 //   Bf16Table, bf16_table(const Vec[kVecs])     32 floats as bfloat16, rounded to nearest even
 //   load_bf16_table(const uint16_t*)              32 16-bit values (the lane offsets)
@@ -26,6 +28,17 @@ constexpr float kStep3 = 15.0f / 7.0f;  // 3-bit step relative to the 4-bit step
 // Software prefetch distance on the weight stream; the hardware prefetcher alone left the 2-core
 // AVX2 development machine at ~0.8 ms instead of ~0.7 ms for a 4096 x 4096 int4 GEMV.
 constexpr int64_t kPrefetchBytes = 4096;
+
+// Groups whose scales the GEMV converts to float32 at a time (a multiple of every ISA's kWidth).
+constexpr int64_t kGroupsPerPass = 64;
+
+// count float16 values as float32.
+template <typename I>
+void load_halves(const uint16_t* h, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i + I::kWidth <= count; i += I::kWidth) I::store(out + i, I::load_halves(h + i));
+  for (; i < count; ++i) out[i] = I::half_to_float(h[i]);
+}
 
 // F: weight format, MB: activation rows, CX: 32-column chunks per activation block, kPairs: decode two
 // chunks per step where the ISA can. (I is Isa, as a template parameter so that ISAs without two-chunk
@@ -42,41 +55,65 @@ void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* codes = w.codes + n * n_chunks * kBytes;
-    const uint16_t* scales = w.scales + n * n_groups;
-    const uint16_t* zeros = w.zeros + n * n_groups;
-    typename Isa::Acc total[MB];
-    float zero_term[MB];
+    typename I::Acc total[MB];
+    typename I::Vec zero_term[MB];
+    float zero_tail[MB];
     for (int m = 0; m < MB; ++m) {
-      total[m] = Isa::acc_zero();
-      zero_term[m] = 0.0f;
+      total[m] = I::acc_zero();
+      zero_term[m] = I::zero();
+      zero_tail[m] = 0.0f;
     }
-    for (int64_t g = 0; g < n_groups; ++g) {
-      // Group g adds s * (sum_k q_k x_k - z * sum_k x_k). The first sum runs on int8 activations in
-      // integer arithmetic, one activation block (one activation scale) at a time.
-      const float s = Isa::half_to_float(scales[g]);
-      const float sz = s * Isa::half_to_float(zeros[g]);
-      for (int64_t xb = g * xblocks_per_group; xb < (g + 1) * xblocks_per_group; ++xb) {
-        typename Isa::IntAcc dot[MB];
-        for (int m = 0; m < MB; ++m) dot[m] = Isa::int_zero();
-        __builtin_prefetch(codes + xb * CX * kBytes + kPrefetchBytes);  // never faults, even past the end
-        if constexpr (kPairs && CX == 2 && I::kChunksPerStep == 2) {
-          const int64_t c = xb * CX;
-          const typename I::Codes2 q = I::template decode2<F>(codes + c * kBytes);
-          for (int m = 0; m < MB; ++m) dot[m] = I::dot_acc2(dot[m], q, a.xq + m * w.Kp + c * kChunk);
-        } else {
-          for (int cc = 0; cc < CX; ++cc) {
-            const int64_t c = xb * CX + cc;
-            const typename Isa::Codes q = Isa::template decode<F>(codes + c * kBytes);
-            for (int m = 0; m < MB; ++m) dot[m] = Isa::dot_acc(dot[m], q, a.xq + m * w.Kp + c * kChunk);
-          }
-        }
+    // Group g adds s * (sum_k q_k x_k - z * sum_k x_k). The groups' scales and zero points are
+    // converted a pass of groups at a time, and the zero-point terms summed as vectors there.
+    for (int64_t g0 = 0; g0 < n_groups; g0 += kGroupsPerPass) {
+      const int64_t count = n_groups - g0 < kGroupsPerPass ? n_groups - g0 : kGroupsPerPass;
+      alignas(64) float s[kGroupsPerPass], sz[kGroupsPerPass];
+      load_halves<I>(w.scales + n * n_groups + g0, count, s);
+      load_halves<I>(w.zeros + n * n_groups + g0, count, sz);
+      int64_t i = 0;
+      for (; i + I::kWidth <= count; i += I::kWidth) {
+        const typename I::Vec vsz = I::mul(I::load(s + i), I::load(sz + i));
         for (int m = 0; m < MB; ++m)
-          total[m] = Isa::scale_add(dot[m], s * a.xscale[m * n_xblocks + xb], total[m]);
+          zero_term[m] = I::fma(vsz, I::load(a.xsum + m * n_groups + g0 + i), zero_term[m]);
       }
-      for (int m = 0; m < MB; ++m) zero_term[m] += sz * a.xsum[m * n_groups + g];
+      for (; i < count; ++i)
+        for (int m = 0; m < MB; ++m) zero_tail[m] += s[i] * sz[i] * a.xsum[m * n_groups + g0 + i];
+
+      for (int64_t g = g0; g < g0 + count; ++g) {
+        // The first sum runs on int8 activations in integer arithmetic, one activation block (one
+        // activation scale) at a time, into the group's own float sums: the total then takes one
+        // dependent addition per group, not one per block.
+        typename I::Acc group_total[MB];
+        for (int m = 0; m < MB; ++m) group_total[m] = I::acc_zero();
+        for (int64_t xb = g * xblocks_per_group; xb < (g + 1) * xblocks_per_group; ++xb) {
+          typename I::IntAcc dot[MB];
+          for (int m = 0; m < MB; ++m) dot[m] = I::int_zero();
+          __builtin_prefetch(codes + xb * CX * kBytes + kPrefetchBytes);  // never faults, even past the end
+          if constexpr (kPairs && CX == 2 && I::kChunksPerStep == 2) {
+            const int64_t c = xb * CX;
+            const typename I::Codes2 q = I::template decode2<F>(codes + c * kBytes);
+            for (int m = 0; m < MB; ++m) dot[m] = I::dot_acc2(dot[m], q, a.xq + m * w.Kp + c * kChunk);
+          } else {
+            for (int cc = 0; cc < CX; ++cc) {
+              const int64_t c = xb * CX + cc;
+              const typename I::Codes q = I::template decode<F>(codes + c * kBytes);
+              for (int m = 0; m < MB; ++m) dot[m] = I::dot_acc(dot[m], q, a.xq + m * w.Kp + c * kChunk);
+            }
+          }
+          for (int m = 0; m < MB; ++m)
+            group_total[m] = I::scale_add(dot[m], a.xscale[m * n_xblocks + xb], group_total[m]);
+        }
+        for (int m = 0; m < MB; ++m) total[m] = I::acc_fma(group_total[m], s[g - g0], total[m]);
+      }
     }
     const float b = a.bias ? a.bias[n] : 0.0f;
-    for (int m = 0; m < MB; ++m) a.y[m * w.N + n] = Isa::acc_sum(total[m]) - zero_term[m] + b;
+    for (int m = 0; m < MB; ++m) {
+      alignas(64) float lanes[I::kWidth];
+      I::store(lanes, zero_term[m]);
+      float zero = zero_tail[m];
+      for (int l = 0; l < I::kWidth; ++l) zero += lanes[l];
+      a.y[m * w.N + n] = I::acc_sum(total[m]) - zero + b;
+    }
   }
 }
 
@@ -178,7 +215,7 @@ void dequant(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
 }
 
 KernelTable make_table(const char* name) {
-  KernelTable t{name, {}, gemv, dequant};
+  KernelTable t{name, {}, Isa::kInt8MaxRows, Isa::kInt8MaxRowsVsBf16, gemv, dequant};
   for (int f = 0; f < 2; ++f)
     for (int i = 0; i < kChunk; ++i) t.x_order[f][i] = Isa::kOrder[f][i];
   return t;

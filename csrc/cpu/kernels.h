@@ -57,6 +57,9 @@ struct DequantArgs {
 struct KernelTable {
   const char* name;
   int x_order[2][kChunk];
+  // Activation rows up to which linear runs gemv (in blocks of kMaxGemvRows rows) rather than dequant
+  // and BLAS: against a float32 GEMM, and against a native bfloat16 GEMM (measured crossovers).
+  int64_t int8_max_rows, int8_max_rows_vs_bf16;
   void (*gemv)(const GemvArgs& args, int64_t n_begin, int64_t n_end);
   void (*dequant)(const DequantArgs& args, int64_t n_begin, int64_t n_end);
 };

@@ -1,5 +1,5 @@
 // CPU implementations of the lowbit ops: argument checks, activation layout, threading, and the
-// choice between the GEMV kernels (few rows) and dequantize-then-GEMM (many rows).
+// choice between the int8 kernels (GEMV, in blocks of activation rows) and dequantize-then-GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +16,8 @@ namespace {
 // each BLAS call is large enough that repacking the activations for every tile costs little.
 constexpr int64_t kGemmTileBytes = int64_t{4} << 20;
 constexpr int64_t kGemmMinTileRows = 256;
+// Bytes of packed W that the int8 path's blocks of activation rows pass over in turn: well inside L2.
+constexpr int64_t kInt8SliceBytes = int64_t{128} << 10;
 
 QWeight view_weight(const WeightShape& s, const at::Tensor& qweight, const at::Tensor& scales,
                     const at::Tensor& zeros) {
@@ -50,8 +52,9 @@ void source_offsets(const WeightShape& s, const int32_t* perm, const int* x_orde
   }
 }
 
-// Per-thread buffers for the activation layout, reused across calls: a decode step allocates nothing
-// but its output.
+// Per-thread buffers for the activation layout, reused across calls: a decode step (M <= kMaxGemvRows)
+// allocates nothing but its output. Larger calls allocate their int8 buffers, so that one long prompt
+// does not pin them for the thread's lifetime.
 struct Scratch {
   std::vector<int64_t> src;
   std::vector<int8_t> xq;
@@ -59,13 +62,36 @@ struct Scratch {
 };
 thread_local Scratch scratch;
 
+// The int8 path's buffers: xq [M, Kp], xscale [M, Kp / xblock], xsum [M, n_groups], y [M, N] (float32
+// results, unless they go straight into the output).
+struct Int8Buffers {
+  int8_t* xq;
+  float *xscale, *xsum, *y;
+  at::Tensor storage;  // owns them when they are not the scratch
+};
+
+Int8Buffers int8_buffers(int64_t M, const WeightShape& s, int64_t xblock, bool need_y) {
+  const int64_t n_xq = M * s.Kp, n_xscale = M * s.Kp / xblock, n_xsum = M * s.n_groups;
+  const int64_t n_y = need_y ? M * s.N : 0;
+  if (M <= kMaxGemvRows) {
+    scratch.xq.resize(n_xq);
+    scratch.xscale.resize(n_xscale);
+    scratch.xsum.resize(n_xsum);
+    scratch.y.resize(n_y);
+    return {scratch.xq.data(), scratch.xscale.data(), scratch.xsum.data(), scratch.y.data(), at::Tensor()};
+  }
+  at::Tensor storage = at::empty({n_xscale + n_xsum + n_y + (n_xq + 3) / 4}, at::kFloat);
+  float* f = storage.data_ptr<float>();
+  return {reinterpret_cast<int8_t*>(f + n_xscale + n_xsum + n_y), f, f + n_xscale, f + n_xscale + n_xsum, storage};
+}
+
 template <typename T>
 inline float source_value(const T* row, int64_t offset) {
   return offset >= 0 ? static_cast<float>(row[offset]) : 0.0f;
 }
 
-// GEMV input: int8 codes with one float scale per block of xblock columns (q = round(x * 127 / max|x|),
-// scale = max|x| / 127), plus per-group sums for the zero-point term. odd_scale multiplies the odd
+// Input of the int8 path: int8 codes with one float scale per block of xblock columns
+// (q = round(x * 127 / max|x|), scale = max|x| / 127), plus per-group sums for the zero-point term. odd_scale multiplies the odd
 // columns (lane_odd[i] = 1) before quantization: the 15/7 step of int3.5's 3-bit codes, folded into x.
 template <typename T>
 void quantize_x(const at::Tensor& x2, const int64_t* src, const int* lane_odd, float odd_scale, int64_t xblock,
@@ -74,34 +100,36 @@ void quantize_x(const at::Tensor& x2, const int64_t* src, const int* lane_odd, f
   for (int i = 0; i < kChunk; ++i) lane_scale[i] = lane_odd[i] ? odd_scale : 1.0f;
   const T* x = x2.data_ptr<T>();
   const int64_t Kp = s.Kp, group_size = s.group_size, n_groups = s.n_groups;
-  for (int64_t m = 0; m < x2.size(0); ++m) {
-    const T* row = x + m * x2.stride(0);
-    for (int64_t b = 0; b < Kp; b += xblock) {
-      float v[kXBlock];
-      for (int64_t i = 0; i < xblock; ++i) v[i] = source_value(row, src[b + i]) * lane_scale[i % kChunk];
-      float maxima[8] = {};  // independent partial maxima: no long dependency chain
-      for (int64_t i = 0; i < xblock; i += 8)
-        for (int j = 0; j < 8; ++j) maxima[j] = std::max(maxima[j], std::abs(v[i + j]));
-      float amax = 0.0f;
-      for (int j = 0; j < 8; ++j) amax = std::max(amax, maxima[j]);
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      const float dx = amax / 127.0f;
-      int8_t* q = xq + m * Kp + b;  // int8 stores may alias anything: keep every index local
-      int32_t sums[2] = {0, 0};     // of the codes on even and on odd columns
-      for (int64_t i = 0; i < xblock; ++i) {
-        const float t = v[i] * inv;  // |t| <= 127; round half away from zero, without branches
-        q[i] = static_cast<int8_t>(t + std::copysign(0.5f, t));
-        sums[lane_odd[i % kChunk]] += q[i];
+  at::parallel_for(0, x2.size(0), 8, [&](int64_t m_begin, int64_t m_end) {
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      const T* row = x + m * x2.stride(0);
+      for (int64_t b = 0; b < Kp; b += xblock) {
+        float v[kXBlock];
+        for (int64_t i = 0; i < xblock; ++i) v[i] = source_value(row, src[b + i]) * lane_scale[i % kChunk];
+        float maxima[8] = {};  // independent partial maxima: no long dependency chain
+        for (int64_t i = 0; i < xblock; i += 8)
+          for (int j = 0; j < 8; ++j) maxima[j] = std::max(maxima[j], std::abs(v[i + j]));
+        float amax = 0.0f;
+        for (int j = 0; j < 8; ++j) amax = std::max(amax, maxima[j]);
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        const float dx = amax / 127.0f;
+        int8_t* q = xq + m * Kp + b;  // int8 stores may alias anything: keep every index local
+        int32_t sums[2] = {0, 0};     // of the codes on even and on odd columns
+        for (int64_t i = 0; i < xblock; ++i) {
+          const float t = v[i] * inv;  // |t| <= 127; round half away from zero, without branches
+          q[i] = static_cast<int8_t>(t + std::copysign(0.5f, t));
+          sums[lane_odd[i % kChunk]] += q[i];
+        }
+        xscale[m * (Kp / xblock) + b / xblock] = dx;
+        // The zero-point term uses the sum of the int8 activations as they are (odd columns unscaled),
+        // so the kernel computes exactly W x' with x' the dequantized activations: no error from the
+        // large, nearly cancelling q * x and z * x sums.
+        const float block_sum = dx * (static_cast<float>(sums[0]) + static_cast<float>(sums[1]) / odd_scale);
+        float& group_sum = xsum[m * n_groups + b / group_size];
+        group_sum = (b % group_size == 0 ? 0.0f : group_sum) + block_sum;
       }
-      xscale[m * (Kp / xblock) + b / xblock] = dx;
-      // The zero-point term uses the sum of the int8 activations as they are (odd columns unscaled),
-      // so the kernel computes exactly W x' with x' the dequantized activations: no error from the
-      // large, nearly cancelling q * x and z * x sums.
-      const float block_sum = dx * (static_cast<float>(sums[0]) + static_cast<float>(sums[1]) / odd_scale);
-      float& group_sum = xsum[m * n_groups + b / group_size];
-      group_sum = (b % group_size == 0 ? 0.0f : group_sum) + block_sum;
     }
-  }
+  });
 }
 
 // GEMM input: [M, Kp] in x-order, in the GEMM's dtype (float32, or bfloat16 from bfloat16: exact).
@@ -139,35 +167,41 @@ at::Tensor linear_cpu(const char* op, Format format, const at::Tensor& x, const 
   const float* bias_ptr = bias ? bias_f32.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty(out_shape, x.options());
 
-  if (M <= kMaxGemvRows) {
-    // Weight-streaming GEMV on int8 activations; the 3-bit step of int3.5 is folded into x.
+  if (M <= int8_max_rows(x.scalar_type() == at::kBFloat16)) {
+    // Integer kernels on int8 activations; the 3-bit step of int3.5 is folded into x.
     int lane_odd[kChunk];
     for (int i = 0; i < kChunk; ++i) lane_odd[i] = x_order[i] % 2;
     const float odd_scale = format == Format::kInt35 ? 15.0f / 7.0f : 1.0f;
     const int64_t xblock = std::min(kXBlock, s.group_size);
-    scratch.xq.resize(M * s.Kp);
-    scratch.xscale.resize(M * s.Kp / xblock);
-    scratch.xsum.resize(M * s.n_groups);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_quantize_x", [&] {
-      quantize_x<scalar_t>(x2, scratch.src.data(), lane_odd, odd_scale, xblock, s, scratch.xq.data(),
-                          scratch.xscale.data(), scratch.xsum.data());
-    });
     const bool direct = x.scalar_type() == at::kFloat;  // write float32 results straight into out
-    if (!direct) scratch.y.resize(M * s.N);
-    float* y = direct ? out.data_ptr<float>() : scratch.y.data();
-    const GemvArgs args{w, scratch.xq.data(), scratch.xscale.data(), scratch.xsum.data(), bias_ptr, y, M, xblock};
+    const Int8Buffers buf = int8_buffers(M, s, xblock, !direct);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_quantize_x", [&] {
+      quantize_x<scalar_t>(x2, scratch.src.data(), lane_odd, odd_scale, xblock, s, buf.xq, buf.xscale, buf.xsum);
+    });
+    float* y = direct ? out.data_ptr<float>() : buf.y;
+    // Blocks of up to kMaxGemvRows activation rows, one kernel call each, pass in turn over a slice of W
+    // that stays in the core's L2 (with one block, the kernel streams W once).
+    const int64_t n_xblocks = s.Kp / xblock, row_bytes = packed_row_bytes(format, s.Kp);
+    const int64_t slice_rows = std::max<int64_t>(1, kInt8SliceBytes / row_bytes);
+    const auto block_args = [&](int64_t m0) {
+      return GemvArgs{w, buf.xq + m0 * s.Kp, buf.xscale + m0 * n_xblocks, buf.xsum + m0 * s.n_groups, bias_ptr,
+                      y + m0 * s.N, std::min(kMaxGemvRows, M - m0), xblock};
+    };
     // Threads get at least 16 KiB of weights each: smaller layers are not worth waking a thread for.
-    const int64_t grain = std::max<int64_t>(16, 16384 / packed_row_bytes(format, s.Kp));
-    at::parallel_for(0, s.N, grain, [&](int64_t n_begin, int64_t n_end) { kernels.gemv(args, n_begin, n_end); });
+    const int64_t grain = std::max<int64_t>(16, 16384 / row_bytes);
+    at::parallel_for(0, s.N, grain, [&](int64_t n_begin, int64_t n_end) {
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += slice_rows)
+        for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows)
+          kernels.gemv(block_args(m0), n0, std::min(n_end, n0 + slice_rows));
+    });
     if (!direct) out.view({M, s.N}).copy_(at::from_blob(y, {M, s.N}, at::kFloat));
     return out;
   }
 
   // Dequantize a tile of rows (in the same x-order as the activations), multiply with BLAS. bfloat16
   // activations multiply in bfloat16 (float32 accumulation, as F.linear does) where the CPU has native
-  // bfloat16 dot products: there oneDNN's bfloat16 GEMM runs several times faster than the float32 one.
-  const CpuFeatures& cpu = cpu_features();
-  const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && (cpu.avx512_bf16 || cpu.amx_bf16);
+  // bfloat16 dot products.
+  const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && native_bf16_gemm();
   const at::Tensor xg = at::empty({M, s.Kp}, x.options().dtype(bf16_gemm ? at::kBFloat16 : at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_layout_x", [&] {
     if (bf16_gemm) layout_x<scalar_t>(x2, scratch.src.data(), s.Kp, xg.data_ptr<at::BFloat16>());
