@@ -67,17 +67,17 @@ void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
     // converted a pass of groups at a time, and the zero-point terms summed as vectors there.
     for (int64_t g0 = 0; g0 < n_groups; g0 += kGroupsPerPass) {
       const int64_t count = n_groups - g0 < kGroupsPerPass ? n_groups - g0 : kGroupsPerPass;
-      alignas(64) float s[kGroupsPerPass], sz[kGroupsPerPass];
+      alignas(64) float s[kGroupsPerPass], z[kGroupsPerPass];
       load_halves<I>(w.scales + n * n_groups + g0, count, s);
-      load_halves<I>(w.zeros + n * n_groups + g0, count, sz);
+      load_halves<I>(w.zeros + n * n_groups + g0, count, z);
       int64_t i = 0;
       for (; i + I::kWidth <= count; i += I::kWidth) {
-        const typename I::Vec vsz = I::mul(I::load(s + i), I::load(sz + i));
+        const typename I::Vec sz = I::mul(I::load(s + i), I::load(z + i));
         for (int m = 0; m < MB; ++m)
-          zero_term[m] = I::fma(vsz, I::load(a.xsum + m * n_groups + g0 + i), zero_term[m]);
+          zero_term[m] = I::fma(sz, I::load(a.xsum + m * n_groups + g0 + i), zero_term[m]);
       }
       for (; i < count; ++i)
-        for (int m = 0; m < MB; ++m) zero_tail[m] += s[i] * sz[i] * a.xsum[m * n_groups + g0 + i];
+        for (int m = 0; m < MB; ++m) zero_tail[m] += s[i] * z[i] * a.xsum[m * n_groups + g0 + i];
 
       for (int64_t g = g0; g < g0 + count; ++g) {
         // The first sum runs on int8 activations in integer arithmetic, one activation block (one
