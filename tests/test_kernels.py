@@ -19,9 +19,13 @@ M_VALUES = [1, 2, 3, 7, 8, 16, 33, 128]
 OUT_TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
+def int8_limit(dtype):
+    """Rows of this dtype up to which linear runs the int8 kernels with the active ISA (None: all)."""
+    return lowbit.build_info()["cpu_int8_max_rows"][str(dtype).removeprefix("torch.")]
+
+
 def int8_path(m, dtype):
-    """Whether linear runs the int8 kernels for m rows of this dtype with the active ISA."""
-    limit = lowbit.build_info()["cpu_int8_max_rows"][str(dtype).removeprefix("torch.")]
+    limit = int8_limit(dtype)
     return limit is None or m <= limit
 
 
@@ -84,7 +88,7 @@ def test_linear_3d_and_non_contiguous_inputs(isa, bits):
 @pytest.mark.parametrize("bits", [4, 3.5])
 def test_int8_row_blocks_match_single_rows(isa, bits):
     # Each activation row is quantized and summed on its own, whichever block of rows it runs in.
-    limit = lowbit.build_info()["cpu_int8_max_rows"]["float32"]
+    limit = int8_limit(torch.float32)
     m = 37 if limit is None else limit
     qw = make_weight(64, 512, bits, 64, with_perm=True)
     x = torch.randn(m, 512)
@@ -94,11 +98,10 @@ def test_int8_row_blocks_match_single_rows(isa, bits):
 
 @pytest.mark.parametrize("bits", [4, 3.5])
 def test_int8_and_gemm_paths_agree(isa, bits):
-    limits = lowbit.build_info()["cpu_int8_max_rows"]
-    dtype = next((d for d in (torch.float32, torch.bfloat16) if limits[str(d)[6:]] is not None), None)
+    dtype = next((d for d in (torch.float32, torch.bfloat16) if int8_limit(d) is not None), None)
     if dtype is None:
         pytest.skip("every row count runs the int8 kernels with this ISA and activation dtype")
-    m = limits[str(dtype)[6:]] + 1
+    m = int8_limit(dtype) + 1
     qw = make_weight(64, 512, bits, 64, with_perm=False)
     x = torch.randn(m, 512).to(dtype)
     assert int8_path(1, dtype) and not int8_path(m, dtype)

@@ -21,7 +21,9 @@ struct Avx2Isa {
   static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
-  static Vec load_halves(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static Vec load_halves(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   // bfloat16 bits of each lane, rounded to nearest even (the dequantized weights are finite), in the
   // low half of its 32-bit lane.
   static __m256i round_bf16(Vec v) {

@@ -91,8 +91,9 @@ inline float source_value(const T* row, int64_t offset) {
 }
 
 // Input of the int8 path: int8 codes with one float scale per block of xblock columns
-// (q = round(x * 127 / max|x|), scale = max|x| / 127), plus per-group sums for the zero-point term. odd_scale multiplies the odd
-// columns (lane_odd[i] = 1) before quantization: the 15/7 step of int3.5's 3-bit codes, folded into x.
+// (q = round(x * 127 / max|x|), scale = max|x| / 127), plus per-group sums for the zero-point term.
+// odd_scale multiplies the odd columns (lane_odd[i] = 1) before quantization: the 15/7 step of int3.5's
+// 3-bit codes, folded into x.
 template <typename T>
 void quantize_x(const at::Tensor& x2, const int64_t* src, const int* lane_odd, float odd_scale, int64_t xblock,
                 const WeightShape& s, int8_t* xq, float* xscale, float* xsum) {
