@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
-from lowbit import formats
+from lowbit import formats, tiled
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N out, K in): q/k/v/o, gate/up, down
+CUDA_SHAPES = SHAPES + [(8192, 8192), (28672, 8192), (8192, 28672)]  # and LLaMA-70B's
 M_VALUES = [1, 4, 16, 64, 512]
-CUDA_M_VALUES = [1, 4, 16, 64, 256, 4096]
+CUDA_M_VALUES = [1, 4, 16, 64, 256, 2048]
 GROUP_SIZE = 128
 
 
@@ -202,12 +203,28 @@ def markdown(result: dict) -> str:
 
 
 def cuda_random_quantized(n: int, k: int, bits: float) -> lowbit.QuantizedWeight:
-    """random_quantized, made on the GPU."""
-    kp = formats.padded_in_features(k, GROUP_SIZE)
-    qweight = torch.randint(0, 256, (n, formats.packed_row_bytes(bits, kp)), dtype=torch.uint8, device="cuda")
-    scales = (torch.rand(n, kp // GROUP_SIZE, device="cuda") * 0.01 + 0.001).half()
-    zeros = torch.full((n, kp // GROUP_SIZE), 7.5, device="cuda").half()
-    return lowbit.QuantizedWeight(qweight, scales, zeros, None, bits, GROUP_SIZE, k)
+    """A weight of random codes in the CUDA tile layout, made directly on the GPU (any byte is a valid code
+    in both formats), so that even 70B shapes are ready at once."""
+    shapes = tiled.tiled_shapes(bits, GROUP_SIZE, k, n)
+    qweight = torch.randint(0, 256, shapes["qweight"], dtype=torch.uint8, device="cuda")
+    scales = (torch.rand(shapes["scales"], device="cuda") * 0.01 + 0.001).half()
+    zeros = (torch.rand(shapes["zeros"], device="cuda") * 15).half()
+    return lowbit.QuantizedWeight(qweight, scales, zeros, None, bits, GROUP_SIZE, k, "tiled", n)
+
+
+def torch_int4_weight(n: int, k: int):
+    """PyTorch's own int4 kernel (what torchao's int4 weight-only path runs): packed weight and bfloat16
+    scales/zeros, or None where this torch lacks it."""
+    try:
+        codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+        packed = torch.ops.aten._convert_weight_to_int4pack(codes, 8)
+        sz = torch.rand(k // GROUP_SIZE, n, 2, device="cuda").bfloat16()
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        torch.ops.aten._weight_int4pack_mm(x, packed, GROUP_SIZE, sz)
+        return packed, sz
+    except (RuntimeError, AttributeError) as e:
+        print(f"torch int4 kernel unavailable: {e}", flush=True)
+        return None
 
 
 def cuda_time_per_call(fn, count: int, min_seconds: float) -> float:
@@ -258,13 +275,21 @@ def run_cuda(shapes, m_values, min_seconds: float) -> dict:
                 for _ in range(copies_for(2 * n * k, working_set))]
         quantized = {bits: [cuda_random_quantized(n, k, bits)
                             for _ in range(copies_for(int(n * k * bits / 8), working_set))] for bits in (4, 3.5)}
+        int4pack = [torch_int4_weight(n, k) for _ in range(copies_for(n * k // 2, working_set))]
+        int4pack = None if None in int4pack else int4pack
         for m in m_values:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            xb = x.bfloat16()
+            io_bytes = 2 * m * k + 2 * m * n
             t_fp16 = cuda_time_per_call(lambda i: F.linear(x, fp16[i % len(fp16)]), len(fp16), min_seconds)
+            t_torch4 = None if int4pack is None else cuda_time_per_call(
+                lambda i: torch.ops.aten._weight_int4pack_mm(xb, int4pack[i % len(int4pack)][0], GROUP_SIZE,
+                                                             int4pack[i % len(int4pack)][1]),
+                len(int4pack), min_seconds)
             for bits, weights in quantized.items():
                 t = cuda_time_per_call(lambda i: lowbit.linear(x, weights[i % len(weights)]), len(weights),
                                        min_seconds)
-                bytes_moved = weights[0].nbytes + 2 * m * k + 2 * m * n
+                bytes_moved = weights[0].nbytes + io_bytes
                 rows.append({
                     "N": n, "K": k, "M": m, "format": "int4" if bits == 4 else "int3.5",
                     "time_us": t * 1e6,
@@ -272,7 +297,9 @@ def run_cuda(shapes, m_values, min_seconds: float) -> dict:
                     "fraction_of_copy_bw": bytes_moved / t / copy_bw,
                     "speedup_vs_fp16": t_fp16 / t,
                     "fp16_us": t_fp16 * 1e6,
-                    "fp16_GB_per_s": (2 * n * k + 2 * m * k + 2 * m * n) / t_fp16 / 1e9,
+                    "fp16_GB_per_s": (2 * n * k + io_bytes) / t_fp16 / 1e9,
+                    "torch_int4_us": None if t_torch4 is None else t_torch4 * 1e6,
+                    "speedup_vs_torch_int4": None if t_torch4 is None else t_torch4 / t,
                     "TFLOP_per_s": 2 * m * n * k / t / 1e12,
                 })
                 print(format_cuda_row(rows[-1]), flush=True)
@@ -283,6 +310,7 @@ def run_cuda(shapes, m_values, min_seconds: float) -> dict:
             "memory_GiB": props.total_memory / 1024 ** 3,
             "L2_MiB": l2 / 1024 ** 2,
             "copy_bandwidth_GB_per_s": copy_bw / 1e9,
+            "best_fp16_GB_per_s": max(r["fp16_GB_per_s"] for r in rows),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
         },
@@ -291,21 +319,46 @@ def run_cuda(shapes, m_values, min_seconds: float) -> dict:
     }
 
 
+def sweep_cuda(shapes, m_values, min_seconds: float) -> None:
+    """Times the tiled kernel at each k_warps (LOWBIT_CUDA_TILED_K_WARPS) next to the default plan."""
+    for n, k in shapes:
+        for bits in (4, 3.5):
+            weights = [cuda_random_quantized(n, k, bits) for _ in range(copies_for(int(n * k * bits / 8), 240 << 20))]
+            for m in m_values:
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                times = {}
+                for kw in ("default", "1", "2", "4", "8"):
+                    os.environ.pop("LOWBIT_CUDA_TILED_K_WARPS", None)
+                    if kw != "default":
+                        os.environ["LOWBIT_CUDA_TILED_K_WARPS"] = kw
+                    times[kw] = cuda_time_per_call(lambda i: lowbit.linear(x, weights[i % len(weights)]),
+                                                   len(weights), min_seconds) * 1e6
+                os.environ.pop("LOWBIT_CUDA_TILED_K_WARPS", None)
+                gbs = {kw: weights[0].nbytes / t / 1e3 for kw, t in times.items()}
+                print(f"sweep {n}x{k} int{bits:g} M={m}: " + ", ".join(f"{kw} {t:.1f} us ({gbs[kw]:.0f} GB/s)"
+                                                                     for kw, t in times.items()), flush=True)
+
+
 CUDA_HEADER = ("| N x K | M | format | time us | GB/s | of copy BW | vs fp16 F.linear | fp16 F.linear us "
-               "| TFLOP/s |\n|---|---|---|---|---|---|---|---|---|")
+               "| fp16 GB/s | vs torch int4 | torch int4 us | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_cuda_row(r: dict) -> str:
     return (f"| {r['N']}x{r['K']} | {r['M']} | {r['format']} | {r['time_us']:.1f} | {r['GB_per_s']:.0f} | "
             f"{100 * r['fraction_of_copy_bw']:.0f}% | {r['speedup_vs_fp16']:.2f}x | {r['fp16_us']:.1f} | "
-            f"{r['TFLOP_per_s']:.1f} |")
+            f"{r['fp16_GB_per_s']:.0f} | "
+            + ("n/a | n/a" if r["torch_int4_us"] is None
+               else f"{r['speedup_vs_torch_int4']:.2f}x | {r['torch_int4_us']:.1f}")
+            + f" | {r['TFLOP_per_s']:.1f} |")
 
 
 def cuda_markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"GPU: {m['device']}, {m['multiprocessors']} SMs, L2 {m['L2_MiB']:.0f} MiB, copy bandwidth "
              f"{m['copy_bandwidth_GB_per_s']:.0f} GB/s (read + write), torch {m['torch']}, CUDA {m['cuda']}, "
-             f"group size {result['group_size']}", "", CUDA_HEADER]
+             f"group size {result['group_size']}; best float16 cuBLAS read rate in this run "
+             f"{m['best_fp16_GB_per_s']:.0f} GB/s. torch int4: torch.ops.aten._weight_int4pack_mm with bfloat16 "
+             "activations (torchao's int4 weight-only kernel).", "", CUDA_HEADER]
     lines += [format_cuda_row(r) for r in result["rows"]]
     return "\n".join(lines) + "\n"
 
@@ -314,6 +367,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one shape and three M values (under a minute)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--sweep", action="store_true", help="CUDA: time the tiled kernel's K splits at M = 1 "
+                        "and 16 on every shape (printed only)")
     parser.add_argument("--out", default=None, help="output path without extension (.json and .md are written); "
                         "default benchmarks/results/kernels_cpu or kernels_cuda")
     parser.add_argument("--min-seconds", type=float, default=None, help="timing per configuration and round")
@@ -324,7 +379,11 @@ def main():
         parser.error("--device cuda: torch sees no CUDA GPU")
     shapes = SHAPES[:1] if args.quick else SHAPES
     out = Path(args.out or Path(__file__).parent / "results" / f"kernels_{args.device}")
+    if args.device == "cuda" and args.sweep:
+        sweep_cuda(CUDA_SHAPES, [1, 16], 0.03)
+        return
     if args.device == "cuda":
+        shapes = CUDA_SHAPES[:1] if args.quick else CUDA_SHAPES
         m_values = [1, 16, 256] if args.quick else CUDA_M_VALUES
         min_seconds = args.min_seconds or (0.05 if args.quick else 0.2)
         print(CUDA_HEADER)

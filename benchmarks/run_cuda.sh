@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The CUDA backend on a GPU machine, in one command: build lowbit with its CUDA kernels, run
-# tests/test_cuda.py, run compute-sanitizer (memcheck on a small subset of the tests, racecheck on the
-# tiled kernel), then both benchmarks (benchmarks/results/kernels_cuda.*, generate_cuda.* and
-# generate_cuda_compiled.*).
+# tests/test_cuda.py, run compute-sanitizer (memcheck and racecheck on the tiled kernel over every
+# format, group size and token-tile count), then the benchmarks (benchmarks/results/kernels_cuda.*,
+# generate_cuda.*).
 #
-#     bash benchmarks/run_cuda.sh                 # every step (about 10 minutes on an H100)
-#     bash benchmarks/run_cuda.sh build test      # only these steps: build test sanitize kernels generate
+#     bash benchmarks/run_cuda.sh                 # every step
+#     bash benchmarks/run_cuda.sh build test      # only these steps: build test sanitize sweep kernels generate
 #
 # Logs and results are also copied to $OUT when it is set (the device tool brings that folder back).
 # Environment: PYTHON (default python3, the one with a CUDA build of torch), TORCH_CUDA_ARCH_LIST
@@ -32,6 +32,20 @@ run() {  # run NAME COMMAND...: output to the terminal and to $logs/NAME.log
   return "$rc"
 }
 
+sanitized_calls="
+import torch, lowbit
+for bits in (4, 3.5):
+    for n, k, g in ((100, 328, 32), (48, 4096, 64), (40, 640, 128), (200, 576, 256)):
+        qw = lowbit.quantize_weight(torch.randn(n, k), bits, g).to('cuda')
+        w = qw.dequantize().double()
+        for m in (1, 9, 17, 40):  # 1, 2, 4 and 8 token tiles
+            x = torch.randn(m, k, device='cuda').half()
+            y = lowbit.linear(x, qw).double()
+            ref = x.double() @ w.T
+            assert ((y - ref).abs().max() / ref.abs().max()).item() < 2e-3, (bits, n, k, g, m)
+torch.cuda.synchronize()
+print('sanitized calls ran')"
+
 for step in "${steps[@]}"; do
   case $step in
     build)
@@ -40,35 +54,27 @@ for step in "${steps[@]}"; do
       run build_info "$py" -c "import lowbit; info = lowbit.build_info(); print(info); assert info['cuda']" || exit 1
       ;;
     test)
-      run test "$py" -m pytest -q -rs tests/test_cuda.py
+      run test "$py" -m pytest -q -rs --tb=short tests/test_cuda.py tests/test_tiled.py
       ;;
     sanitize)
       # Without torch's caching allocator every tensor is its own allocation, so memcheck sees the end of it.
       run memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        "$py" -m pytest -q -x tests/test_cuda.py -k "every_m_and_group_size or (dequantize_is_exact and 100-328) \
-or misaligned or 3d_non_contiguous or outside_float16_range"
-      run racecheck compute-sanitizer --tool racecheck --error-exitcode 1 "$py" -c "
-import torch, lowbit
-for bits in (4, 3.5):
-    for k in (576, 1024):  # int3.5 rows 4-byte and 16-byte aligned
-        qw = lowbit.quantize_weight(torch.randn(200, k), bits, 64).to('cuda')
-        for m in (12, 40):  # both tile shapes
-            lowbit.linear(torch.randn(m, k, device='cuda').half(), qw)
-torch.cuda.synchronize()
-print('racecheck ran')"
+        "$py" -c "$sanitized_calls"
+      run racecheck compute-sanitizer --tool racecheck --error-exitcode 1 "$py" -c "$sanitized_calls"
+      ;;
+    sweep)
+      run sweep "$py" benchmarks/bench_kernels.py --device cuda --sweep
       ;;
     kernels)
-      run bench_kernels "$py" benchmarks/bench_kernels.py --device cuda &&
+      run bench_kernels "$py" benchmarks/bench_kernels.py --device cuda ${LOWBIT_BENCH_ARGS:-} &&
         cp benchmarks/results/kernels_cuda.json benchmarks/results/kernels_cuda.md "$logs/"
       ;;
-    generate)  # each decode step a CUDA graph, eager and torch.compile'd
+    generate)  # each decode step a CUDA graph
       run bench_generate "$py" benchmarks/bench_generate.py --device cuda &&
         cp benchmarks/results/generate_cuda.json benchmarks/results/generate_cuda.md "$logs/"
-      run bench_generate_compiled "$py" benchmarks/bench_generate.py --device cuda --compile &&
-        cp benchmarks/results/generate_cuda_compiled.json benchmarks/results/generate_cuda_compiled.md "$logs/"
       ;;
     *)
-      echo "unknown step $step (build test sanitize kernels generate)"
+      echo "unknown step $step (build test sanitize sweep kernels generate)"
       exit 2
       ;;
   esac

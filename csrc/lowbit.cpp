@@ -18,6 +18,16 @@ TORCH_LIBRARY(lowbit, m) {
         "int in_features) -> Tensor");
   m.def("int35_dequantize(Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, int group_size, "
         "int in_features) -> Tensor");
+  // The same on the CUDA tile layout (docs/FORMAT.md), which also needs out_features (rows are padded
+  // to tiles of 16).
+  m.def("int4_tiled_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, Tensor? bias, "
+        "int group_size, int in_features, int out_features) -> Tensor");
+  m.def("int35_tiled_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, Tensor? bias, "
+        "int group_size, int in_features, int out_features) -> Tensor");
+  m.def("int4_tiled_dequantize(Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, int group_size, "
+        "int in_features, int out_features) -> Tensor");
+  m.def("int35_tiled_dequantize(Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, int group_size, "
+        "int in_features, int out_features) -> Tensor");
 }
 
 namespace py = pybind11;

@@ -1,6 +1,6 @@
-// The two memory-bound helpers of the CUDA backend: laying out activations for the matmul kernels
-// (perm gather, conversion to float16 with a per-row power-of-two scale) and dequantizing a weight
-// (the dequantize ops, and the dense path for large M).
+// The two memory-bound helpers of the CUDA backend: laying out activations for the matmul kernel
+// (perm gather, conversion to float16 with a per-row power-of-two scale) and dequantizing a weight in
+// the canonical layout (the canonical ops on CUDA: dequantize, and linear through cuBLAS).
 #include <algorithm>
 
 #include "device.cuh"
@@ -8,19 +8,6 @@
 namespace lowbit {
 namespace cuda {
 namespace {
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 constexpr int kPrepareThreads = 512;
 
@@ -96,7 +83,7 @@ __global__ void dequantize_kernel(const PackedWeight w, const int32_t* perm, con
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / blocks_per_row, col0 = 16 * (i - n * blocks_per_row);
-    const uint8_t* p = w.codes + n * w.row_stride + packed_bytes(F, col0);
+    const uint8_t* p = w.codes + n * w.row_bytes + packed_bytes(F, col0);
     uint32_t codes[16];
     if constexpr (F == Format::kInt4) {
 #pragma unroll

@@ -1,12 +1,12 @@
-// CUDA implementations of the lowbit ops: argument checks (checks.h), tensors to kernel arguments
-// (kernels.h), and the kernel for the number of activation rows M:
-//   M <= 8                gemv (gemv.cu): decode, streams the weight once; tensor cores, float32 sums
-//   8 < M < dense rows    gemm (gemm.cu): prefill, tensor-core tiles dequantized in registers
-//   M >= dense rows       dequantize to x's dtype, then at::linear (cuBLAS): compute-bound, and the
-//                         dequantization is a small fraction of the matmul. dense rows = 128 (the
-//                         crossover measured on an H100, benchmarks/README.md), or the environment
-//                         variable LOWBIT_CUDA_DENSE_MIN_ROWS (read once).
-// The matmul kernels take float16 activations: float16 x is read as it is (without perm; with perm it is
+// CUDA implementations of the lowbit ops: argument checks, tensors to kernel arguments (kernels.h), and
+// the kernel for the number of activation rows M.
+//   Tile layout (the *_tiled_* ops; what QuantizedWeight.to("cuda") holds):
+//     M <= 64          tiled_matmul (tiled.cu): tensor cores, the weight streamed once per call
+//     M >= dense rows  dequantize to x's dtype, then at::linear (cuBLAS): compute-bound, and the
+//                      dequantization is a small fraction of the matmul. dense rows = 65, or the
+//                      environment variable LOWBIT_CUDA_DENSE_MIN_ROWS (read once).
+//   Canonical layout (int4_linear, int35_linear with CUDA tensors): dequantize + cuBLAS for every M.
+// The matmul kernel takes float16 activations: float16 x is read as it is (without perm; with perm it is
 // gathered once per call into a small buffer); bfloat16 and float32 x are converted to float16 with a
 // per-row power-of-two scale (exact for bfloat16, float16 rounding for float32), undone in the epilogue.
 // Accumulation is float32, the output is in x's dtype. Every launch goes to the current stream and
@@ -36,7 +36,8 @@ constexpr int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 int64_t dense_min_rows() {
   static const int64_t rows = [] {
     const char* value = std::getenv("LOWBIT_CUDA_DENSE_MIN_ROWS");
-    return value ? std::max<int64_t>(kMaxGemvRows + 1, std::atoll(value)) : int64_t{128};
+    const int64_t rows = value ? std::atoll(value) : kMaxTiledRows + 1;
+    return std::min<int64_t>(std::max<int64_t>(rows, 1), kMaxTiledRows + 1);
   }();
   return rows;
 }
@@ -56,42 +57,67 @@ void check_cuda_device(const char* op, const at::Tensor& qweight) {
                               "newer (mma.sync, cp.async); ", prop->name, " has ", prop->major, ".", prop->minor);
 }
 
-// A weight as the kernels see it, and the tensor that holds its codes (an aligned copy, when needed).
-struct Weight {
-  PackedWeight packed;
-  at::Tensor codes;
-};
-
-Weight view_weight(const WeightShape& s, const at::Tensor& qweight, const at::Tensor& scales,
-                   const at::Tensor& zeros, bool for_matmul) {
-  const int64_t row_bytes = packed_row_bytes(s.format, s.Kp);
-  at::Tensor codes = qweight;
-  int64_t stride = row_bytes;
-  int vector_bytes = weight_vector_bytes(s.format, codes.data_ptr(), stride, s.Kp);
-  if (for_matmul && vector_bytes == 0) {
-    // int3.5 rows of an odd number of 2-byte units (Kp not a multiple of 64, e.g. K = 328 with groups of
-    // 32), or a view at an odd address: the matmul kernels read an aligned copy with padded rows.
-    stride = round_up(row_bytes, 16);
-    codes = at::zeros({s.N, stride}, qweight.options());
-    codes.narrow(1, 0, row_bytes).copy_(qweight);
-    vector_bytes = weight_vector_bytes(s.format, codes.data_ptr(), stride, s.Kp);
-    TORCH_INTERNAL_ASSERT(vector_bytes != 0);
-  }
-  const PackedWeight packed{s.format,
-                            codes.data_ptr<uint8_t>(),
-                            stride,
-                            row_bytes,
-                            vector_bytes,
-                            reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
-                            reinterpret_cast<const uint16_t*>(zeros.data_ptr<at::Half>()),
-                            s.N,
-                            s.Kp,
-                            s.group_size,
-                            s.n_groups};
-  return {packed, codes};
+PackedWeight canonical_weight(const WeightShape& s, const at::Tensor& qweight, const at::Tensor& scales,
+                              const at::Tensor& zeros) {
+  return {s.format,
+          qweight.data_ptr<uint8_t>(),
+          packed_row_bytes(s.format, s.Kp),
+          reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+          reinterpret_cast<const uint16_t*>(zeros.data_ptr<at::Half>()),
+          s.N,
+          s.Kp,
+          s.group_size,
+          s.n_groups};
 }
 
-// Activations in the kernels' form, and the tensors that hold them when x cannot be read as it is.
+// The tile layout's tensors against the shapes of docs/FORMAT.md ("CUDA tile layout").
+TiledWeight tiled_weight(const char* op, Format format, const at::Tensor& qweight, const at::Tensor& scales,
+                         const at::Tensor& zeros, const std::optional<at::Tensor>& perm, int64_t group_size,
+                         int64_t K, int64_t N) {
+  TORCH_CHECK_VALUE(group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256, op,
+                    ": group_size must be one of 32, 64, 128, 256, got ", group_size);
+  TORCH_CHECK_VALUE(K >= 1 && N >= 1, op, ": in_features and out_features must be positive, got ", K, " and ", N);
+  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kByte, op, ": qweight must be uint8, got ", qweight.scalar_type());
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kHalf && zeros.scalar_type() == at::kHalf, op,
+                   ": scales and zeros must be float16, got ", scales.scalar_type(), " and ", zeros.scalar_type());
+  const int64_t Kt = round_up(round_up(K, group_size), 128);
+  const int64_t n_tiles = (N + 15) / 16, n_units = Kt / 128, n_groups = Kt / group_size;
+  const int64_t unit_bytes = format == Format::kInt4 ? 1024 : 896;
+  TORCH_CHECK_VALUE(qweight.sizes() == at::IntArrayRef({n_tiles, n_units, unit_bytes}), op,
+                    ": tiled qweight must be [", n_tiles, ", ", n_units, ", ", unit_bytes, "] for out_features ", N,
+                    ", in_features ", K, " and group_size ", group_size, ", got ", qweight.sizes());
+  for (const at::Tensor* t : {&scales, &zeros}) {
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef({n_tiles, n_groups, 16}), op, ": tiled scales and zeros must be [",
+                      n_tiles, ", ", n_groups, ", 16], got ", t->sizes());
+  }
+  TORCH_CHECK_VALUE(qweight.is_contiguous() && scales.is_contiguous() && zeros.is_contiguous(), op,
+                    ": qweight, scales and zeros must be contiguous");
+  TORCH_CHECK_VALUE(scales.device() == qweight.device() && zeros.device() == qweight.device(), op,
+                    ": qweight, scales and zeros must be on one device, got ", qweight.device(), ", ",
+                    scales.device(), ", ", zeros.device());
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0, op,
+                    ": tiled qweight must start at a 16-byte aligned address");
+  if (perm) {
+    TORCH_CHECK_TYPE(perm->scalar_type() == at::kInt, op, ": perm must be int32, got ", perm->scalar_type());
+    TORCH_CHECK_VALUE(perm->dim() == 1 && perm->size(0) == K && perm->is_contiguous(), op,
+                      ": perm must be a contiguous [", K, "] tensor, got ", perm->sizes());
+    TORCH_CHECK_VALUE(perm->device() == qweight.device(), op, ": perm is on ", perm->device(),
+                      " but qweight is on ", qweight.device());
+  }
+  check_cuda_device(op, qweight);
+  return {format,
+          qweight.data_ptr<uint8_t>(),
+          reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+          reinterpret_cast<const uint16_t*>(zeros.data_ptr<at::Half>()),
+          N,
+          n_tiles,
+          n_units,
+          unit_bytes,
+          group_size,
+          n_groups};
+}
+
+// Activations in the kernel's form, and the tensors that hold them when x cannot be read as it is.
 struct PreparedX {
   Activations x;
   at::Tensor values, row_scale;
@@ -117,17 +143,15 @@ PreparedX prepare_x(const at::Tensor& x2, const std::optional<at::Tensor>& perm,
   return {{out, cols, cols, scale, M}, values, row_scale};
 }
 
-// Large M: W in x's dtype and logical column order, then cuBLAS.
-at::Tensor dense_linear(const WeightShape& s, const at::Tensor& x2, const at::Tensor& qweight,
-                        const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& perm,
-                        const std::optional<at::Tensor>& bias, cudaStream_t stream) {
-  const Weight weight = view_weight(s, qweight, scales, zeros, /*for_matmul=*/false);
-  at::Tensor w = at::empty({s.N, s.K}, x2.options());
-  C10_CUDA_CHECK(dequantize(weight.packed, perm ? perm->data_ptr<int32_t>() : nullptr, s.K, w.data_ptr(),
-                            dtype_of(x2.scalar_type()), stream));
-  return at::linear(x2, w, bias);
+// x [..., K] -> x2 [M, K], and the output's shape.
+std::vector<int64_t> output_shape(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
 }
 
+// Canonical layout on CUDA: W dequantized to x's dtype, then cuBLAS. The fast kernels read the tile
+// layout that QuantizedWeight.to("cuda") makes; this path serves tensors passed to the ops directly.
 at::Tensor linear_cuda(const char* op, Format format, const at::Tensor& x, const at::Tensor& qweight,
                        const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& perm,
                        const std::optional<at::Tensor>& bias, int64_t group_size, int64_t in_features) {
@@ -135,36 +159,11 @@ at::Tensor linear_cuda(const char* op, Format format, const at::Tensor& x, const
   check_activation(op, s, x, bias, qweight);
   check_cuda_device(op, qweight);
   const c10::cuda::CUDAGuard guard(qweight.device());
-
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = s.N;
-  const at::Tensor x2 = x.reshape({-1, s.K});
-  const int64_t M = x2.size(0);
-  if (M == 0 || s.N == 0) return at::zeros(out_shape, x.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const std::optional<at::Tensor> bias_c = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-
-  if (M >= dense_min_rows()) return dense_linear(s, x2, qweight, scales, zeros, perm, bias_c, stream).view(out_shape);
-  const Weight weight = view_weight(s, qweight, scales, zeros, /*for_matmul=*/true);
-  GemmPlan plan{};
-  if (M > kMaxGemvRows) {
-    plan = plan_gemm(weight.packed, M, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-    if (plan.config < 0) {  // the tiles do not fit this GPU's shared memory
-      return dense_linear(s, x2, qweight, scales, zeros, perm, bias_c, stream).view(out_shape);
-    }
-  }
-  const PreparedX prepared = prepare_x(x2, perm, s.K, stream);
-  at::Tensor out = at::empty({M, s.N}, x.options());
-  const Output y{out.data_ptr(), bias_c ? bias_c->data_ptr() : nullptr, dtype_of(x.scalar_type())};
-  if (M <= kMaxGemvRows) {
-    C10_CUDA_CHECK(gemv(weight.packed, prepared.x, y, stream));
-  } else {
-    at::Tensor workspace;
-    if (plan.workspace_floats > 0) workspace = at::empty({plan.workspace_floats}, x.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(gemm(weight.packed, prepared.x, y, plan, workspace.defined() ? workspace.data_ptr<float>() : nullptr,
-                        stream));
-  }
-  return out.view(out_shape);
+  if (x.numel() == 0 || s.N == 0) return at::zeros(output_shape(x, s.N), x.options());
+  at::Tensor w = at::empty({s.N, s.K}, x.options());
+  C10_CUDA_CHECK(dequantize(canonical_weight(s, qweight, scales, zeros), perm ? perm->data_ptr<int32_t>() : nullptr,
+                            s.K, w.data_ptr(), dtype_of(x.scalar_type()), at::cuda::getCurrentCUDAStream()));
+  return at::linear(x, w, bias);
 }
 
 at::Tensor dequantize_cuda(const char* op, Format format, const at::Tensor& qweight, const at::Tensor& scales,
@@ -175,15 +174,58 @@ at::Tensor dequantize_cuda(const char* op, Format format, const at::Tensor& qwei
   const c10::cuda::CUDAGuard guard(qweight.device());
   at::Tensor out = at::empty({s.N, s.K}, qweight.options().dtype(at::kFloat));
   if (s.N == 0) return out;
-  const Weight weight = view_weight(s, qweight, scales, zeros, /*for_matmul=*/false);
-  C10_CUDA_CHECK(dequantize(weight.packed, perm ? perm->data_ptr<int32_t>() : nullptr, s.K, out.data_ptr(),
-                            DType::kFloat32, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(dequantize(canonical_weight(s, qweight, scales, zeros), perm ? perm->data_ptr<int32_t>() : nullptr,
+                            s.K, out.data_ptr(), DType::kFloat32, at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+// Tile layout: up to kMaxTiledRows rows (or LOWBIT_CUDA_DENSE_MIN_ROWS - 1) through tiled_matmul, more
+// through cuBLAS on the weight dequantized to x's dtype.
+at::Tensor tiled_linear_cuda(const char* op, Format format, const at::Tensor& x, const at::Tensor& qweight,
+                             const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& perm,
+                             const std::optional<at::Tensor>& bias, int64_t group_size, int64_t in_features,
+                             int64_t out_features) {
+  const TiledWeight w = tiled_weight(op, format, qweight, scales, zeros, perm, group_size, in_features, out_features);
+  const WeightShape s{format, out_features, in_features, round_up(in_features, group_size), group_size, 0};
+  check_activation(op, s, x, bias, qweight);
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  const std::vector<int64_t> out_shape = output_shape(x, s.N);
+  const at::Tensor x2 = x.reshape({-1, s.K});
+  const int64_t M = x2.size(0);
+  if (M == 0) return at::zeros(out_shape, x.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const std::optional<at::Tensor> bias_c = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  if (M >= dense_min_rows()) {
+    at::Tensor dense = at::empty({s.N, s.K}, x.options());
+    C10_CUDA_CHECK(tiled_dequantize(w, perm ? perm->data_ptr<int32_t>() : nullptr, s.K, dense.data_ptr(),
+                                    dtype_of(x.scalar_type()), stream));
+    return at::linear(x2, dense, bias_c).view(out_shape);
+  }
+  const PreparedX prepared = prepare_x(x2, perm, s.K, stream);
+  at::Tensor out = at::empty({M, s.N}, x.options());
+  const Output y{out.data_ptr(), bias_c ? bias_c->data_ptr() : nullptr, dtype_of(x.scalar_type())};
+  const TiledPlan plan = plan_tiled(w, M, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  C10_CUDA_CHECK(tiled_matmul(w, prepared.x, y, plan, stream));
+  return out.view(out_shape);
+}
+
+at::Tensor tiled_dequantize_cuda(const char* op, Format format, const at::Tensor& qweight, const at::Tensor& scales,
+                                 const at::Tensor& zeros, const std::optional<at::Tensor>& perm, int64_t group_size,
+                                 int64_t in_features, int64_t out_features) {
+  const TiledWeight w = tiled_weight(op, format, qweight, scales, zeros, perm, group_size, in_features, out_features);
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  at::Tensor out = at::empty({out_features, in_features}, qweight.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(tiled_dequantize(w, perm ? perm->data_ptr<int32_t>() : nullptr, in_features, out.data_ptr(),
+                                  DType::kFloat32, at::cuda::getCurrentCUDAStream()));
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowbit, CUDA, m) { impl_ops<linear_cuda, dequantize_cuda>(m); }
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
+  impl_ops<linear_cuda, dequantize_cuda>(m);
+  impl_tiled_ops<tiled_linear_cuda, tiled_dequantize_cuda>(m);
+}
 
 }  // namespace cuda
 }  // namespace lowbit

@@ -1,41 +1,60 @@
-"""QuantizedWeight: the tensors of one quantized matrix in the canonical layout, with its metadata."""
+"""QuantizedWeight: the tensors of one quantized matrix, with its metadata.
+
+Two layouts of the same codes: "canonical" (docs/FORMAT.md; what is saved, and what the CPU kernels read)
+and "tiled" (the CUDA tile layout of lowbit.tiled, made once when the weight moves to a GPU).
+"""
 
 from dataclasses import dataclass
 
 import torch
 
-from . import formats
-from .ops import OPS
+from . import formats, tiled
+from .ops import OPS, TILED_OPS
+
+LAYOUTS = ("canonical", "tiled")
 
 
 @dataclass
 class QuantizedWeight:
-    qweight: torch.Tensor        # uint8 [N, Kp/2] (int4) or [N, Kp/16*7] (int3.5)
-    scales: torch.Tensor         # float16 [N, Kp/group_size]
-    zeros: torch.Tensor          # float16 [N, Kp/group_size]
+    qweight: torch.Tensor        # canonical: uint8 [N, Kp/2] (int4) or [N, Kp/16*7] (int3.5);
+                                 # tiled: uint8 [ceil(N/16), Kt/128, 1024 or 896]
+    scales: torch.Tensor         # canonical: float16 [N, Kp/group_size]; tiled: [ceil(N/16), Kt/group_size, 16]
+    zeros: torch.Tensor          # as scales
     perm: torch.Tensor | None    # int32 [K]: stored column j holds input feature perm[j]
     bits: float                  # 4 or 3.5
     group_size: int              # 32, 64, 128 or 256
     in_features: int             # K
+    layout: str = "canonical"
+    out_features: int | None = None  # N; required for the tiled layout (its rows are padded to 16)
 
     def __post_init__(self):
         self.bits = formats.check_bits(self.bits)
         self.group_size = formats.check_group_size(self.group_size)
-        n, k, g = self.qweight.shape[0], self.in_features, self.group_size
-        kp = formats.padded_in_features(k, g)
-        expected = {
-            "qweight": (torch.uint8, (n, formats.packed_row_bytes(self.bits, kp))),
-            "scales": (torch.float16, (n, kp // g)),
-            "zeros": (torch.float16, (n, kp // g)),
-        }
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        k, g = self.in_features, self.group_size
+        if self.layout == "canonical":
+            n = self.qweight.shape[0]
+            if self.out_features not in (None, n):
+                raise ValueError(f"out_features {self.out_features} differs from qweight's {n} rows")
+            kp = formats.padded_in_features(k, g)
+            shapes = {"qweight": (n, formats.packed_row_bytes(self.bits, kp)), "scales": (n, kp // g),
+                      "zeros": (n, kp // g)}
+        else:
+            if self.out_features is None:
+                raise ValueError("the tiled layout needs out_features")
+            n = self.out_features
+            shapes = tiled.tiled_shapes(self.bits, g, k, n)
+        self.out_features = int(n)
+        expected = {name: (torch.uint8 if name == "qweight" else torch.float16, shape) for name, shape in shapes.items()}
         if self.perm is not None:
             expected["perm"] = (torch.int32, (k,))
         for name, (dtype, shape) in expected.items():
             t = getattr(self, name)
-            if t.dtype != dtype or tuple(t.shape) != shape:
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise ValueError(
-                    f"{name} must be {dtype} {list(shape)} for a {self.bits}-bit [{n}, {k}] weight with "
-                    f"group_size {g}, got {t.dtype} {list(t.shape)}")
+                    f"{name} must be {dtype} {list(shape)} for a {self.bits:g}-bit [{n}, {k}] weight with "
+                    f"group_size {g} in the {self.layout} layout, got {t.dtype} {list(t.shape)}")
             if t.device != self.qweight.device:
                 raise ValueError(f"{name} is on {t.device} but qweight is on {self.qweight.device}")
         if self.perm is not None and not torch.equal(self.perm.sort().values.cpu(), torch.arange(k, dtype=torch.int32)):
@@ -44,7 +63,7 @@ class QuantizedWeight:
     @property
     def shape(self) -> torch.Size:
         """Logical shape [N, K], as the nn.Linear weight it replaces."""
-        return torch.Size((self.qweight.shape[0], self.in_features))
+        return torch.Size((self.out_features, self.in_features))
 
     @property
     def device(self) -> torch.device:
@@ -52,44 +71,83 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every stored tensor: codes, scales, zeros and the permutation."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        """Bytes of the saved (canonical) tensors: codes, scales, zeros and the permutation."""
+        n, k = self.shape
+        kp = formats.padded_in_features(k, self.group_size)
+        perm = 0 if self.perm is None else 4 * k
+        return n * formats.packed_row_bytes(self.bits, kp) + 2 * 2 * n * (kp // self.group_size) + perm
 
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.nbytes / self.shape.numel()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The stored tensors by name (the names used in checkpoints)."""
+        """The saved tensors by name (the names used in checkpoints), in the canonical layout."""
+        w = self.to_layout("canonical")
+        out = {"qweight": w.qweight, "scales": w.scales, "zeros": w.zeros}
+        if w.perm is not None:
+            out["perm"] = w.perm
+        return out
+
+    def layout_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors as they are held, in this weight's layout."""
         out = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
         if self.perm is not None:
             out["perm"] = self.perm
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], bits: float, group_size: int, in_features: int):
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], bits: float, group_size: int, in_features: int,
+                     layout: str = "canonical", out_features: int | None = None):
         return cls(tensors["qweight"], tensors["scales"], tensors["zeros"], tensors.get("perm"),
-                   bits, group_size, in_features)
+                   bits, group_size, in_features, layout, out_features)
+
+    def to_layout(self, layout: str) -> "QuantizedWeight":
+        """The same weight in `layout`, on the same device (self when it is already there). Exact both ways."""
+        if layout == self.layout:
+            return self
+        n, k, g = self.out_features, self.in_features, self.group_size
+        if layout == "tiled":
+            codes = formats.unpack(self.qweight, self.bits)
+            q, s, z = tiled.pack(codes, self.scales, self.zeros, self.bits, g)
+            return QuantizedWeight(q, s, z, self.perm, self.bits, g, k, "tiled", n)
+        if layout == "canonical":
+            codes, s, z = tiled.unpack(self.qweight, self.scales, self.zeros, self.bits, g,
+                                       formats.padded_in_features(k, g), n)
+            return QuantizedWeight(formats.pack(codes, self.bits), s, z, self.perm, self.bits, g, k)
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
     def to(self, device) -> "QuantizedWeight":
-        moved = {name: t.to(device) for name, t in self.tensors().items()}
-        return QuantizedWeight.from_tensors(moved, self.bits, self.group_size, self.in_features)
+        """On `device` in its layout: tiled on CUDA devices (repacked once, on the GPU), canonical elsewhere."""
+        device = torch.device(device)
+        layout = "tiled" if device.type == "cuda" else "canonical"
+        w = self if self.layout == layout or layout == "tiled" else self.to_layout(layout)
+        moved = QuantizedWeight.from_tensors({name: t.to(device) for name, t in w.layout_tensors().items()},
+                                             w.bits, w.group_size, w.in_features, w.layout, w.out_features)
+        return moved.to_layout(layout)
 
     def op_args(self) -> tuple:
+        """Leading arguments of this layout's ops (OPS, or TILED_OPS with out_features after in_features)."""
         return self.qweight, self.scales, self.zeros, self.perm
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W [N, K] in logical column order, through the kernels of the weight's device."""
-        _, dequantize_op = OPS[self.bits]
-        return dequantize_op(*self.op_args(), self.group_size, self.in_features).to(dtype)
+        if self.layout == "tiled":
+            _, op = TILED_OPS[self.bits]
+            return op(*self.op_args(), self.group_size, self.in_features, self.out_features).to(dtype)
+        _, op = OPS[self.bits]
+        return op(*self.op_args(), self.group_size, self.in_features).to(dtype)
 
     def __repr__(self) -> str:
         n, k = self.shape
         return (f"QuantizedWeight(bits={self.bits:g}, group_size={self.group_size}, shape=[{n}, {k}], "
-                f"perm={self.perm is not None}, nbytes={self.nbytes}, device={self.device})")
+                f"perm={self.perm is not None}, nbytes={self.nbytes}, layout={self.layout}, device={self.device})")
 
 
 def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T + bias with W quantized: x [..., K] float32/bfloat16/float16 -> y [..., N] same dtype."""
-    linear_op, _ = OPS[weight.bits]
-    return linear_op(x, *weight.op_args(), bias, weight.group_size, weight.in_features)
+    if weight.layout == "tiled":
+        op, _ = TILED_OPS[weight.bits]
+        return op(x, *weight.op_args(), bias, weight.group_size, weight.in_features, weight.out_features)
+    op, _ = OPS[weight.bits]
+    return op(x, *weight.op_args(), bias, weight.group_size, weight.in_features)

@@ -150,10 +150,11 @@ def export_awq(src, out, force: bool = False) -> Path:
         hf = f"model.layers.{i}."
         for name, parts in FUSED.items():
             q = layer.get_submodule(name)
+            t = q.weight.tensors()  # canonical, whatever the device
             rows = torch.tensor(splits[name]).cumsum(0).tolist()
             for part, end, size in zip(parts, rows, splits[name]):
                 sl = slice(end - size, end)
-                w = QuantizedWeight(q.qweight[sl], q.scales[sl], q.zeros[sl], None, 4, group_size, q.in_features)
+                w = QuantizedWeight(t["qweight"][sl], t["scales"][sl], t["zeros"][sl], None, 4, group_size, q.in_features)
                 state |= {f"{hf}{part}.{k}": t for k, t in to_awq(w, f"layers.{i}.{name} ({part})").items()}
                 if q.bias is not None:
                     state[f"{hf}{part}.bias"] = q.bias[sl]
