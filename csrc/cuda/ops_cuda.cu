@@ -1,10 +1,9 @@
 // CUDA implementations of the lowbit ops: argument checks, tensors to kernel arguments (kernels.h), and
 // the kernel for the number of activation rows M.
 //   Tile layout (the *_tiled_* ops; what QuantizedWeight.to("cuda") holds):
-//     M <= 64          tiled_matmul (tiled.cu): tensor cores, the weight streamed once per call
-//     M >= dense rows  dequantize to x's dtype, then at::linear (cuBLAS): compute-bound, and the
-//                      dequantization is a small fraction of the matmul. dense rows = 65, or the
-//                      environment variable LOWBIT_CUDA_DENSE_MIN_ROWS (read once).
+//     M <= 16          tiled_matmul (tiled.cu): tensor cores, the weight streamed once per call
+//     M >= dense rows  dequantize to x's dtype, then at::linear (cuBLAS). dense rows = 17, or the
+//                      environment variable LOWBIT_CUDA_DENSE_MIN_ROWS (read once; at most 17).
 //   Canonical layout (int4_linear, int35_linear with CUDA tensors): dequantize + cuBLAS for every M.
 // The matmul kernel takes float16 activations: float16 x is read as it is (without perm; with perm it is
 // gathered once per call into a small buffer); bfloat16 and float32 x are converted to float16 with a

@@ -24,7 +24,6 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kStepUnits = 2;  // units loaded together; the next step's loads overlap this step's math
 
 template <Format F>
 struct UnitWords {
@@ -169,7 +168,8 @@ __device__ __forceinline__ void compute_unit(const uint32_t (&w)[UnitWords<F>::k
 }
 
 // Block: kWarps warps = (kWarps / k_warps) row tiles x k_warps contiguous shares of the units.
-template <Format F, int kGroup, int kTokenTiles>
+// kStepUnits units are loaded together; the next step's loads overlap this step's math.
+template <Format F, int kGroup, int kTokenTiles, int kStepUnits>
 __global__ void __launch_bounds__(kThreads) tiled_matmul_kernel(const TiledWeight w, const Activations x,
                                                                 const Output y, const int k_warps) {
   constexpr int kWords = UnitWords<F>::kWords;
@@ -258,7 +258,11 @@ template <Format F, int kGroup, int kTokenTiles>
 cudaError_t launch_matmul(const TiledWeight& w, const Activations& x, const Output& y, const TiledPlan& plan,
                           cudaStream_t stream) {
   const auto blocks = static_cast<unsigned>(ceil_div(w.n_tiles, kWarps / plan.k_warps));
-  tiled_matmul_kernel<F, kGroup, kTokenTiles><<<blocks, kThreads, 0, stream>>>(w, x, y, plan.k_warps);
+  if (plan.step_units == 4) {
+    tiled_matmul_kernel<F, kGroup, kTokenTiles, 4><<<blocks, kThreads, 0, stream>>>(w, x, y, plan.k_warps);
+  } else {
+    tiled_matmul_kernel<F, kGroup, kTokenTiles, 2><<<blocks, kThreads, 0, stream>>>(w, x, y, plan.k_warps);
+  }
   return cudaGetLastError();
 }
 
@@ -268,8 +272,6 @@ cudaError_t dispatch_tokens(const TiledWeight& w, const Activations& x, const Ou
   switch (plan.token_tiles) {
     case 1: return launch_matmul<F, kGroup, 1>(w, x, y, plan, stream);
     case 2: return launch_matmul<F, kGroup, 2>(w, x, y, plan, stream);
-    case 4: return launch_matmul<F, kGroup, 4>(w, x, y, plan, stream);
-    case 8: return launch_matmul<F, kGroup, 8>(w, x, y, plan, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -297,7 +299,7 @@ __global__ void tiled_dequantize_kernel(const TiledWeight w, const int32_t* perm
     const int lane = static_cast<int>(i % 32);
     const int64_t unit = i / 32, tile = unit / w.n_units, u = unit % w.n_units;
     const int g = lane / 4, c = lane % 4;
-    uint32_t words[UnitWords<F>::kWords];
+    alignas(16) uint32_t words[UnitWords<F>::kWords];
     const uint8_t* base = w.codes + unit * w.unit_bytes;
     // Plain loads: any alignment of the unit is fine here.
 #pragma unroll
@@ -318,19 +320,32 @@ __global__ void tiled_dequantize_kernel(const TiledWeight w, const int32_t* perm
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int64_t row = 16 * tile + g + 8 * j;
+        if (row >= w.N) continue;
         const float sc = __half2float(__ushort_as_half(w.scales[group * 16 + 2 * g + j]));
         const float z = __half2float(__ushort_as_half(w.zeros[group * 16 + 2 * g + j]));
+        T values[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           // Nibble of (row half j, column e): j + 2 (e / 2) + 4 (e % 2).
           const uint32_t q = (v >> (4 * (j + 2 * (e / 2) + 4 * (e % 2)))) & 15u;
           float code = static_cast<float>(q);
           if (F == Format::kInt35 && e % 2 == 1) code = __fmul_rn(code, kStep3);
-          const int64_t col = col0 + e;
-          if (row < w.N && col < K) {
-            const int64_t target = perm ? perm[col] : col;
-            if (target >= 0 && target < K) out[row * K + target] = from_float<T>(__fmul_rn(__fsub_rn(code, z), sc));
+          values[e] = from_float<T>(__fmul_rn(__fsub_rn(code, z), sc));
+        }
+        T* dst = out + row * K;
+        if (!perm && K % 4 == 0 && col0 + 4 <= K) {  // one store of 4 values: whole 32-byte sectors per warp
+          if constexpr (sizeof(T) == 4) {
+            *reinterpret_cast<float4*>(dst + col0) = *reinterpret_cast<const float4*>(values);
+          } else {
+            *reinterpret_cast<uint2*>(dst + col0) = *reinterpret_cast<const uint2*>(values);
           }
+          continue;
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t col = col0 + e;
+          const int64_t target = col < K ? (perm ? perm[col] : col) : -1;
+          if (target >= 0 && target < K) dst[target] = values[e];
         }
       }
     }
@@ -361,18 +376,21 @@ cudaError_t launch_dequantize(const TiledWeight& w, const int32_t* perm, int64_t
 
 TiledPlan plan_tiled(const TiledWeight& w, int64_t M, int num_sms) {
   TiledPlan plan{};
-  plan.token_tiles = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+  plan.token_tiles = M <= 8 ? 1 : 2;
+  plan.step_units = 2;
   // Split K over the warps of a block until there are about 16 warps per SM (two blocks), keeping at
-  // least 2 steps of units per warp. LOWBIT_CUDA_TILED_K_WARPS (1, 2, 4 or 8) overrides, for tuning.
+  // least 2 steps of units per warp. For tuning, LOWBIT_CUDA_TILED_K_WARPS (1, 2, 4 or 8) and
+  // LOWBIT_CUDA_TILED_STEP (2 or 4) override.
   int k_warps = 1;
   while (k_warps < kWarps && w.n_tiles * k_warps < 16LL * num_sms &&
-         w.n_units >= 2LL * kStepUnits * (2 * k_warps)) {
+         w.n_units >= 2LL * plan.step_units * (2 * k_warps)) {
     k_warps *= 2;
   }
   if (const char* env = std::getenv("LOWBIT_CUDA_TILED_K_WARPS")) {
     const int v = std::atoi(env);
     if (v == 1 || v == 2 || v == 4 || v == 8) k_warps = v;
   }
+  if (const char* env = std::getenv("LOWBIT_CUDA_TILED_STEP")) plan.step_units = std::atoi(env) == 4 ? 4 : 2;
   plan.k_warps = k_warps;
   return plan;
 }
