@@ -320,23 +320,20 @@ def run_cuda(shapes, m_values, min_seconds: float) -> dict:
 
 
 def sweep_cuda(shapes, m_values, min_seconds: float) -> None:
-    """Times the tiled kernel at each k_warps and step (LOWBIT_CUDA_TILED_K_WARPS, LOWBIT_CUDA_TILED_STEP)
-    next to the default plan."""
+    """Times the tiled kernel at each k_warps (LOWBIT_CUDA_TILED_K_WARPS) next to the default plan."""
     for n, k in shapes:
         for bits in (4, 3.5):
             weights = [cuda_random_quantized(n, k, bits) for _ in range(copies_for(int(n * k * bits / 8), 240 << 20))]
             for m in m_values:
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 times = {}
-                for kw in ("default", "2/2", "4/2", "8/2", "2/4", "4/4", "8/4"):
+                for kw in ("default", "1", "2", "4", "8"):
                     os.environ.pop("LOWBIT_CUDA_TILED_K_WARPS", None)
-                    os.environ.pop("LOWBIT_CUDA_TILED_STEP", None)
                     if kw != "default":
-                        os.environ["LOWBIT_CUDA_TILED_K_WARPS"], os.environ["LOWBIT_CUDA_TILED_STEP"] = kw.split("/")
+                        os.environ["LOWBIT_CUDA_TILED_K_WARPS"] = kw
                     times[kw] = cuda_time_per_call(lambda i: lowbit.linear(x, weights[i % len(weights)]),
                                                    len(weights), min_seconds) * 1e6
                 os.environ.pop("LOWBIT_CUDA_TILED_K_WARPS", None)
-                os.environ.pop("LOWBIT_CUDA_TILED_STEP", None)
                 gbs = {kw: weights[0].nbytes / t / 1e3 for kw, t in times.items()}
                 print(f"sweep {n}x{k} int{bits:g} M={m}: " + ", ".join(f"{kw} {t:.1f} us ({gbs[kw]:.0f} GB/s)"
                                                                      for kw, t in times.items()), flush=True)

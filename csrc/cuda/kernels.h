@@ -60,12 +60,11 @@ struct Output {
 
 // Up to kMaxTiledRows activation rows: the tensor-core kernel on the tile layout (tiled.cu), which
 // streams the weight once per call. token_tiles tiles of 8 rows (1 or 2); k_warps warps of a block
-// split K for the same 16-row tile; step_units units (2 or 4) are loaded together.
+// split K for the same 16-row tile.
 constexpr int64_t kMaxTiledRows = 16;
 struct TiledPlan {
   int token_tiles;
   int k_warps;
-  int step_units;
 };
 TiledPlan plan_tiled(const TiledWeight& w, int64_t M, int num_sms);
 cudaError_t tiled_matmul(const TiledWeight& w, const Activations& x, const Output& y, const TiledPlan& plan,

@@ -24,6 +24,9 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
+// Units loaded together; the next step's loads overlap this step's math. (4 measured no faster on an
+// H200 and slower at M = 16: benchmarks/README.md.)
+constexpr int kStepUnits = 2;
 
 template <Format F>
 struct UnitWords {
@@ -168,8 +171,7 @@ __device__ __forceinline__ void compute_unit(const uint32_t (&w)[UnitWords<F>::k
 }
 
 // Block: kWarps warps = (kWarps / k_warps) row tiles x k_warps contiguous shares of the units.
-// kStepUnits units are loaded together; the next step's loads overlap this step's math.
-template <Format F, int kGroup, int kTokenTiles, int kStepUnits>
+template <Format F, int kGroup, int kTokenTiles>
 __global__ void __launch_bounds__(kThreads) tiled_matmul_kernel(const TiledWeight w, const Activations x,
                                                                 const Output y, const int k_warps) {
   constexpr int kWords = UnitWords<F>::kWords;
@@ -258,11 +260,7 @@ template <Format F, int kGroup, int kTokenTiles>
 cudaError_t launch_matmul(const TiledWeight& w, const Activations& x, const Output& y, const TiledPlan& plan,
                           cudaStream_t stream) {
   const auto blocks = static_cast<unsigned>(ceil_div(w.n_tiles, kWarps / plan.k_warps));
-  if (plan.step_units == 4) {
-    tiled_matmul_kernel<F, kGroup, kTokenTiles, 4><<<blocks, kThreads, 0, stream>>>(w, x, y, plan.k_warps);
-  } else {
-    tiled_matmul_kernel<F, kGroup, kTokenTiles, 2><<<blocks, kThreads, 0, stream>>>(w, x, y, plan.k_warps);
-  }
+  tiled_matmul_kernel<F, kGroup, kTokenTiles><<<blocks, kThreads, 0, stream>>>(w, x, y, plan.k_warps);
   return cudaGetLastError();
 }
 
@@ -377,20 +375,17 @@ cudaError_t launch_dequantize(const TiledWeight& w, const int32_t* perm, int64_t
 TiledPlan plan_tiled(const TiledWeight& w, int64_t M, int num_sms) {
   TiledPlan plan{};
   plan.token_tiles = M <= 8 ? 1 : 2;
-  plan.step_units = 2;
-  // Split K over the warps of a block until there are about 16 warps per SM (two blocks), keeping at
-  // least 2 steps of units per warp. For tuning, LOWBIT_CUDA_TILED_K_WARPS (1, 2, 4 or 8) and
-  // LOWBIT_CUDA_TILED_STEP (2 or 4) override.
+  // Split K over the warps of a block until there are about 32 warps per SM, keeping at least 2 steps
+  // of units per warp (the H200 sweep in benchmarks/README.md: 28672 x 8192 at M = 1 ran in 61 us with
+  // 4 warps per tile, 70 us with 2). For tuning, LOWBIT_CUDA_TILED_K_WARPS (1, 2, 4 or 8) overrides.
   int k_warps = 1;
-  while (k_warps < kWarps && w.n_tiles * k_warps < 16LL * num_sms &&
-         w.n_units >= 2LL * plan.step_units * (2 * k_warps)) {
+  while (k_warps < kWarps && w.n_tiles * k_warps < 32LL * num_sms && w.n_units >= 2LL * kStepUnits * (2 * k_warps)) {
     k_warps *= 2;
   }
   if (const char* env = std::getenv("LOWBIT_CUDA_TILED_K_WARPS")) {
     const int v = std::atoi(env);
     if (v == 1 || v == 2 || v == 4 || v == 8) k_warps = v;
   }
-  if (const char* env = std::getenv("LOWBIT_CUDA_TILED_STEP")) plan.step_units = std::atoi(env) == 4 ? 4 : 2;
   plan.k_warps = k_warps;
   return plan;
 }
