@@ -82,13 +82,13 @@ TiledWeight tiled_weight(const char* op, Format format, const at::Tensor& qweigh
   const int64_t Kt = round_up(round_up(K, group_size), 128);
   const int64_t n_tiles = (N + 15) / 16, n_units = Kt / 128, n_groups = Kt / group_size;
   const int64_t unit_bytes = format == Format::kInt4 ? 1024 : 896;
-  TORCH_CHECK_VALUE(qweight.sizes() == at::IntArrayRef({n_tiles, n_units, unit_bytes}), op,
-                    ": tiled qweight must be [", n_tiles, ", ", n_units, ", ", unit_bytes, "] for out_features ", N,
-                    ", in_features ", K, " and group_size ", group_size, ", got ", qweight.sizes());
-  for (const at::Tensor* t : {&scales, &zeros}) {
-    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef({n_tiles, n_groups, 16}), op, ": tiled scales and zeros must be [",
-                      n_tiles, ", ", n_groups, ", 16], got ", t->sizes());
-  }
+  const std::vector<int64_t> codes_shape{n_tiles, n_units, unit_bytes}, params_shape{n_tiles, n_groups, 16};
+  TORCH_CHECK_VALUE(qweight.sizes().vec() == codes_shape, op, ": tiled qweight must be [", n_tiles, ", ", n_units,
+                    ", ", unit_bytes, "] for out_features ", N, ", in_features ", K, " and group_size ", group_size,
+                    ", got ", qweight.sizes());
+  TORCH_CHECK_VALUE(scales.sizes().vec() == params_shape && zeros.sizes().vec() == params_shape, op,
+                    ": tiled scales and zeros must be [", n_tiles, ", ", n_groups, ", 16], got ", scales.sizes(),
+                    " and ", zeros.sizes());
   TORCH_CHECK_VALUE(qweight.is_contiguous() && scales.is_contiguous() && zeros.is_contiguous(), op,
                     ": qweight, scales and zeros must be contiguous");
   TORCH_CHECK_VALUE(scales.device() == qweight.device() && zeros.device() == qweight.device(), op,

@@ -207,26 +207,19 @@ __global__ void __launch_bounds__(kThreads) tiled_matmul_kernel(const TiledWeigh
     }
   };
 
-  const auto compute_step = [&](int u0, const Step& st, Accumulators<kTokenTiles>& acc) {
-#pragma unroll
-    for (int i = 0; i < kStepUnits; ++i) {
-      if (u0 + i < u_end) compute_unit<F, kGroup, kTokenTiles>(st.w[i], st.p[i], xr, (u0 + i) * 128, g, c, acc);
-    }
-  };
-
-  // Two buffers used in turn (no copy from one to the other, which would wait for the loads): while
-  // one step is computed, the loads of the next are in flight.
   Accumulators<kTokenTiles> acc{};
   if (u_begin < u_end) {
-    Step a, b;
-    load_step(u_begin, a);
-    for (int u = u_begin; u < u_end; u += 2 * kStepUnits) {
-      const int u1 = u + kStepUnits, u2 = u1 + kStepUnits;
-      if (u1 < u_end) load_step(u1, b);
-      compute_step(u, a, acc);
-      if (u1 >= u_end) break;
-      if (u2 < u_end) load_step(u2, a);
-      compute_step(u1, b, acc);
+    Step cur, next;
+    load_step(u_begin, cur);
+    for (int u = u_begin;; u += kStepUnits) {
+      const bool more = u + kStepUnits < u_end;
+      if (more) load_step(u + kStepUnits, next);
+#pragma unroll
+      for (int i = 0; i < kStepUnits; ++i) {
+        if (u + i < u_end) compute_unit<F, kGroup, kTokenTiles>(cur.w[i], cur.p[i], xr, (u + i) * 128, g, c, acc);
+      }
+      if (!more) break;
+      cur = next;
     }
   }
 
