@@ -378,15 +378,36 @@ def test_llama_on_cuda_matches_cpu(bits):
         assert rel_rms(cpu(tokens), ref) < 5e-2
         for m in (cpu, gpu, exact):
             m.setup_cache(2, 32)
-        ref = exact(tokens, start=0)
-        assert rel_rms(gpu(tokens.to(CUDA), start=0), ref) < 5e-3
-        assert rel_rms(cpu(tokens, start=0), ref) < 5e-2
+        pos = torch.arange(24)
+        ref = exact(tokens, pos)
+        assert rel_rms(gpu(tokens.to(CUDA), pos.to(CUDA)), ref) < 5e-3
+        assert rel_rms(cpu(tokens, pos), ref) < 5e-2
         for i in range(4):
-            step = torch.randint(0, 512, (2, 1))
-            ref = exact(step, start=24 + i)
-            assert rel_rms(gpu(step.to(CUDA), start=24 + i), ref) < 5e-3
-            assert rel_rms(cpu(step, start=24 + i), ref) < 5e-2
+            step, pos = torch.randint(0, 512, (2, 1)), torch.tensor([24 + i])
+            ref = exact(step, pos)
+            assert rel_rms(gpu(step.to(CUDA), pos.to(CUDA)), ref) < 5e-3
+            assert rel_rms(cpu(step, pos), ref) < 5e-2
         # Half-precision models on the GPU stay close to the float32 one (on the CPU: 1e-3 and 9e-3).
         for dtype, tol in ((torch.float16, 1e-2), (torch.bfloat16, 3e-2)):
             half = copy.deepcopy(gpu).to(dtype)
             assert rel_rms(half(tokens.to(CUDA)), gpu(tokens.to(CUDA))) < tol
+
+
+@pytest.mark.parametrize("bits", [4, 3.5])
+def test_generate_on_cuda_replays_one_graph(bits):
+    # lowbit.generate's decode step on CUDA is a CUDA graph captured once; its greedy tokens are those of
+    # stateless forwards over the growing sequence on the same GPU.
+    from lowbit.generate import Sampling, decode_step, generate_tokens
+    model = tiny_llama(bits).to(CUDA, torch.float16)
+    prompt = torch.randint(0, 512, (1, 12), device=CUDA)
+    tokens = torch.stack(list(generate_tokens(model, prompt, Sampling(max_new_tokens=20, ignore_eos=True))), 1)
+    step = decode_step(model, 1)
+    assert step.graph is not None
+    seq = prompt
+    with torch.inference_mode():
+        for i in range(20):
+            nxt = model(seq)[:, -1].argmax(-1, keepdim=True)
+            assert int(nxt) == int(tokens[0, i]), i
+            seq = torch.cat([seq, nxt], 1)
+    list(generate_tokens(model, prompt, Sampling(max_new_tokens=5, ignore_eos=True)))
+    assert decode_step(model, 1) is step  # same cache: the captured graph is reused

@@ -90,3 +90,44 @@ def test_cli_generate(smollm2_dir, capsys):
                  "--bits", "4"]) == 0
     out, err = capsys.readouterr()
     assert "Paris" in out and "tok/s" in err
+
+
+def test_ignore_eos_produces_every_token(smollm2):
+    # A chat reply ends with EOS well before 64 tokens; ignore_eos (what the benchmarks use) goes on.
+    chat = [{"role": "user", "content": "Say hi."}]
+    stream = lowbit.stream(smollm2, chat, max_new_tokens=64)
+    "".join(stream)
+    assert stream.stats.new_tokens < 64
+    forced = lowbit.stream(smollm2, chat, max_new_tokens=64, ignore_eos=True)
+    "".join(forced)
+    assert forced.stats.new_tokens == 64 and len(forced.tokens) == 64
+
+
+def test_decode_step_is_reused_and_matches_the_forward(smollm2):
+    from lowbit.generate import decode_step
+    ids = torch.tensor([smollm2.tokenizer.encode("The capital of France is")])
+    t = ids.shape[1]
+    with torch.inference_mode():
+        smollm2.setup_cache(1, 64)
+        smollm2(ids, torch.arange(t))
+        step = decode_step(smollm2, 1)
+        assert decode_step(smollm2, 1) is step
+        logits = step(ids[0, -1:], t).clone()
+        smollm2.setup_cache(1, 64)
+        assert decode_step(smollm2, 1) is not step  # a new cache: a new step
+        full = smollm2(torch.cat([ids, ids[:, -1:]], 1))[:, -1]
+    assert (logits - full).abs().max().item() < 1e-3
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_compiles_once(smollm2):
+    # The position is a tensor: 64 decode steps, no recompilation after the first.
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    eager = lowbit.generate(smollm2, "The three primary colours are", max_new_tokens=66, ignore_eos=True)
+    compiled = lowbit.generate(smollm2, "The three primary colours are", max_new_tokens=66, ignore_eos=True,
+                               compile=True)
+    assert compiled == eager
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch._dynamo.reset()

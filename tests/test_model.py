@@ -60,8 +60,8 @@ def test_kv_cache_decode_matches_full_forward(tmp_path):
     with torch.no_grad():
         full = model(ids)
         model.setup_cache(2, 64)
-        steps = [model(ids[:, :25], start=0)]
-        steps += [model(ids[:, i:i + 1], start=i) for i in range(25, 40)]
+        steps = [model(ids[:, :25], torch.arange(25))]
+        steps += [model(ids[:, i:i + 1], torch.tensor([i])) for i in range(25, 40)]
     assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-4
 
 
@@ -69,10 +69,14 @@ def test_kv_cache_errors(tmp_path):
     tiny_hf_llama(tmp_path)
     model = LlamaForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="needs a KV cache"):
-        model(torch.zeros(1, 1, dtype=torch.long), start=3)
+        model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([3]))
     model.setup_cache(1, 8)
-    with pytest.raises(ValueError, match="exceeds the cache"):
-        model(torch.zeros(1, 9, dtype=torch.long), start=0)
+    with pytest.raises(ValueError, match="outside the cache of 8"):
+        model(torch.zeros(1, 9, dtype=torch.long), torch.arange(9))
+    with pytest.raises(ValueError, match="int64 tensor of 2 positions"):
+        model(torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(ValueError, match="int64 tensor of 1 positions"):
+        model(torch.zeros(1, 1, dtype=torch.long), 3)
     assert model(torch.zeros(1, 9, dtype=torch.long)).shape == (1, 9, 512)  # stateless: no cache limit
 
 

@@ -1,6 +1,12 @@
-"""Text generation: sampling, streaming and chat on top of LlamaForCausalLM's static KV cache."""
+"""Text generation: sampling, streaming and chat on top of LlamaForCausalLM's static KV cache.
+
+The prompt runs as one forward; every further token runs the model's decode step, whose shapes do not change
+from token to token: on CUDA it is captured once in a CUDA graph and replayed, and with compile=True it is
+torch.compile'd once (no recompilation as the position advances).
+"""
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -19,6 +25,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)   # stop strings (text), besides the model's EOS tokens
     seed: int | None = None
+    ignore_eos: bool = False  # always produce max_new_tokens (benchmarks)
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -74,13 +81,61 @@ def next_token(logits: torch.Tensor, history: torch.Tensor, s: Sampling, generat
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+class DecodeStep:
+    """logits [B, vocab] of one new token per sequence, from fixed buffers token [B, 1] and position [1]: eager,
+    torch.compile'd (compile=True, once for these shapes) or, on CUDA, one CUDA graph captured at the first call
+    and replayed after it. The returned logits are overwritten by the next call."""
+
+    def __init__(self, model: LlamaForCausalLM, batch: int, compile: bool = False):
+        self.model, self.compile = model, compile
+        self.cache = model.layers[0].attn.kv_cache  # the graph writes into these tensors
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+        self.position = torch.zeros(1, dtype=torch.long, device=model.device)
+        self.forward = torch.compile(model, dynamic=False, fullgraph=True) if compile else model
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def fits(self, model: LlamaForCausalLM, batch: int, compile: bool) -> bool:
+        return (model.layers[0].attn.kv_cache is self.cache and self.token.shape[0] == batch
+                and self.compile == compile)
+
+    def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        self.token.copy_(token.view(-1, 1))
+        self.position.fill_(position)
+        if self.token.device.type != "cuda":
+            return self.forward(self.token, self.position)[:, -1]
+        if self.graph is None:
+            side = torch.cuda.Stream()  # warm-up (and compilation) off the capture
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.forward(self.token, self.position)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.forward(self.token, self.position)[:, -1]
+        self.graph.replay()
+        return self.logits
+
+
+_decode_steps: "weakref.WeakKeyDictionary[LlamaForCausalLM, DecodeStep]" = weakref.WeakKeyDictionary()
+
+
+def decode_step(model: LlamaForCausalLM, batch: int, compile: bool = False) -> DecodeStep:
+    """The model's decode step for its current cache, made (and captured or compiled) once and then reused."""
+    step = _decode_steps.get(model)
+    if step is None or not step.fits(model, batch, compile):
+        step = _decode_steps[model] = DecodeStep(model, batch, compile)
+    return step
+
+
 @torch.inference_mode()
 def generate_tokens(model: LlamaForCausalLM, tokens: torch.Tensor, sampling: Sampling,
-                    stats: Stats | None = None) -> Iterator[torch.Tensor]:
+                    stats: Stats | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """tokens [B, T] (equal-length prompts) -> yields the next token ids [B] step by step.
 
     Stops after max_new_tokens, or once every sequence has produced an EOS token (sequences that
-    finished earlier keep yielding EOS).
+    finished earlier keep yielding EOS) unless sampling.ignore_eos.
     """
     stats = stats if stats is not None else Stats()
     b, t = tokens.shape
@@ -89,20 +144,22 @@ def generate_tokens(model: LlamaForCausalLM, tokens: torch.Tensor, sampling: Sam
     total = t + sampling.max_new_tokens
     cache = model.layers[0].attn.kv_cache
     if cache is None or model.max_seq_len < total or cache.k.shape[0] != b:
-        model.setup_cache(b, max(total, 256))
+        model.setup_cache(b, max(-(-total // 256) * 256, 256))
     generator = None
     if sampling.seed is not None:
-        generator = torch.Generator(device=tokens.device).manual_seed(sampling.seed)
-    eos = torch.tensor(model.config.eos_token_ids or [-1], device=tokens.device)
+        generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
+    eos = torch.tensor(model.config.eos_token_ids or [-1], device=model.device)
     history = tokens.to(model.device)
     finished = torch.zeros(b, dtype=torch.bool, device=history.device)
     stats.prompt_tokens = t * b
+    step_fn = decode_step(model, b, compile) if sampling.max_new_tokens > 1 else None
     start = time.perf_counter()
-    logits = model(history, start=0)[:, -1]
+    logits = model(history, torch.arange(t, device=model.device))[:, -1]
     for step in range(sampling.max_new_tokens):
         nxt = next_token(logits, history, sampling, generator)
-        nxt = torch.where(finished, eos[0], nxt)
-        finished |= torch.isin(nxt, eos)
+        if not sampling.ignore_eos:
+            nxt = torch.where(finished, eos[0], nxt)
+            finished |= torch.isin(nxt, eos)
         now = time.perf_counter()
         if step == 0:
             stats.prefill_seconds = now - start
@@ -111,10 +168,10 @@ def generate_tokens(model: LlamaForCausalLM, tokens: torch.Tensor, sampling: Sam
             stats.decode_seconds = now - start
         stats.new_tokens = step + 1
         yield nxt
-        if bool(finished.all()) or step + 1 == sampling.max_new_tokens:
+        if step + 1 == sampling.max_new_tokens or (not sampling.ignore_eos and bool(finished.all())):
             return
         history = torch.cat([history, nxt[:, None]], dim=1)
-        logits = model(nxt[:, None], start=history.shape[1] - 1)[:, -1]
+        logits = step_fn(nxt, history.shape[1] - 1)
 
 
 def prompt_ids(model: LlamaForCausalLM, prompt: str | list[dict]) -> list[int]:
@@ -130,8 +187,9 @@ def prompt_ids(model: LlamaForCausalLM, prompt: str | list[dict]) -> list[int]:
 class TextStream:
     """Iterates over the text pieces of one generation as they are produced; .stats after the end."""
 
-    def __init__(self, model: LlamaForCausalLM, prompt: str | list[dict], sampling: Sampling):
-        self.model, self.sampling = model, sampling
+    def __init__(self, model: LlamaForCausalLM, prompt: str | list[dict], sampling: Sampling,
+                 compile: bool = False):
+        self.model, self.sampling, self.compile = model, sampling, compile
         self.ids = prompt_ids(model, prompt)
         self.stats = Stats()
         self.tokens: list[int] = []
@@ -144,9 +202,9 @@ class TextStream:
         pending = ""
         eos = set(self.model.config.eos_token_ids)
         prompt = torch.tensor([self.ids], device=self.model.device)
-        for nxt in generate_tokens(self.model, prompt, self.sampling, self.stats):
+        for nxt in generate_tokens(self.model, prompt, self.sampling, self.stats, self.compile):
             token = int(nxt[0])
-            if token in eos:
+            if token in eos and not self.sampling.ignore_eos:
                 break
             self.tokens.append(token)
             pending += decoder.push(token)
@@ -166,11 +224,12 @@ class TextStream:
             yield pending
 
 
-def stream(model: LlamaForCausalLM, prompt: str | list[dict], **sampling) -> TextStream:
-    """Text pieces as they are generated: `for piece in stream(model, "Once upon a time"): print(piece, end="")`."""
-    return TextStream(model, prompt, Sampling(**sampling))
+def stream(model: LlamaForCausalLM, prompt: str | list[dict], compile: bool = False, **sampling) -> TextStream:
+    """Text pieces as they are generated: `for piece in stream(model, "Once upon a time"): print(piece, end="")`.
+    sampling: the fields of Sampling; compile=True torch.compiles the decode step (once per model and cache)."""
+    return TextStream(model, prompt, Sampling(**sampling), compile)
 
 
-def generate(model: LlamaForCausalLM, prompt: str | list[dict], **sampling) -> str:
+def generate(model: LlamaForCausalLM, prompt: str | list[dict], compile: bool = False, **sampling) -> str:
     """The whole completion of a text prompt or a chat, as one string."""
-    return "".join(stream(model, prompt, **sampling))
+    return "".join(stream(model, prompt, compile, **sampling))

@@ -1,7 +1,9 @@
 """A compact LLaMA (1/2/3/3.1/3.2, SmolLM2, TinyLlama) for inference, in the spirit of gpt-fast.
 
-Plain modules, fused q/k/v and gate/up projections (one matmul each per step), a static preallocated
-KV cache, and any nn.Linear swappable for a lowbit.QuantLinear.
+Plain modules, fused q/k/v and gate/up projections (one matmul each per step), and a static KV cache:
+`forward(tokens, input_pos)` writes keys and values at the positions in the tensor `input_pos` and attends over
+the whole cache through a mask, so a decode step has the same shapes at every position (one torch.compile,
+one CUDA graph). Any nn.Linear is swappable for a lowbit.QuantLinear.
 """
 
 import math
@@ -91,6 +93,13 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     return torch.where(middle, interpolated, scaled).float()
 
 
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, head_dim] float32 for the given positions [T]."""
+    angles = torch.outer(positions.to(torch.float32), inv_freq)  # [T, D/2]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D] rotated by position: halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -120,12 +129,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, H, T, D] at positions start..start+T-1; return the filled part [B, H, start+T, D]."""
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H, T, D] at positions input_pos [T]; return the whole cache [B, H, max_seq_len, D]."""
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -138,7 +146,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q_dim, config.hidden_size, bias=config.attention_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                input_pos: torch.Tensor | None) -> torch.Tensor:
+        """x [B, T, dim]; cos, sin [T, D]; with input_pos [T]: mask [1, 1, T, max_seq_len] over the cache."""
         b, t, _ = x.shape
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -146,13 +156,12 @@ class Attention(nn.Module):
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)   # [B, H_kv, T, D]
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if start is not None:
-            k, v = self.kv_cache.update(start, k, v)
-        # Causal within the new tokens; every cached (earlier) position is visible.
-        mask = None
-        if t > 1:
-            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        if input_pos is None:  # stateless: the sequence alone, causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+        else:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(b, t, q_dim))
 
 
@@ -176,8 +185,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, start)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                input_pos: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -193,7 +203,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.tokenizer = None  # set by from_pretrained
+        # Set by setup_cache: the cache length, RoPE tables [S, D] and causal mask [S, S] for it.
         self.max_seq_len = 0
+        self.rope_cos = self.rope_sin = self.causal_mask = None
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu") -> "LlamaForCausalLM":
@@ -210,40 +222,56 @@ class LlamaForCausalLM(nn.Module):
         return self.embed.weight.dtype
 
     def setup_cache(self, batch: int, max_seq_len: int) -> None:
-        """Preallocate the KV cache for `batch` sequences of up to `max_seq_len` tokens."""
+        """Preallocate the KV cache for `batch` sequences of up to `max_seq_len` tokens, with the RoPE tables and
+        the causal mask of that length."""
         c = self.config
         with torch.inference_mode(False):  # ordinary tensors, usable in and out of inference mode
             for layer in self.layers:
                 layer.attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_seq_len, c.head_dim, self.dtype,
                                               self.device)
+            positions = torch.arange(max_seq_len, device=self.device)
+            self.rope_cos, self.rope_sin = rope_tables(self.inv_freq, positions)         # [S, D] each
+            self.causal_mask = positions[None, :] <= positions[:, None]                  # [S, S]: row i sees 0..i
         self.max_seq_len = max_seq_len
 
     def drop_cache(self) -> None:
         for layer in self.layers:
             layer.attn.kv_cache = None
+        self.rope_cos = self.rope_sin = self.causal_mask = None
         self.max_seq_len = 0
 
-    def forward(self, tokens: torch.Tensor, start: int | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab] (float32).
 
-        start=None: a stateless forward over the whole sequence (the KV cache is neither read nor written).
-        start=int: the tokens sit at positions start..start+T-1; their keys and values go into the cache
-        (setup_cache) and attention also sees the cached positions before start.
+        input_pos=None: a stateless forward over the whole sequence (the KV cache is neither read nor written).
+        input_pos [T] (int64, on the model's device): the tokens sit at these positions; their keys and values
+        go into the cache (setup_cache) and attention sees every cached position up to each token's own.
         """
         b, t = tokens.shape
-        use_cache = start is not None
-        if use_cache:
-            if self.layers[0].attn.kv_cache is None:
-                raise ValueError("forward with start needs a KV cache: call setup_cache() first")
-            if start + t > self.max_seq_len:
-                raise ValueError(f"sequence of {start + t} tokens exceeds the cache ({self.max_seq_len}); "
-                                 f"call setup_cache() with a larger max_seq_len")
-        first = start or 0
-        positions = torch.arange(first, first + t, device=tokens.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq)             # [T, D/2]
-        cos = torch.cat((angles, angles), dim=-1).cos()             # [T, D]
-        sin = torch.cat((angles, angles), dim=-1).sin()
+        if input_pos is None:
+            cos, sin = rope_tables(self.inv_freq, torch.arange(t, device=tokens.device))
+            mask = None
+        else:
+            self._check_input_pos(input_pos, t)
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+            mask = self.causal_mask[input_pos][None, None]                              # [1, 1, T, S]
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, start)
+            x = layer(x, cos, sin, mask, input_pos)
         return self.lm_head(self.norm(x)).float()
+
+    def _check_input_pos(self, input_pos: torch.Tensor, t: int) -> None:
+        if self.layers[0].attn.kv_cache is None:
+            raise ValueError("forward with input_pos needs a KV cache: call setup_cache() first")
+        if not isinstance(input_pos, torch.Tensor) or input_pos.dtype != torch.long or input_pos.shape != (t,):
+            raise ValueError(f"input_pos must be an int64 tensor of {t} positions (one per token), got "
+                             f"{getattr(input_pos, 'dtype', type(input_pos).__name__)} "
+                             f"{list(getattr(input_pos, 'shape', []))}")
+        if input_pos.device != self.device:
+            raise ValueError(f"input_pos is on {input_pos.device} but the model is on {self.device}")
+        # Values are checked where that costs no device synchronization (CPU tensors, not while compiling).
+        if input_pos.device.type == "cpu" and not torch.compiler.is_compiling() and t:
+            lo, hi = int(input_pos.min()), int(input_pos.max())
+            if lo < 0 or hi >= self.max_seq_len:
+                raise ValueError(f"positions {lo}..{hi} are outside the cache of {self.max_seq_len}; call "
+                                 f"setup_cache() with a larger max_seq_len")
