@@ -30,7 +30,7 @@ import lowbit
 from lowbit import tiled
 from lowbit.generate import Sampling, Stats, generate_tokens
 from lowbit.models.llama import rope_inv_freq
-from lowbit.nn import QuantLinear
+from lowbit.nn import QuantLinear, replace_linears
 
 VARIANTS = [  # name, dtype, bits, quantize lm_head
     ("float32", torch.float32, None, False),
@@ -127,17 +127,14 @@ def random_model(shape: dict, bits, device="cuda") -> lowbit.LlamaForCausalLM:
     device and materialized layer by layer on the GPU."""
     with torch.device("meta"):
         model = lowbit.LlamaForCausalLM(lowbit.LlamaConfig(**shape)).eval().half()
-    for layer in model.layers:
-        for parent, name in ((layer.attn, "wqkv"), (layer.attn, "wo"), (layer.ffn, "w_gate_up"),
-                             (layer.ffn, "w_down")):
-            linear = getattr(parent, name)
-            if bits is None:
-                new = torch.nn.Linear(linear.in_features, linear.out_features, bias=False, device=device,
-                                      dtype=torch.float16).requires_grad_(False)
-                torch.nn.init.normal_(new.weight, std=0.02)
-            else:
-                new = random_quant_linear(linear, bits, device)
-            setattr(parent, name, new)
+    def make(name: str, linear: torch.nn.Linear) -> torch.nn.Module:
+        if bits is not None:
+            return random_quant_linear(linear, bits, device)
+        new = torch.nn.Linear(linear.in_features, linear.out_features, bias=False, device=device, dtype=torch.float16)
+        torch.nn.init.normal_(new.weight.requires_grad_(False), std=0.02)
+        return new
+
+    replace_linears(model, make, skip=["lm_head"])
     for name, p in list(model.named_parameters()):
         if p.is_meta:  # embeddings, norms, head
             module_name, _, attr = name.rpartition(".")

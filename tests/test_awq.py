@@ -8,12 +8,11 @@ import torch
 import lowbit
 from conftest import tiny_hf_llama
 from lowbit.awq import hf_block_view, lowbit_block_view, quantize_llama_awq, saliency_perm, scale_block
-from lowbit.models.llama import LlamaForCausalLM
+from lowbit.models.llama import LlamaForCausalLM, rope_tables
 
 
 def rope(model, t):
-    angles = torch.outer(torch.arange(t, dtype=torch.float32), model.inv_freq)
-    return torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    return rope_tables(model.inv_freq, torch.arange(t))
 
 
 @pytest.mark.parametrize("kv_heads", [2, 8])  # grouped-query attention, and plain (o_proj scaled after v)
@@ -24,10 +23,10 @@ def test_folding_scales_leaves_float_output_unchanged(tmp_path, kv_heads):
     x = torch.randn(2, 24, 128)
     cos, sin = rope(model, 24)
     with torch.no_grad():
-        before = block(x, cos, sin, None)
+        before = block(x, cos, sin, None, None)
         norm_before = block.attn_norm.weight.clone()
         scale_block(lowbit_block_view(block, cos, sin), x, bits=3.5, group_size=32, n_grid=10)
-        after = block(x, cos, sin, None)
+        after = block(x, cos, sin, None, None)
     assert not torch.equal(block.attn_norm.weight, norm_before)  # scales really were folded in
     assert ((after - before).norm() / before.norm()).item() < 1e-5
 

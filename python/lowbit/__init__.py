@@ -4,11 +4,12 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C, data, eval, formats, ops
 from .generate import Sampling, generate, stream
-from .io.checkpoint import convert, load_quantized, save_quantized
+from .io.checkpoint import load_quantized, save_quantized
 from .io.fetch import fetch
 from .models.llama import LlamaConfig, LlamaForCausalLM
 from .nn import QuantLinear
-from .quantize import quantize_model, quantize_weight
+from .pipeline import convert, load, quantize_model
+from .quantize import quantize_weight
 from .weight import QuantizedWeight, linear
 
 __version__ = "0.1.0"
@@ -31,5 +32,5 @@ def cpu_isa() -> str:
 
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "QuantLinear", "QuantizedWeight", "Sampling", "build_info", "convert",
-           "cpu_isa", "data", "eval", "fetch", "formats", "generate", "linear", "load_quantized", "ops", "quantize_model",
+           "cpu_isa", "data", "eval", "fetch", "formats", "generate", "linear", "load", "load_quantized", "ops", "quantize_model",
            "quantize_weight", "save_quantized", "set_cpu_isa", "stream"]

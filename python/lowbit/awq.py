@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models.llama import Block, LlamaForCausalLM
+from .models.llama import Block, LlamaForCausalLM, rope_tables
 from .nn import QuantLinear
 from .quantize import fake_quantize, quantize_weight
 
@@ -148,15 +148,15 @@ class BlockView:
 
 def lowbit_block_view(block: Block, cos, sin) -> BlockView:
     attn, ffn = block.attn, block.ffn
-    q_dim, kv_dim = attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim
+    q_dim, kv_dim, _ = attn.qkv_split
     v_rows = slice(q_dim + kv_dim, q_dim + 2 * kv_dim)
     return BlockView(block, block.attn_norm, block.ffn_norm, ["attn.wqkv"], "attn.wo", ["ffn.w_gate_up"], "ffn.w_down",
                      ("attn.wqkv", v_rows), ("ffn.w_gate_up", slice(ffn.intermediate_size, 2 * ffn.intermediate_size)),
                      # As in AWQ, q and k keep their full range (their errors are amplified by the softmax).
                      {"attn.wqkv": v_rows, "attn.wo": slice(None), "ffn.w_gate_up": slice(None),
                       "ffn.w_down": slice(None)},
-                     attn.n_kv_heads != attn.n_heads, lambda h: attn(h, cos, sin, None), ffn,
-                     lambda x: block(x, cos, sin, None))
+                     attn.n_kv_heads != attn.n_heads, lambda h: attn(h, cos, sin, None, None), ffn,
+                     lambda x: block(x, cos, sin, None, None))
 
 
 def hf_block_view(layer: nn.Module, cos, sin, mask) -> BlockView:
@@ -265,8 +265,7 @@ def quantize_block(view: BlockView, inputs: dict, bits: float, group_size: int, 
         qw = quantize_weight(linear.weight.data, bits, group_size, perm=perm, clip=ratio, integer_zeros=integer_zeros)
         qlinear = QuantLinear(qw, linear.bias)
         qlinear.awq_scales = awq_scales
-        parent, _, attr = name.rpartition(".")
-        setattr(view.block.get_submodule(parent), attr, qlinear)
+        view.block.set_submodule(name, qlinear)
 
 
 def quantize_llama_awq(model: nn.Module, bits: float, group_size: int, calib: torch.Tensor,
@@ -288,8 +287,7 @@ def quantize_llama_awq(model: nn.Module, bits: float, group_size: int, calib: to
         positions = torch.arange(calib.shape[1], device=model.device)
         if isinstance(model, LlamaForCausalLM):
             x = model.embed(ids)                      # [n, T, H]: the activations entering block 0
-            angles = torch.outer(positions.float(), model.inv_freq)
-            cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+            cos, sin = rope_tables(model.inv_freq, positions)
             layers, views = model.layers, lambda block: lowbit_block_view(block, cos, sin)
         else:
             x = model.model.embed_tokens(ids)
@@ -300,6 +298,6 @@ def quantize_llama_awq(model: nn.Module, bits: float, group_size: int, calib: to
         for block in tqdm(layers, desc=f"AWQ int{bits:g}", disable=not progress):
             view = views(block)
             inputs = scale_block(view, x, bits, group_size, n_grid, n_search, integer_zeros)
-            quantize_block(view, inputs, bits, group_size, clip, saliency_order)
+            quantize_block(view, inputs, bits, group_size, clip, saliency_order, integer_zeros)
             x = torch.cat([view.forward(x[i:i + 8]) for i in range(0, len(x), 8)])
     return model

@@ -66,7 +66,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .io.checkpoint import convert
+    from .pipeline import convert
     out = convert(args.src, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
                   calib_file=args.calib_file, align=args.align, force=args.force, integer_zeros=args.integer_zeros,
                   quantize_lm_head=args.quantize_lm_head, float_dtype=getattr(torch, args.float_dtype))
@@ -81,7 +81,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .io.checkpoint import inspect_checkpoint
+    from .io.inspect import inspect_checkpoint
     return 0 if inspect_checkpoint(args.path) else 1
 
 

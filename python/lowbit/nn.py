@@ -1,4 +1,6 @@
-"""QuantLinear: a drop-in nn.Linear replacement holding a quantized weight."""
+"""QuantLinear: a drop-in nn.Linear replacement holding a quantized weight; replace_linears, the module swap."""
+
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -88,3 +90,15 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits:g}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, perm={self.perm is not None}, "
                 f"layout={self.layout}")
+
+
+def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module],
+                    skip: Iterable[str] = ()) -> list[str]:
+    """Replace every nn.Linear of `model` by make(qualified name, linear), except those whose qualified name
+    equals or ends with ("." + entry) an entry of skip. Returns the names replaced."""
+    skip = list(skip)
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not any(name == k or name.endswith("." + k) for k in skip)]
+    for name in names:
+        model.set_submodule(name, make(name, model.get_submodule(name)))
+    return names

@@ -1,9 +1,6 @@
-"""Quantization into the lowbit formats: round to nearest per weight matrix, and whole models (RTN or AWQ)."""
-
-import copy
+"""Round-to-nearest quantization of one weight matrix into the lowbit formats (and its fake-quantized float)."""
 
 import torch
-from torch import nn
 
 from . import formats
 from .weight import QuantizedWeight
@@ -103,42 +100,3 @@ def _round_to_nearest(groups: torch.Tensor, bits: float, clip=None, integer_zero
     if bits == 3.5:
         codes[..., 1::2] = (t[..., 1::2] / formats.STEP3).round().clamp(0, 7)
     return codes, scales, zeros
-
-
-def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, method: str = "rtn",
-                   calib=None, modules_to_not_convert: list[str] | None = None, quantize_lm_head: bool = False,
-                   inplace: bool = True, integer_zeros: bool = False) -> nn.Module:
-    """Replace every nn.Linear of `model` by a QuantLinear (lowbit's LLaMA or transformers' LlamaForCausalLM).
-
-    Modules whose qualified name equals or ends with an entry of modules_to_not_convert stay float, and so
-    does the output head (lm_head) unless quantize_lm_head. method "rtn" is round-to-nearest per group;
-    "awq" is activation-aware (lowbit.awq) on calib, token ids [n_samples, seq_len], for the decoder
-    blocks (remaining linears, such as a quantized lm_head, use RTN). integer_zeros: see quantize_weight.
-    The choices are kept in model.quantization (save_quantized writes them to config.json).
-    """
-    from .nn import QuantLinear
-    bits = formats.check_bits(bits)
-    group_size = formats.check_group_size(group_size)
-    if method not in ("rtn", "awq"):
-        raise ValueError(f"method must be 'rtn' or 'awq', got {method!r}")
-    if not inplace:
-        model = copy.deepcopy(model)
-    if method == "awq":
-        from .awq import quantize_llama_awq
-        if modules_to_not_convert:
-            raise ValueError("modules_to_not_convert is not supported with method='awq'")
-        quantize_llama_awq(model, bits, group_size, calib, integer_zeros=integer_zeros)
-    keep = list(modules_to_not_convert or [])
-    if not quantize_lm_head:
-        keep.append("lm_head")
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and not any(name == k or name.endswith("." + k) for k in keep)]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear(quantize_weight(linear.weight, bits, group_size,
-                                                           integer_zeros=integer_zeros), linear.bias))
-    model.quantization = {"bits": bits, "group_size": group_size, "method": method,
-                          "modules_not_converted": [name for name, m in model.named_modules()
-                                                    if isinstance(m, nn.Linear)]}
-    return model

@@ -19,6 +19,14 @@ class Tokenizer:
         self.config = dict(config or {})
 
     @classmethod
+    def from_dir_if_present(cls, directory: str | Path) -> "Tokenizer | None":
+        """The directory's tokenizer, or None when it has no tokenizer files."""
+        try:
+            return cls.from_dir(directory)
+        except FileNotFoundError:
+            return None
+
+    @classmethod
     def from_dir(cls, directory: str | Path) -> "Tokenizer":
         directory = Path(directory)
         config_path = directory / "tokenizer_config.json"

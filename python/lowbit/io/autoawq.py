@@ -20,7 +20,7 @@ from ..models.llama import LlamaConfig
 from ..tokenizer import Tokenizer
 from ..weight import QuantizedWeight
 from .checkpoint import load_quantized, quantization_config, write_checkpoint
-from .convert import atomic_directory
+from .atomic import atomic_directory
 from .hf import FUSED, SINGLE, CheckpointError, SafetensorsDir, read_config
 from .safetensors_io import ShardWriter
 
@@ -101,10 +101,7 @@ def import_awq(src: Path, out: Path, align: int | None = None, force: bool = Fal
     config = read_config(src)
     config.extra.pop("quantization_config", None)
     st = SafetensorsDir(src)
-    try:
-        tokenizer = Tokenizer.from_dir(src)
-    except FileNotFoundError:
-        tokenizer = None
+    tokenizer = Tokenizer.from_dir_if_present(src)
 
     def fused(prefix: str, parts) -> dict[str, torch.Tensor]:
         ws = [from_awq(st.get(f"{prefix}{p}.qweight"), st.get(f"{prefix}{p}.qzeros"), st.get(f"{prefix}{p}.scales"),
@@ -141,8 +138,7 @@ def export_awq(src, out, force: bool = False) -> Path:
         raise ValueError(f"{src}: AutoAWQ stores 4-bit weights only; this checkpoint is int{model.quantization['bits']:g}")
     if "lm_head" not in model.quantization["modules_not_converted"]:
         raise ValueError(f"{src}: the output head is quantized; AutoAWQ checkpoints keep lm_head in float16")
-    q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    splits = {"attn.wqkv": [q_dim, kv_dim, kv_dim], "ffn.w_gate_up": [c.intermediate_size] * 2}
+    splits = c.fused_splits()
     state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
     if not c.tie_word_embeddings:
         state["lm_head.weight"] = model.lm_head.weight

@@ -7,7 +7,6 @@ meta device and assigns the memory-mapped tensors; the float model is never buil
 """
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -16,11 +15,11 @@ from tqdm.auto import tqdm
 
 from .. import formats
 from ..models.llama import LlamaConfig, LlamaForCausalLM, rope_inv_freq
-from ..nn import QuantLinear
+from ..nn import QuantLinear, replace_linears
 from ..quantize import quantize_weight
 from ..tokenizer import Tokenizer
 from ..weight import QuantizedWeight
-from .convert import atomic_directory
+from .atomic import atomic_directory
 from .hf import CheckpointError, SafetensorsDir, global_names, layer_tensors, read_config
 from .safetensors_io import PAD_PREFIX, ShardWriter
 
@@ -141,13 +140,17 @@ def load_quantized(path, dtype: torch.dtype = torch.float32, device="cpu") -> Ll
         model = LlamaForCausalLM(config)
     not_converted = set(qc["modules_not_converted"])
     expected = set()
+
+    def quant_linear(name: str, linear: nn.Linear) -> QuantLinear:
+        weight = quantized_weight(st, name, bits, group_size, linear.in_features)
+        expected.update(f"{name}.{k}" for k in weight.layout_tensors())
+        if linear.bias is not None:
+            expected.add(f"{name}.bias")
+        return QuantLinear(weight, _float(st, f"{name}.bias", dtype) if linear.bias is not None else None)
+
+    replaced = set(replace_linears(model, quant_linear, skip=[n for n in not_converted if n]))
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name not in not_converted:
-            qlinear = QuantLinear(quantized_weight(st, name, bits, group_size, module.in_features),
-                                  _float(st, f"{name}.bias", dtype) if module.bias is not None else None)
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, qlinear)
-            expected |= {f"{name}.{k}" for k in qlinear.weight.tensors()} | ({f"{name}.bias"} if module.bias is not None else set())
+        if name in replaced:
             continue
         for pname, param in module.named_parameters(recurse=False):
             full = f"{name}.{pname}"
@@ -166,10 +169,7 @@ def load_quantized(path, dtype: torch.dtype = torch.float32, device="cpu") -> Ll
         model.lm_head.weight = model.embed.weight
     model.inv_freq = rope_inv_freq(config)
     model.quantization = {k: qc[k] for k in ("bits", "group_size", "method", "modules_not_converted")}
-    try:
-        model.tokenizer = Tokenizer.from_dir(path)
-    except FileNotFoundError:
-        model.tokenizer = None
+    model.tokenizer = Tokenizer.from_dir_if_present(path)
     return model.to(device).eval()
 
 
@@ -182,38 +182,13 @@ def _float(st, name: str, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
-# --- converting -------------------------------------------------------------------------------------
+# --- quantizing a float checkpoint layer by layer ---------------------------------------------------
 
-def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn", calib_file=None,
-            align: int | None = None, force: bool = False, integer_zeros: bool = False, quantize_lm_head: bool = False,
-            float_dtype: torch.dtype = torch.float16, progress: bool = True) -> Path:
-    """Quantize an HF float directory or a .gguf file into a lowbit checkpoint; or import an AutoAWQ one.
-
-    RTN streams layer by layer (memory: one decoder layer plus one output shard). AWQ needs calibration
-    forward passes through the whole float model, so it loads the model first."""
-    src, out = Path(src), Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists (use --force to overwrite)")
-    bits, group_size = formats.check_bits(bits), formats.check_group_size(group_size)
-    if method not in ("rtn", "awq"):
-        raise ValueError(f"method must be 'rtn' or 'awq', got {method!r}")
-    if src.is_dir() and (src / "config.json").is_file():
-        raw = json.loads((src / "config.json").read_text())
-        qm = (raw.get("quantization_config") or {}).get("quant_method")
-        if qm == "awq":
-            from .autoawq import import_awq
-            return import_awq(src, out, align=align, force=force, progress=progress)
-        if qm is not None:
-            raise CheckpointError(f"{src}: already quantized ({qm}); lowbit converts float checkpoints and AutoAWQ ones")
-    if method == "awq":
-        from .. import data
-        from ..quantize import quantize_model
-        model = LlamaForCausalLM.from_pretrained(src)
-        text = Path(calib_file).read_text() if calib_file else None
-        calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512, text=text)
-        quantize_model(model, bits, group_size, "awq", calib, quantize_lm_head=quantize_lm_head,
-                       integer_zeros=integer_zeros)
-        return save_quantized(model, out, force, align, float_dtype)
+def quantize_checkpoint_rtn(src: Path, out: Path, bits: float, group_size: int, align: int | None = None,
+                            force: bool = False, integer_zeros: bool = False, quantize_lm_head: bool = False,
+                            float_dtype: torch.dtype = torch.float16, progress: bool = True) -> Path:
+    """An HF float directory or a .gguf file -> a lowbit RTN checkpoint, streamed layer by layer (memory: one
+    decoder layer plus one output shard)."""
     open_source, config, tokenizer = _open_float(src)
     names = [f"layers.{i}.{lin}" for i in range(config.num_hidden_layers) for lin in LAYER_LINEARS]
     not_converted = [] if quantize_lm_head else ["lm_head"]
@@ -260,84 +235,6 @@ def _open_float(src: Path):
         return lambda: gguf, LlamaConfig.from_dict(gguf.config()), gguf.tokenizer()
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: not a model directory or .gguf file")
-    try:
-        tokenizer = Tokenizer.from_dir(src)
-    except FileNotFoundError:
-        tokenizer = None
+    tokenizer = Tokenizer.from_dir_if_present(src)
     SafetensorsDir(src)  # every file opens, or the error names the bad one
     return lambda: SafetensorsDir(src), read_config(src), tokenizer
-
-
-# --- inspecting -------------------------------------------------------------------------------------
-
-def inspect_checkpoint(path, out=None) -> bool:
-    """Print a lowbit checkpoint's tensors, sizes and formats per layer, and run its integrity checks.
-
-    Returns True when every check passes."""
-    path, out = Path(path), out or sys.stdout
-    problems = []
-    try:
-        config = read_config(path)
-        qc = checked_quantization_config(config.extra, path)
-        st = SafetensorsDir(path)
-    except CheckpointError as e:
-        print(f"FAILED: {e}", file=out)
-        return False
-    bits, group_size = float(qc["bits"]), int(qc["group_size"])
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    not_converted = set(qc["modules_not_converted"])
-    rows, seen, logical, total_bytes = [], set(), 0, 0
-    for name, module in model.named_modules():
-        params = dict(module.named_parameters(recurse=False))
-        if not params or (name == "lm_head" and config.tie_word_embeddings and "lm_head" in not_converted):
-            continue
-        shape = tuple(params["weight"].shape)
-        n_logical = sum(p.numel() for p in params.values())
-        if isinstance(module, nn.Linear) and name not in not_converted:
-            names = [f"{name}.{k}" for k in (*QUANT_TENSORS, "perm", "bias") if f"{name}.{k}" in st]
-            try:
-                w = quantized_weight(st, name, bits, group_size, module.in_features)
-                if w.shape != shape:
-                    raise CheckpointError(f"{name}: shape {list(w.shape)} but the config needs {list(shape)}")
-                fmt = f"int{bits:g} g{group_size}" + (" perm" if w.perm is not None else "")
-            except CheckpointError as e:
-                problems.append(str(e))
-                fmt = "INVALID"
-        else:
-            names = [f"{name}.{k}" for k in params]
-            fmt = "float"
-            for k in names:
-                if k not in st:
-                    problems.append(f"{path}: missing tensor {k!r}")
-                    continue
-                t = st.get(k)
-                if tuple(t.shape) != tuple(params[k.rpartition('.')[2]].shape):
-                    problems.append(f"{st.file_of(k)}: tensor {k!r} has shape {list(t.shape)}, the config needs "
-                                    f"{list(params[k.rpartition('.')[2]].shape)}")
-                elif not (t.is_floating_point() and torch.isfinite(t).all()):
-                    problems.append(f"{st.file_of(k)}: tensor {k!r} is not finite floating point ({t.dtype})")
-                fmt = f"{t.dtype}".replace("torch.", "")
-        nbytes = sum(st.nbytes(k) for k in names if k in st)
-        seen |= set(names)
-        logical += n_logical
-        total_bytes += nbytes
-        rows.append((name, fmt, "x".join(map(str, shape)), n_logical, nbytes))
-    extra = sorted(k for k in st.keys() if k not in seen and not k.startswith(PAD_PREFIX))
-    if extra:
-        problems.append(f"{path}: {len(extra)} unexpected tensors, e.g. {extra[:3]}")
-    n_tensors = sum(1 for k in st.keys() if not k.startswith(PAD_PREFIX))
-    print(f"{path}: lowbit format v{qc['format_version']}, int{bits:g}, group size {group_size}, method "
-          f"{qc.get('method')}, {config.num_hidden_layers} layers", file=out)
-    print(f"{'module':<28} {'format':<14} {'shape':>12} {'params':>11} {'bytes':>11} {'bits/w':>7}", file=out)
-    for name, fmt, shape, n, nbytes in rows:
-        print(f"{name:<28} {fmt:<14} {shape:>12} {n:>11} {nbytes:>11} {8 * nbytes / n:>7.2f}", file=out)
-    q_rows = [r for r in rows if r[1].startswith("int")]
-    q_params, q_bytes = sum(r[3] for r in q_rows), sum(r[4] for r in q_rows)
-    print(f"tensors: {n_tensors} (expected {len(seen)}); logical parameters: {logical}; bytes: {total_bytes} "
-          f"({total_bytes / 1e6:.1f} MB); bits/weight: {8 * total_bytes / logical:.2f} overall, "
-          f"{8 * q_bytes / max(q_params, 1):.2f} in quantized layers", file=out)
-    for p in problems:
-        print(f"FAILED: {p}", file=out)
-    print("checks: " + ("all passed" if not problems else f"{len(problems)} failed"), file=out)
-    return not problems

