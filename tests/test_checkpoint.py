@@ -300,3 +300,29 @@ def test_no_pickle_anywhere():
     for path in root.rglob("*.py"):
         text = path.read_text()
         assert "torch.load(" not in text and "import pickle" not in text, path
+
+
+def test_awq_with_integer_zeros_exports_to_autoawq(hf_dir, tmp_path):
+    model = LlamaForCausalLM.from_pretrained(hf_dir)
+    calib = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    q = lowbit.quantize_model(model, 4, 32, method="awq", calib=calib, integer_zeros=True)
+    zeros = q.layers[0].attn.wqkv.zeros
+    assert torch.equal(zeros, zeros.round()) and q.layers[0].attn.wqkv.awq_scales is not None
+    lowbit.save_quantized(q, tmp_path / "q")
+    assert cli(["export", str(tmp_path / "q"), str(tmp_path / "awq"), "--format", "awq"]) == 0
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "awq")
+    for name in ("layers.0.attn.wqkv", "layers.1.ffn.w_down"):
+        assert torch.equal(back.get_submodule(name).dequantize(), q.get_submodule(name).dequantize()), name
+    # AutoAWQ keeps the float parts in float16 (the norms hold AWQ's folded scales): only their rounding differs.
+    a, b = logits(back), logits(q)
+    assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+def test_rmse_report_refuses_a_reloaded_awq_model(hf_dir, tmp_path):
+    model = LlamaForCausalLM.from_pretrained(hf_dir)
+    calib = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    q = lowbit.quantize_model(model, 4, 32, method="awq", calib=calib, inplace=False)
+    assert lowbit.eval.rmse_report(model, q, IDS, progress=False).totals  # fresh: the scales are known
+    loaded = lowbit.load_quantized(lowbit.save_quantized(q, tmp_path / "q"))
+    with pytest.raises(ValueError, match="checkpoints do not keep them"):
+        lowbit.eval.rmse_report(model, loaded, IDS, progress=False)

@@ -96,6 +96,12 @@ def rmse_report(ref: nn.Module, quantized: nn.Module, tokens: torch.Tensor, base
     qlayers = {name: m for name, m in quantized.named_modules() if isinstance(m, QuantLinear)}
     if not qlayers:
         raise ValueError("rmse_report: the quantized model has no QuantLinear layers")
+    if (getattr(quantized, "quantization", {}).get("method") == "awq"
+            and all(q.awq_scales is None for q in qlayers.values())):
+        raise ValueError("rmse_report: AWQ folded per-channel scales into the norms and the layers before each "
+                         "quantized one; checkpoints do not keep them, so a loaded AWQ model's layers cannot be "
+                         "compared with the float model's one by one. Report on the model quantize_model returned, "
+                         "or compare whole models (lowbit.eval.perplexity)")
     ref_modules = dict(ref.named_modules())
     for name, q in qlayers.items():
         r = ref_modules.get(name)
