@@ -46,7 +46,8 @@ def write_random_checkpoint(out: Path, config: dict) -> None:
             **{f"{p}self_attn.{n}_proj.weight": rand(h, h) for n in "qkvo"},
             f"{p}mlp.gate_proj.weight": rand(f, h), f"{p}mlp.up_proj.weight": rand(f, h),
             f"{p}mlp.down_proj.weight": rand(h, f),
-            f"{p}input_layernorm.weight": torch.ones(h).half(), f"{p}post_attention_layernorm.weight": torch.ones(h).half()})
+            f"{p}input_layernorm.weight": torch.ones(h).half(),
+            f"{p}post_attention_layernorm.weight": torch.ones(h).half()})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (out / "config.json").write_text(json.dumps(config))
 
@@ -84,7 +85,8 @@ def main():
         out_gb = sum(p.stat().st_size for p in out.iterdir()) / 1e9
         load_s, load_rss = run_measured(f"import lowbit; lowbit.load_quantized({str(out)!r}, dtype=__import__('torch')"
                                         f".float16)")
-        rows.append({"format": f"int{bits:g}", "group_size": 128, "convert_seconds": seconds, "convert_peak_rss_gb": rss,
+        rows.append({"format": f"int{bits:g}", "group_size": 128, "convert_seconds": seconds,
+                     "convert_peak_rss_gb": rss,
                      "output_gb": out_gb, "load_seconds": load_s, "load_peak_rss_gb": load_rss})
         print(rows[-1], flush=True)
         shutil.rmtree(out)

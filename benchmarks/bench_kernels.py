@@ -340,7 +340,7 @@ def sweep_cuda(shapes, m_values, min_seconds: float) -> None:
 
 
 CUDA_HEADER = ("| N x K | M | format | time us | GB/s | of copy BW | vs fp16 F.linear | fp16 F.linear us "
-               "| fp16 GB/s | vs torch int4 | torch int4 us | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+               "| fp16 GB/s | vs torch int4 | torch int4 us | TFLOP/s |\n" + "|---" * 12 + "|")
 
 
 def format_cuda_row(r: dict) -> str:

@@ -1,5 +1,5 @@
 // The lowbit extension module: op schemas (TORCH_LIBRARY) and build/CPU information for Python.
-// Backend implementations register themselves with TORCH_LIBRARY_IMPL (cpu/ops_cpu.cpp).
+// Backend implementations register themselves with TORCH_LIBRARY_IMPL (cpu/ops_cpu.cpp, cuda/ops_cuda.cu).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>

@@ -5,7 +5,8 @@ import torch
 from lowbit import formats
 from lowbit.weight import QuantizedWeight
 
-# The int8 path (decode rows, and more: docs/FORMAT.md) quantizes activations to int8 per block of this many columns (docs/FORMAT.md).
+# The int8 path (decode rows, and more: docs/FORMAT.md) quantizes activations to int8 per block of this many
+# columns.
 X_BLOCK = 64
 
 

@@ -73,7 +73,8 @@ def test_convert_streams_the_same_quantization(hf_dir, saved, tmp_path):
     ours, ref = load_file(str(tmp_path / "conv" / "model.safetensors")), load_file(str(ckpt / "model.safetensors"))
     assert ours.keys() == ref.keys()
     for name in ours:
-        expected = ref[name].half() if ref[name].is_floating_point() and ours[name].dtype == torch.float16 else ref[name]
+        as_half = ref[name].is_floating_point() and ours[name].dtype == torch.float16
+        expected = ref[name].half() if as_half else ref[name]
         assert torch.equal(ours[name], expected), name
     # Existing output: refused without --force, and left as it was.
     before = (tmp_path / "conv" / "model.safetensors").read_bytes()
@@ -125,7 +126,8 @@ def write_awq_dir(path, group_size=32):
         module = name.rsplit(".", 1)[0]
         if name.endswith("_proj.weight"):
             n, k = t.shape
-            tensors[f"{module}.qweight"] = torch.randint(-2**31, 2**31, (k, n // 8), generator=g, dtype=torch.int64).to(torch.int32)
+            words = torch.randint(-2**31, 2**31, (k, n // 8), generator=g, dtype=torch.int64)
+            tensors[f"{module}.qweight"] = words.to(torch.int32)
             tensors[f"{module}.qzeros"] = torch.randint(-2**31, 2**31, (k // group_size, n // 8), generator=g,
                                                         dtype=torch.int64).to(torch.int32)
             tensors[f"{module}.scales"] = (torch.rand(k // group_size, n, generator=g) * 0.02 + 1e-3).half()
@@ -238,7 +240,8 @@ def test_bad_checkpoints_raise_clear_errors(saved, case, match):
     elif case == "wrong dtype":
         rewrite(st, lambda t: t.__setitem__("layers.1.attn.wo.scales", t["layers.1.attn.wo.scales"].float()))
     elif case == "wrong shape":
-        rewrite(st, lambda t: t.__setitem__("layers.1.attn.wo.qweight", t["layers.1.attn.wo.qweight"][:, :-16].contiguous()))
+        name = "layers.1.attn.wo.qweight"
+        rewrite(st, lambda t: t.__setitem__(name, t[name][:, :-16].contiguous()))
     elif case == "missing tensor":
         rewrite(st, lambda t: t.pop("layers.2.ffn.w_down.zeros"))
     elif case == "extra tensor":

@@ -300,8 +300,8 @@ def test_device_and_dtype_errors():
         torch.ops.lowbit.int4_tiled_linear(x, qw.qweight, qw.scales, qw.zeros, None, None, 32, 128, 80)
     canonical = qw_cpu.tensors()
     with pytest.raises(ValueError, match="must be on one device"):
-        torch.ops.lowbit.int4_dequantize(canonical["qweight"].to(CUDA), canonical["scales"], canonical["zeros"].to(CUDA),
-                                         None, 32, 128)
+        torch.ops.lowbit.int4_dequantize(canonical["qweight"].to(CUDA), canonical["scales"],
+                                         canonical["zeros"].to(CUDA), None, 32, 128)
     with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16"):
         lowbit.linear(x.double(), qw)
     with pytest.raises(TypeError, match="bias dtype"):
@@ -319,7 +319,7 @@ def test_quant_linear_to_cuda_keeps_the_format():
     y = q(x.to(CUDA, torch.bfloat16))
     assert ((y.float().cpu() - expected).norm() / expected.norm()).item() < 1e-2
     assert q.layout == "tiled"
-    cpu_state = {name: t for name, t in lowbit.QuantLinear.from_linear(nn.Linear(256, 64), 3.5, 64).state_dict().items()}
+    cpu_state = lowbit.QuantLinear.from_linear(nn.Linear(256, 64), 3.5, 64).state_dict()
     state = q.state_dict()  # canonical, as saved
     assert {name: t.shape for name, t in state.items()} == {name: t.shape for name, t in cpu_state.items()}
     fresh = copy.deepcopy(q)

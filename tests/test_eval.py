@@ -38,7 +38,8 @@ def test_rmse_report_rtn(tiny):
     w = tiny.layers[0].attn.wqkv.weight
     expected = ((q.layers[0].attn.wqkv.dequantize() - w).norm() / w.norm()).item()
     assert math.isclose(first["weight_rel_rmse"], expected, rel_tol=1e-6)
-    assert first["bits_per_weight"] == 5.0 and first["bytes"] == 192 * 128 // 2 + 192 * 4 * 2 * 2  # codes + fp16 scales, zeros
+    # codes + float16 scales and zeros
+    assert first["bits_per_weight"] == 5.0 and first["bytes"] == 192 * 128 // 2 + 192 * 4 * 2 * 2
     # int4 RTN is the uniform 4-bit quantizer, so its output error is the baseline's (float weights
     # rounded, float activations) plus the small error of the kernels' int8 activations; uniform 3-bit is
     # clearly worse.

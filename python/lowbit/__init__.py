@@ -32,5 +32,5 @@ def cpu_isa() -> str:
 
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "QuantLinear", "QuantizedWeight", "Sampling", "build_info", "convert",
-           "cpu_isa", "data", "eval", "fetch", "formats", "generate", "linear", "load", "load_quantized", "ops", "quantize_model",
-           "quantize_weight", "save_quantized", "set_cpu_isa", "stream"]
+           "cpu_isa", "data", "eval", "fetch", "formats", "generate", "linear", "load", "load_quantized", "ops",
+           "quantize_model", "quantize_weight", "save_quantized", "set_cpu_isa", "stream"]

@@ -231,16 +231,17 @@ def scale_block(view: BlockView, x: torch.Tensor, bits: float, group_size: int, 
             row_scale[name][rows] = 1 / s
         return fold
 
-    s = search_scales([lin(n) for n in view.qkv], h_attn, view.attention, bits, group_size, n_grid, n_search, integer_zeros)
+    search = dict(bits=bits, group_size=group_size, n_grid=n_grid, n_search=n_search, integer_zeros=integer_zeros)
+    s = search_scales([lin(n) for n in view.qkv], h_attn, view.attention, **search)
     apply(view.qkv, s, lambda s: _fold_into_norm(view.attn_norm, s))
     if not view.grouped_query:  # o_proj's input channels are v's output channels
-        s = search_scales([lin(view.o)], captured[view.o], lin(view.o), bits, group_size, n_grid, n_search, integer_zeros)
+        s = search_scales([lin(view.o)], captured[view.o], lin(view.o), **search)
         apply([view.o], s, fold_rows(view.v_rows))
         captured[view.o] = captured[view.o] / s
     h_ffn = view.ffn_norm(resid)
-    s = search_scales([lin(n) for n in view.gate_up], h_ffn, view.mlp, bits, group_size, n_grid, n_search, integer_zeros)
+    s = search_scales([lin(n) for n in view.gate_up], h_ffn, view.mlp, **search)
     apply(view.gate_up, s, lambda s: _fold_into_norm(view.ffn_norm, s))
-    s = search_scales([lin(view.down)], captured[view.down], lin(view.down), bits, group_size, n_grid, n_search, integer_zeros)
+    s = search_scales([lin(view.down)], captured[view.down], lin(view.down), **search)
     apply([view.down], s, fold_rows(view.up_rows))
     captured[view.down] = captured[view.down] / s
 

@@ -7,17 +7,30 @@ import torch
 
 from .bench import add_parser as add_bench_parser
 
+GROUP_SIZE = 128  # every command's --group-size default; the choices are formats.GROUP_SIZES
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-def load_for_cli(model_arg: str, bits: float | None, group_size: int, method: str, quantize_lm_head: bool):
+
+def add_quantization_args(p: argparse.ArgumentParser, bits_default: float | None) -> None:
+    from .formats import GROUP_SIZES
+    p.add_argument("--bits", type=float, default=bits_default, choices=[4, 3.5],
+                   help="weight format" + ("" if bits_default else " (quantize the linear layers first)"))
+    p.add_argument("--group-size", type=int, default=GROUP_SIZE, choices=GROUP_SIZES)
+    p.add_argument("--method", default="rtn", choices=["rtn", "awq"], help="awq: calibrates (minutes on a CPU)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output head")
+
+
+def load_for_cli(args):
     from . import data, fetch, quantize_model
     from .io.fetch import MODELS
     from .models.llama import LlamaForCausalLM
-    path = fetch(model_arg) if model_arg in MODELS else model_arg
+    path = fetch(args.model) if args.model in MODELS else args.model
     model = LlamaForCausalLM.from_pretrained(path)
-    if bits is not None:
-        calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512) if method == "awq" else None
-        quantize_model(model, bits, group_size, method=method, calib=calib, quantize_lm_head=quantize_lm_head)
-    return model
+    if args.bits is not None:
+        calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512) if args.method == "awq" else None
+        quantize_model(model, args.bits, args.group_size, method=args.method, calib=calib,
+                       quantize_lm_head=args.quantize_lm_head)
+    return model.to(args.device, DTYPES[args.dtype])
 
 
 def cmd_fetch(args) -> int:
@@ -29,15 +42,16 @@ def cmd_fetch(args) -> int:
 def cmd_generate(args) -> int:
     from .generate import Sampling, TextStream
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    model = load_for_cli(args.model, args.bits, args.group_size, args.method, args.quantize_lm_head)
-    if args.compile:
-        model.compile()  # torch.compile: minutes to compile, then much less per-token overhead
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("lowbit generate: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    model = load_for_cli(args)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or [],
                         seed=args.seed)
 
     def run(prompt) -> list[int]:
-        stream = TextStream(model, prompt, sampling)
+        stream = TextStream(model, prompt, sampling, compile=args.compile)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -98,10 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", help="prompt text (with --chat: one user message)")
     p.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, read turns from stdin")
     p.add_argument("--system", help="system message for --chat")
-    p.add_argument("--bits", type=float, choices=[4, 3.5], help="quantize the linear layers first")
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--method", default="rtn", choices=["rtn", "awq"], help="awq: a few minutes on a CPU")
-    p.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output head")
+    add_quantization_args(p, None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA each decode step is one CUDA graph)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="of the float parts and activations")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)
@@ -110,21 +123,18 @@ def main(argv=None) -> int:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model first (slow start, faster decode)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, less "
+                   "per-token overhead)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="quantize an HF directory or .gguf file (or import an AutoAWQ checkpoint) "
                                        "into a lowbit checkpoint")
     p.add_argument("src", help="HF float directory, .gguf file, or AutoAWQ GEMM directory")
     p.add_argument("out", help="output directory (written atomically)")
-    p.add_argument("--bits", type=float, default=4, choices=[4, 3.5])
-    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256])
-    p.add_argument("--method", default="rtn", choices=["rtn", "awq"],
-                   help="rtn streams layer by layer; awq loads the float model and calibrates")
+    add_quantization_args(p, 4)
     p.add_argument("--calib-file", help="text file to calibrate AWQ on (default: lowbit.data)")
     p.add_argument("--align", type=int, help="start every tensor's data on this byte boundary (e.g. 1024)")
     p.add_argument("--integer-zeros", action="store_true", help="integer zero points (needed by export --format awq)")
-    p.add_argument("--quantize-lm-head", action="store_true")
     p.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the tensors that stay float (embeddings, norms)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")

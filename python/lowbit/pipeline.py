@@ -71,7 +71,8 @@ def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn
         if qm == "awq":
             return import_awq(src, out, align=align, force=force, progress=progress)
         if qm is not None:
-            raise CheckpointError(f"{src}: already quantized ({qm}); lowbit converts float checkpoints and AutoAWQ ones")
+            raise CheckpointError(f"{src}: already quantized ({qm}); lowbit converts float checkpoints and "
+                                  "AutoAWQ ones")
     if method == "awq":
         model = load_model(src)
         text = Path(calib_file).read_text() if calib_file else None

@@ -66,7 +66,8 @@ def _checked(w, perm):
         raise ValueError(f"w has non-finite values (first at {bad}); cannot quantize")
     if perm is not None:
         perm = perm.to(device=w.device, dtype=torch.int32)
-        if perm.shape != (k,) or not torch.equal(perm.sort().values, torch.arange(k, device=w.device, dtype=torch.int32)):
+        identity = torch.arange(k, device=w.device, dtype=torch.int32)
+        if perm.shape != (k,) or not torch.equal(perm.sort().values, identity):
             raise ValueError(f"perm must be a permutation of range({k})")
     return w, perm
 

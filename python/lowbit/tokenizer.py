@@ -56,9 +56,6 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def token_id(self, text: str) -> int | None:
-        return self.backend.token_to_id(text)
-
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for a conversation [{"role": ..., "content": ...}, ...], from the model's template."""
         if not self.chat_template:
@@ -137,6 +134,3 @@ class SentencePieceBackend:
     def decode(self, ids, skip_special_tokens: bool = True):
         return self.sp.decode(ids)
 
-    def token_to_id(self, text: str):
-        i = self.sp.piece_to_id(text)
-        return None if i == self.sp.unk_id() and text != self.sp.id_to_piece(self.sp.unk_id()) else i

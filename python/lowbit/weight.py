@@ -46,7 +46,8 @@ class QuantizedWeight:
             n = self.out_features
             shapes = tiled.tiled_shapes(self.bits, g, k, n)
         self.out_features = int(n)
-        expected = {name: (torch.uint8 if name == "qweight" else torch.float16, shape) for name, shape in shapes.items()}
+        expected = {name: (torch.uint8 if name == "qweight" else torch.float16, shape)
+                    for name, shape in shapes.items()}
         if self.perm is not None:
             expected["perm"] = (torch.int32, (k,))
         for name, (dtype, shape) in expected.items():

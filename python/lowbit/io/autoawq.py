@@ -25,7 +25,6 @@ from .hf import FUSED, SINGLE, CheckpointError, SafetensorsDir, read_config
 from .safetensors_io import ShardWriter
 
 AWQ_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)  # column c of a group of eight lives in nibble AWQ_NIBBLE[c]
-HF_LINEARS = [p for parts in FUSED.values() for p in parts] + [SINGLE["attn.wo"], SINGLE["ffn.w_down"]]
 
 
 def awq_pack(values: torch.Tensor) -> torch.Tensor:
@@ -135,7 +134,8 @@ def export_awq(src, out, force: bool = False) -> Path:
     c: LlamaConfig = model.config
     group_size = model.quantization["group_size"]
     if model.quantization["bits"] != 4:
-        raise ValueError(f"{src}: AutoAWQ stores 4-bit weights only; this checkpoint is int{model.quantization['bits']:g}")
+        raise ValueError(f"{src}: AutoAWQ stores 4-bit weights only; this checkpoint is "
+                         f"int{model.quantization['bits']:g}")
     if "lm_head" not in model.quantization["modules_not_converted"]:
         raise ValueError(f"{src}: the output head is quantized; AutoAWQ checkpoints keep lm_head in float16")
     splits = c.fused_splits()
@@ -150,7 +150,8 @@ def export_awq(src, out, force: bool = False) -> Path:
             rows = torch.tensor(splits[name]).cumsum(0).tolist()
             for part, end, size in zip(parts, rows, splits[name]):
                 sl = slice(end - size, end)
-                w = QuantizedWeight(t["qweight"][sl], t["scales"][sl], t["zeros"][sl], None, 4, group_size, q.in_features)
+                w = QuantizedWeight(t["qweight"][sl], t["scales"][sl], t["zeros"][sl], None, 4, group_size,
+                                    q.in_features)
                 state |= {f"{hf}{part}.{k}": t for k, t in to_awq(w, f"layers.{i}.{name} ({part})").items()}
                 if q.bias is not None:
                     state[f"{hf}{part}.bias"] = q.bias[sl]

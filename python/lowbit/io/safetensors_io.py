@@ -27,11 +27,13 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         t = t.detach().contiguous().cpu()
         gap = -offset % align if align else 0
         if gap:
-            header[f"{PAD_PREFIX}{len(header)}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+            header[f"{PAD_PREFIX}{len(header)}"] = {"dtype": "U8", "shape": [gap],
+                                                    "data_offsets": [offset, offset + gap]}
             chunks.append(bytes(gap))
             offset += gap
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
         chunks.append(t.reshape(-1).view(torch.uint8).numpy())
         offset += nbytes
     if metadata:
