@@ -173,3 +173,22 @@ def test_respects_thread_count():
 def test_empty_batch():
     qw = make_weight(16, 64, 4, 32, with_perm=False)
     assert lowbit.linear(torch.randn(0, 64), qw).shape == (0, 16)
+
+
+@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 5, 40])  # the int8 path, and beyond it where the ISA has a row limit
+def test_non_finite_activations_propagate(isa, bits, dtype, m):
+    # A NaN or inf activation makes its row's outputs non-finite, as with F.linear; other rows are untouched.
+    qw = make_weight(64, 256, bits, 64, with_perm=True)
+    x = torch.randn(m, 256).to(dtype)
+    clean = lowbit.linear(x, qw)
+    bad = x.clone()
+    bad[0, 5] = float("nan")
+    if m > 1:
+        bad[m - 1, 200] = float("inf")
+    y = lowbit.linear(bad, qw)
+    rows = [0] + ([m - 1] if m > 1 else [])
+    assert not torch.isfinite(y[rows]).any()
+    others = [i for i in range(m) if i not in rows]
+    assert torch.equal(y[others], clean[others])

@@ -1,5 +1,9 @@
 // CPU implementations of the lowbit ops: argument checks, activation layout, threading, and the
 // choice between the int8 kernels (GEMV, in blocks of activation rows) and dequantize-then-GEMM.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -107,6 +111,17 @@ void quantize_x(const at::Tensor& x2, const int64_t* src, const int* lane_odd, f
       for (int64_t b = 0; b < Kp; b += xblock) {
         float v[kXBlock];
         for (int64_t i = 0; i < xblock; ++i) v[i] = source_value(row, src[b + i]) * lane_scale[i % kChunk];
+        bool finite = true;
+        for (int64_t i = 0; i < xblock; ++i) finite &= std::isfinite(v[i]);
+        float& group_sum = xsum[m * n_groups + b / group_size];
+        if (!finite) {
+          // NaN or inf: no int8 code stands for it. A NaN scale makes every output of the row NaN, as the
+          // float product would be NaN or inf there (F.linear), instead of reading the value as 0.
+          std::fill(xq + m * Kp + b, xq + m * Kp + b + xblock, int8_t{0});
+          xscale[m * (Kp / xblock) + b / xblock] = std::numeric_limits<float>::quiet_NaN();
+          group_sum = std::numeric_limits<float>::quiet_NaN();
+          continue;
+        }
         float maxima[8] = {};  // independent partial maxima: no long dependency chain
         for (int64_t i = 0; i < xblock; i += 8)
           for (int j = 0; j < 8; ++j) maxima[j] = std::max(maxima[j], std::abs(v[i + j]));
@@ -126,7 +141,6 @@ void quantize_x(const at::Tensor& x2, const int64_t* src, const int* lane_odd, f
         // so the kernel computes exactly W x' with x' the dequantized activations: no error from the
         // large, nearly cancelling q * x and z * x sums.
         const float block_sum = dx * (static_cast<float>(sums[0]) + static_cast<float>(sums[1]) / odd_scale);
-        float& group_sum = xsum[m * n_groups + b / group_size];
         group_sum = (b % group_size == 0 ? 0.0f : group_sum) + block_sum;
       }
     }
