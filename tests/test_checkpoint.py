@@ -329,3 +329,98 @@ def test_rmse_report_refuses_a_reloaded_awq_model(hf_dir, tmp_path):
     loaded = lowbit.load_quantized(lowbit.save_quantized(q, tmp_path / "q"))
     with pytest.raises(ValueError, match="checkpoints do not keep them"):
         lowbit.eval.rmse_report(model, loaded, IDS, progress=False)
+
+
+# --- config values, checksums ---------------------------------------------------------------------------
+
+CONFIG_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+               "rope_scaling", "tie_word_embeddings", "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id"]
+BAD_VALUES = ["text", -1, 0, 2 ** 62, 1e9, float("nan"), None, [4], {"a": 1}, True, 0.5]
+
+
+@pytest.mark.parametrize("key", CONFIG_KEYS)
+def test_every_config_value_loads_or_raises_a_checkpoint_error(saved, key):
+    # Each key set to every class of wrong value: a clean CheckpointError naming the checkpoint, or a model that
+    # loads and gives finite logits (the same, for values the forward does not use, such as an EOS id; different,
+    # for a valid but other rope_theta). Nothing else: no other exception, no hang from a huge size, no NaN.
+    ckpt, model = saved
+    cfg = ckpt / "config.json"
+    original = cfg.read_text()
+    expected = logits(model)
+    outcomes = {"rejected": 0, "same": 0, "different": 0}
+    for value in BAD_VALUES:
+        config = json.loads(original)
+        config[key] = value
+        cfg.write_text(json.dumps(config))
+        try:
+            loaded = lowbit.load_quantized(ckpt)
+        except CheckpointError as e:
+            assert str(ckpt) in str(e), e
+            outcomes["rejected"] += 1
+            continue
+        got = logits(loaded)
+        assert torch.isfinite(got).all(), (key, value)
+        outcomes["same" if torch.equal(got, expected) else "different"] += 1
+    cfg.write_text(original)
+    assert outcomes["rejected"] >= 5, outcomes
+
+
+@pytest.mark.parametrize("case,match", [
+    ("non-utf8", "config.json"),
+    ("rope_scaling string", "rope_scaling must be an object"),
+    ("llama3 without factor", "rope_scaling.factor"),
+    ("kv heads changed", "the config needs 256"),
+    ("method missing", "quantization_config.method"),
+    ("bias shape", "the config needs \\[192\\]"),
+])
+def test_more_bad_configs(saved, case, match):
+    ckpt, _ = saved
+    cfg, st = ckpt / "config.json", ckpt / "model.safetensors"
+    config = json.loads(cfg.read_text())
+    if case == "non-utf8":
+        cfg.write_bytes(b'{"vocab_size": "\xff\xfe"}')
+    else:
+        if case == "rope_scaling string":
+            config["rope_scaling"] = "llama3"
+        elif case == "llama3 without factor":
+            config["rope_scaling"] = {"rope_type": "llama3"}
+        elif case == "kv heads changed":
+            config["num_key_value_heads"] = 4  # q/k/v rows 128 + 2 * 64: the checkpoint's 192 do not match
+        elif case == "method missing":
+            del config["quantization_config"]["method"]
+        elif case == "bias shape":
+            config["attention_bias"] = True
+            rewrite(st, lambda t: t.__setitem__("layers.0.attn.wqkv.bias", torch.zeros(1, 192)))
+        cfg.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=match):
+        lowbit.load_quantized(ckpt)
+    if case != "non-utf8":
+        assert cli(["inspect", str(ckpt)]) == 1
+
+
+def test_checksums_catch_corrupted_data(saved, capsys, recwarn):
+    ckpt, model = saved
+    st = ckpt / "model.safetensors"
+    assert cli(["inspect", str(ckpt)]) == 0
+    assert "checksums: " in capsys.readouterr().out
+    assert torch.equal(logits(lowbit.load_quantized(ckpt, verify=True)), logits(model))
+    raw = bytearray(st.read_bytes())
+    header_end = 8 + struct.unpack("<Q", raw[:8])[0]
+    rng = random.Random(1)
+    caught = 0
+    for _ in range(20):  # one data byte changed: verify names the tensor, every time
+        data = bytearray(raw)
+        i = rng.randrange(header_end, len(raw))
+        data[i] ^= 1 << rng.randrange(8)
+        st.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match="is corrupted: CRC-32"):
+            lowbit.load_quantized(ckpt, verify=True)
+        assert cli(["inspect", str(ckpt)]) == 1 and "is corrupted" in capsys.readouterr().out
+        caught += 1
+    st.write_bytes(bytes(raw))
+    assert caught == 20
+    # A file without lowbit's checksums (written by another tool) loads; verify says there is nothing to check.
+    rewrite(st, lambda t: None)
+    lowbit.load_quantized(ckpt, verify=True)
+    assert any("no checksums to verify" in str(w.message) for w in recwarn)

@@ -110,3 +110,33 @@ def test_corrupt_weight_tensors(qw):
 def test_unknown_cpu_isa():
     with pytest.raises(ValueError, match="unknown CPU ISA 'sse9'"):
         lowbit.set_cpu_isa("sse9")
+
+
+def test_clip_ratios_are_checked():
+    w = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="clip ratios must lie in"):
+        lowbit.quantize_weight(w, 4, 32, clip=torch.full((8, 2), -1.0))
+    with pytest.raises(ValueError, match="clip must be a tensor of ratios \\[8, 2\\]"):
+        lowbit.quantize_weight(w, 4, 32, clip=torch.ones(8))
+
+
+def test_linear_is_inference_only(qw):
+    x = torch.randn(2, qw.in_features, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        lowbit.linear(x, qw)
+    with torch.no_grad():
+        assert lowbit.linear(x, qw).shape == (2, qw.out_features)
+
+
+def test_convert_checks_align_first(tmp_path):
+    with pytest.raises(ValueError, match="align must be a power of two"):
+        lowbit.convert(tmp_path / "missing", tmp_path / "out", align=1000)
+
+
+def test_cli_reports_file_errors_in_one_line(tmp_path, capsys):
+    from lowbit.cli import main as cli
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli(["convert", str(tmp_path / "src"), str(blocker / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lowbit convert: error:") and len(err.strip().splitlines()) == 1

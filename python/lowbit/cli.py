@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError; OSError: files, permissions
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
         return 1
 

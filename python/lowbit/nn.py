@@ -12,6 +12,7 @@ from .weight import QuantizedWeight
 
 class QuantLinear(nn.Module):
     """y = x @ W.T + b with W in int4 or int3.5; the quantized tensors are buffers (state_dict, .to()).
+    Inference only: no gradient flows through the quantized weight or to x.
 
     On a CUDA device the buffers hold the tile layout (lowbit.tiled), made once when the module moves
     there; elsewhere the canonical layout. state_dict() and load_state_dict() always speak canonical.

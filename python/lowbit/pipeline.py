@@ -63,6 +63,8 @@ def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
     bits, group_size = formats.check_bits(bits), formats.check_group_size(group_size)
+    if align is not None and (not isinstance(align, int) or align < 8 or align & (align - 1)):
+        raise ValueError(f"align must be a power of two >= 8, got {align!r}")
     if method not in ("rtn", "awq"):
         raise ValueError(f"method must be 'rtn' or 'awq', got {method!r}")
     if src.is_dir() and (src / "config.json").is_file():

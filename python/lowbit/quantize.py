@@ -20,6 +20,7 @@ def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128, per
     bits = formats.check_bits(bits)
     group_size = formats.check_group_size(group_size)
     n, k = w.shape if isinstance(w, torch.Tensor) and w.dim() == 2 else (0, 0)
+    _check_clip(clip, n, -(-k // group_size))
     rows = max(1, (1 << 22) // max(k, 1))
     parts = []
     for start in range(0, max(n, 1), rows):
@@ -42,6 +43,7 @@ def fake_quantize(w: torch.Tensor, bits: float, group_size: int, perm: torch.Ten
     if bits not in (3.5, 2, 3, 4, 5, 6, 7, 8):
         raise ValueError(f"fake_quantize: bits must be 3.5 or an integer 2..8, got {bits!r}")
     n, k = w.shape
+    _check_clip(clip, n, -(-k // group_size))
     codes, scales, zeros = _round_to_nearest(_grouped(w.float(), perm, group_size), bits, clip, integer_zeros)
     if bits == 3.5:
         codes[..., 1::2] *= formats.STEP3
@@ -79,6 +81,16 @@ def _grouped(w: torch.Tensor, perm, group_size: int) -> torch.Tensor:
         w = w[:, perm.long()]
     kp = formats.padded_in_features(k, group_size)
     return torch.nn.functional.pad(w, (0, kp - k)).view(n, kp // group_size, group_size)
+
+
+def _check_clip(clip, n: int, groups: int) -> None:
+    if clip is None:
+        return
+    if not isinstance(clip, torch.Tensor) or tuple(clip.shape) != (n, groups):
+        raise ValueError(f"clip must be a tensor of ratios [{n}, {groups}] (rows x groups), got "
+                         f"{list(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__}")
+    if not bool(((clip > 0) & (clip <= 1)).all()):
+        raise ValueError("clip ratios must lie in (0, 1]")
 
 
 def _round_to_nearest(groups: torch.Tensor, bits: float, clip=None, integer_zeros: bool = False):

@@ -145,8 +145,17 @@ class QuantizedWeight:
                 f"perm={self.perm is not None}, nbytes={self.nbytes}, layout={self.layout}, device={self.device})")
 
 
+def check_no_grad(*tensors) -> None:
+    """The lowbit ops are inference-only: refuse, rather than silently drop, a gradient that is asked for."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError("lowbit's quantized linear layers are inference-only (no gradient): run under "
+                           "torch.no_grad() or torch.inference_mode(), or detach the input")
+
+
 def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W.T + bias with W quantized: x [..., K] float32/bfloat16/float16 -> y [..., N] same dtype."""
+    """y = x @ W.T + bias with W quantized: x [..., K] float32/bfloat16/float16 -> y [..., N] same dtype.
+    Inference only: the ops have no gradient."""
+    check_no_grad(x, bias)
     if weight.layout == "tiled":
         op, _ = TILED_OPS[weight.bits]
         return op(x, *weight.op_args(), bias, weight.group_size, weight.in_features, weight.out_features)

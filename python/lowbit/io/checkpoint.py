@@ -1,4 +1,5 @@
-"""Quantized checkpoints (docs/FORMAT.md, "Checkpoints"): save, load, convert layer by layer, inspect.
+"""Quantized checkpoints (docs/FORMAT.md, "Checkpoints"): save, load (checksums verified on request), and
+quantize a float checkpoint layer by layer.
 
 A lowbit checkpoint is an HF-style directory: config.json with a `quantization_config`, safetensors
 (sharded past a size limit) holding each quantized linear as <module>.qweight / .scales / .zeros
@@ -7,6 +8,7 @@ meta device and assigns the memory-mapped tensors; the float model is never buil
 """
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,8 +49,11 @@ def checked_quantization_config(config: dict, where: Path) -> dict:
         formats.check_group_size(qc.get("group_size"))
     except ValueError as e:
         raise CheckpointError(f"{where}: quantization_config: {e}") from e
-    if not isinstance(qc.get("modules_not_converted"), list):
-        raise CheckpointError(f"{where}: quantization_config.modules_not_converted must be a list")
+    if qc.get("method") not in ("rtn", "awq"):
+        raise CheckpointError(f"{where}: quantization_config.method must be 'rtn' or 'awq', got {qc.get('method')!r}")
+    names = qc.get("modules_not_converted")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{where}: quantization_config.modules_not_converted must be a list of module names")
     return qc
 
 
@@ -112,6 +117,15 @@ def save_quantized(model: LlamaForCausalLM, out, force: bool = False, align: int
 
 # --- reading ----------------------------------------------------------------------------------------
 
+def verify_checksums(st: SafetensorsDir, path: Path) -> int:
+    """Every tensor with a stored CRC-32 checked (CheckpointError naming the first corrupted one); returns how
+    many were checked, after a warning when there were none."""
+    checked = sum(st.verify(k) for k in st.keys() if not k.startswith(PAD_PREFIX))
+    if checked == 0:
+        warnings.warn(f"{path}: no checksums to verify (written before lowbit stored them)", stacklevel=3)
+    return checked
+
+
 def quantized_weight(st, name: str, bits: float, group_size: int, in_features: int) -> QuantizedWeight:
     """A QuantizedWeight from checkpoint tensors, checked: shapes, dtypes, permutation, finite scales."""
     tensors = {k: st.get(f"{name}.{k}") for k in QUANT_TENSORS}
@@ -128,14 +142,19 @@ def quantized_weight(st, name: str, bits: float, group_size: int, in_features: i
     return weight
 
 
-def load_quantized(path, dtype: torch.dtype = torch.float32, device="cpu") -> LlamaForCausalLM:
-    """A lowbit checkpoint directory as a LlamaForCausalLM with QuantLinear layers (float parts in dtype)."""
+def load_quantized(path, dtype: torch.dtype = torch.float32, device="cpu", verify: bool = False) -> LlamaForCausalLM:
+    """A lowbit checkpoint directory as a LlamaForCausalLM with QuantLinear layers (float parts in dtype).
+
+    verify: check every tensor against the CRC-32 the writer stored (reads every byte once more); a checkpoint
+    written before lowbit stored checksums has none to check, which is said once as a warning."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
     config = read_config(path)
     qc = checked_quantization_config(config.extra, path)
     st = SafetensorsDir(path)
+    if verify:
+        verify_checksums(st, path)
     bits, group_size = float(qc["bits"]), int(qc["group_size"])
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -144,10 +163,18 @@ def load_quantized(path, dtype: torch.dtype = torch.float32, device="cpu") -> Ll
 
     def quant_linear(name: str, linear: nn.Linear) -> QuantLinear:
         weight = quantized_weight(st, name, bits, group_size, linear.in_features)
+        if weight.out_features != linear.out_features:
+            raise CheckpointError(f"{st.file_of(name + '.qweight')}: {name} has {weight.out_features} rows, the config "
+                                  f"needs {linear.out_features}")
         expected.update(f"{name}.{k}" for k in weight.layout_tensors())
+        bias = None
         if linear.bias is not None:
             expected.add(f"{name}.bias")
-        return QuantLinear(weight, _float(st, f"{name}.bias", dtype) if linear.bias is not None else None)
+            bias = _float(st, f"{name}.bias", dtype)
+            if tuple(bias.shape) != (linear.out_features,):
+                raise CheckpointError(f"{st.file_of(name + '.bias')}: tensor {name + '.bias'!r} has shape "
+                                      f"{list(bias.shape)}, the config needs [{linear.out_features}]")
+        return QuantLinear(weight, bias)
 
     replaced = set(replace_linears(model, quant_linear, skip=[n for n in not_converted if n]))
     for name, module in list(model.named_modules()):

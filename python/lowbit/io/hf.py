@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from ..models.llama import LlamaConfig
+from .safetensors_io import CHECKSUM_KEY, tensor_crc32
 
 # HF LLaMA tensor names -> lowbit names. q/k/v and gate/up are fused (concatenated along rows).
 FUSED = {
@@ -37,8 +38,8 @@ def read_config(directory: Path) -> LlamaConfig:
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json")
     try:
-        return LlamaConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+        return LlamaConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: {e}") from e
 
 
@@ -59,16 +60,22 @@ class SafetensorsDir:
                 raise CheckpointError(f"{directory}: no .safetensors files")
         self.handles = {}
         self.location = {}
+        self.checksums: dict[str, int] = {}  # tensor name -> CRC-32 stored by lowbit's writer (if any)
         for name in files:
             try:
                 handle = safe_open(str(directory / name), framework="pt")
                 keys = list(handle.keys())
+                stored = (handle.metadata() or {}).get(CHECKSUM_KEY)
+                checksums = json.loads(stored) if stored is not None else {}
+                if not isinstance(checksums, dict) or not all(isinstance(v, int) for v in checksums.values()):
+                    raise ValueError(f"metadata {CHECKSUM_KEY} is not an object of integers")
             except Exception as e:  # safetensors raises SafetensorError, OSError, ... on bad files
                 raise CheckpointError(f"{directory / name}: not a readable safetensors file "
                                       f"({type(e).__name__}: {e})") from e
             self.handles[name] = handle
             for key in keys:
                 self.location[key] = name
+            self.checksums |= {k: v for k, v in checksums.items() if k in keys}
         self.directory = directory
 
     def __contains__(self, key: str) -> bool:
@@ -84,6 +91,17 @@ class SafetensorsDir:
         """Size of a tensor's data, from the header (nothing is read)."""
         sl = self.handles[self.location[key]].get_slice(key)
         return math.prod(sl.get_shape()) * ELEMENT_BYTES[sl.get_dtype()]
+
+    def verify(self, key: str) -> bool:
+        """Check a tensor's bytes against its stored CRC-32: True if it matches, False if none is stored;
+        CheckpointError naming the tensor if it differs."""
+        if key not in self.checksums:
+            return False
+        computed = tensor_crc32(self.get(key))
+        if computed != self.checksums[key]:
+            raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} is corrupted: CRC-32 {computed:08x}, "
+                                  f"stored {self.checksums[key]:08x}")
+        return True
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self.location:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..models.llama import LlamaForCausalLM
-from .checkpoint import QUANT_TENSORS, checked_quantization_config, quantized_weight
+from .checkpoint import QUANT_TENSORS, checked_quantization_config, load_quantized, quantized_weight
 from .hf import CheckpointError, SafetensorsDir, read_config
 from .safetensors_io import PAD_PREFIX
 
@@ -65,6 +65,18 @@ def inspect_checkpoint(path, out=None) -> bool:
         logical += n_logical
         total_bytes += nbytes
         rows.append((name, fmt, "x".join(map(str, shape)), n_logical, nbytes))
+    try:  # the loader's own checks, so that inspect and load_quantized never disagree
+        load_quantized(path)
+    except CheckpointError as e:
+        if str(e) not in problems:
+            problems.append(str(e))
+    checked = 0
+    for k in st.keys():
+        if not k.startswith(PAD_PREFIX):
+            try:
+                checked += st.verify(k)
+            except CheckpointError as e:
+                problems.append(str(e))
     extra = sorted(k for k in st.keys() if k not in seen and not k.startswith(PAD_PREFIX))
     if extra:
         problems.append(f"{path}: {len(extra)} unexpected tensors, e.g. {extra[:3]}")
@@ -79,6 +91,8 @@ def inspect_checkpoint(path, out=None) -> bool:
     print(f"tensors: {n_tensors} (expected {len(seen)}); logical parameters: {logical}; bytes: {total_bytes} "
           f"({total_bytes / 1e6:.1f} MB); bits/weight: {8 * total_bytes / logical:.2f} overall, "
           f"{8 * q_bytes / max(q_params, 1):.2f} in quantized layers", file=out)
+    print(f"checksums: {checked} tensors verified" if checked else
+          "checksums: none stored (written before lowbit stored them)", file=out)
     for p in problems:
         print(f"FAILED: {p}", file=out)
     print("checks: " + ("all passed" if not problems else f"{len(problems)} failed"), file=out)

@@ -5,26 +5,37 @@ save_file first copies every tensor into a bytes object, which doubles the memor
 writer streams each tensor's own buffer to the file. With `align`, every tensor's data starts on an
 `align`-byte boundary of the file. The format forbids holes between tensors, so the gaps are filled by
 uint8 tensors named PAD_PREFIX + index, which readers skip; the stock library loads such files unchanged.
+
+Every file's metadata holds a CRC-32 of each tensor's bytes under CHECKSUM_KEY (a JSON object, name -> checksum):
+safetensors itself has no integrity check, so bit rot in the data would otherwise load silently.
 """
 
 import json
 import struct
+import zlib
 from pathlib import Path
 
 import torch
 
 PAD_PREFIX = "__lowbit_pad__."
+CHECKSUM_KEY = "lowbit.crc32"
 DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
                torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64"}
+
+
+def tensor_crc32(t: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes in row-major order, as they lie in a safetensors file."""
+    return zlib.crc32(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None,
                       align: int | None = None) -> None:
     if align is not None and (align < 8 or align & (align - 1)):
         raise ValueError(f"align must be a power of two >= 8, got {align}")
-    header, chunks, offset = {}, [], 0
+    header, chunks, offset, checksums = {}, [], 0, {}
     for name, t in tensors.items():
         t = t.detach().contiguous().cpu()
+        checksums[name] = tensor_crc32(t)
         gap = -offset % align if align else 0
         if gap:
             header[f"{PAD_PREFIX}{len(header)}"] = {"dtype": "U8", "shape": [gap],
@@ -36,8 +47,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
                         "data_offsets": [offset, offset + nbytes]}
         chunks.append(t.reshape(-1).view(torch.uint8).numpy())
         offset += nbytes
-    if metadata:
-        header["__metadata__"] = metadata
+    header["__metadata__"] = {**(metadata or {}), CHECKSUM_KEY: json.dumps(checksums, separators=(",", ":"))}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     # Data starts on a multiple of 8 (of align when given); trailing spaces in the header are allowed.
     encoded += b" " * (-(8 + len(encoded)) % (align or 8))

@@ -34,27 +34,78 @@ class LlamaConfig:
     eos_token_id: int | list[int] | None = 2
     extra: dict = field(default_factory=dict)   # other config.json keys, kept for round trips
 
+    # Upper bounds of the sizes: far above any LLaMA, low enough that a corrupt config.json cannot make the
+    # loader allocate without limit before a tensor is read.
+    LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "intermediate_size": 1 << 20,
+              "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 10, "num_key_value_heads": 1 << 10,
+              "head_dim": 1 << 10, "max_position_embeddings": 1 << 24}
+
     def __post_init__(self):
+        """Every field checked for type and range: a bad config.json fails here, naming the key."""
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for key, limit in self.LIMITS.items():
+            v = getattr(self, key)
+            if v is None and key in ("num_key_value_heads", "head_dim"):
+                continue
+            if not is_int(v) or not 1 <= v <= limit:
+                raise ValueError(f"{key} must be an integer in [1, {limit}], got {v!r}")
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"head_dim must be even and at least 2 (rotary embedding), got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("llama3", "default"):
-                raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: 'llama3')")
+        for key, lo, hi in (("rms_norm_eps", 0.0, 1.0), ("rope_theta", 1.0, 1e12)):  # open below, open above
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo < v < hi:
+                raise ValueError(f"{key} must be a number in ({lo:g}, {hi:g}), got {v!r}")
+        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        ids = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        for key, values in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", ids)):
+            if any(v is not None and (not is_int(v) or v < 0) for v in values):
+                raise ValueError(f"{key} must be a token id (or null), got {getattr(self, key)!r}")
+        self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        if not isinstance(rs, dict):
+            raise ValueError(f"rope_scaling must be an object (or null), got {rs!r}")
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind not in ("llama3", "default"):
+            raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: 'llama3')")
+        if kind == "llama3":
+            for key, default in (("factor", None), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
+                                 ("original_max_position_embeddings", 8192)):
+                v = rs.get(key, default)
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                    raise ValueError(f"rope_scaling.{key} must be a finite positive number, got {v!r}")
+            if not rs.get("high_freq_factor", 4.0) > rs.get("low_freq_factor", 1.0):
+                raise ValueError("rope_scaling.high_freq_factor must exceed low_freq_factor")
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
-        if d.get("model_type", "llama") not in ("llama", "mistral") and "LlamaForCausalLM" not in d.get(
-                "architectures", ["LlamaForCausalLM"]):
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
+        architectures = d.get("architectures", ["LlamaForCausalLM"])
+        if not isinstance(architectures, list):
+            raise ValueError(f"architectures must be a list, got {architectures!r}")
+        if d.get("model_type", "llama") not in ("llama", "mistral") and "LlamaForCausalLM" not in architectures:
             raise ValueError(f"not a LLaMA config: model_type {d.get('model_type')!r}")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {d.get('hidden_act')!r} (LLaMA uses 'silu')")
         d = dict(d)
         if "rope_parameters" in d:  # transformers >= 5 writes rope_theta and the scaling in one dict
-            params = dict(d.pop("rope_parameters") or {})
+            params = d.pop("rope_parameters") or {}
+            if not isinstance(params, dict):
+                raise ValueError(f"rope_parameters must be an object, got {params!r}")
+            params = dict(params)
             d.setdefault("rope_theta", params.pop("rope_theta", 10000.0))
             if params.get("rope_type", "default") != "default":
                 d["rope_scaling"] = params
