@@ -424,3 +424,27 @@ def test_checksums_catch_corrupted_data(saved, capsys, recwarn):
     rewrite(st, lambda t: None)
     lowbit.load_quantized(ckpt, verify=True)
     assert any("no checksums to verify" in str(w.message) for w in recwarn)
+
+
+def test_huge_float_weights_and_unknown_dtypes_are_rejected(saved, capsys):
+    ckpt, _ = saved
+    st = ckpt / "model.safetensors"
+    rewrite(st, lambda t: t["layers.0.attn_norm.weight"].__setitem__(0, 1e30))
+    with pytest.raises(CheckpointError, match="beyond ±65504"):
+        lowbit.load_quantized(ckpt)
+    rewrite(st, lambda t: t.__setitem__("layers.0.attn_norm.weight", t["layers.0.attn_norm.weight"].clamp(-2, 2)
+                                        .to(torch.float8_e5m2)))
+    with pytest.raises(CheckpointError):
+        lowbit.load_quantized(ckpt)
+    assert cli(["inspect", str(ckpt)]) == 1
+    assert "Traceback" not in capsys.readouterr().out
+
+
+def test_index_with_non_string_files_is_rejected(saved, tmp_path):
+    _, model = saved
+    out = lowbit.save_quantized(model, tmp_path / "sharded", max_shard_bytes=1 << 16)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"]["embed.weight"] = 7
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a safetensors index"):
+        lowbit.load_quantized(out)

@@ -140,3 +140,7 @@ def test_cli_reports_file_errors_in_one_line(tmp_path, capsys):
     assert cli(["convert", str(tmp_path / "src"), str(blocker / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("lowbit convert: error:") and len(err.strip().splitlines()) == 1
+    from lowbit.io.atomic import atomic_directory
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        with atomic_directory(blocker / "out"):
+            pass

@@ -13,6 +13,11 @@ def atomic_directory(out: Path, force: bool = False):
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists (use force to overwrite)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{out}: {parent} is a file, not a directory")
+            break
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -29,6 +29,7 @@ FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 1 << 30
 CONVERT_SHARD_BYTES = 1 << 29  # the converter holds one shard in memory: keep it small
 QUANT_TENSORS = ("qweight", "scales", "zeros")
+FLOAT_LIMIT = 65504.0  # largest float16: float tensors beyond it could not run in float16 anyway
 LAYER_LINEARS = ("attn.wqkv", "attn.wo", "ffn.w_gate_up", "ffn.w_down")
 
 
@@ -203,10 +204,14 @@ def load_quantized(path, dtype: torch.dtype = torch.float32, device="cpu", verif
 
 def _float(st, name: str, dtype: torch.dtype) -> torch.Tensor:
     t = st.get(name)
-    if not t.is_floating_point():
-        raise CheckpointError(f"{st.file_of(name)}: tensor {name!r} must be floating point, got {t.dtype}")
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise CheckpointError(f"{st.file_of(name)}: tensor {name!r} must be float16, bfloat16, float32 or float64, "
+                              f"got {t.dtype}")
     if not torch.isfinite(t).all():
         raise CheckpointError(f"{st.file_of(name)}: tensor {name!r} has non-finite values")
+    if t.numel() and t.abs().max() > FLOAT_LIMIT:
+        raise CheckpointError(f"{st.file_of(name)}: tensor {name!r} has values beyond ±{FLOAT_LIMIT:g} (float16's "
+                              f"range), which no LLaMA weight reaches: the file is corrupt")
     return t.to(dtype)
 
 

@@ -50,9 +50,12 @@ class SafetensorsDir:
         index = directory / "model.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v
+                                                               for v in weight_map.values()):
+                    raise TypeError("weight_map must map tensor names to file names in the directory")
                 files = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
@@ -90,6 +93,9 @@ class SafetensorsDir:
     def nbytes(self, key: str) -> int:
         """Size of a tensor's data, from the header (nothing is read)."""
         sl = self.handles[self.location[key]].get_slice(key)
+        if sl.get_dtype() not in ELEMENT_BYTES:
+            raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} has dtype {sl.get_dtype()}, which no lowbit "
+                                  f"checkpoint holds")
         return math.prod(sl.get_shape()) * ELEMENT_BYTES[sl.get_dtype()]
 
     def verify(self, key: str) -> bool:
