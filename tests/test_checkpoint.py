@@ -265,15 +265,18 @@ def test_bad_checkpoints_raise_clear_errors(saved, case, match):
 
 
 def test_fuzzed_checkpoints_load_consistently_or_raise(saved):
-    """Random corruptions of a real checkpoint (header bytes, data bytes, truncation): each one either loads
-    a model whose forward runs and whose tensors are finite, or raises CheckpointError. Longer run:
-    LOWBIT_FUZZ_ITERATIONS=2000 pytest tests/test_checkpoint.py -k fuzz."""
-    ckpt, _ = saved
+    """Random corruptions of a real checkpoint (header bytes, data bytes, truncation), each loaded with and
+    without checksum verification. Every case ends in one of: a CheckpointError; a model equal to the original
+    (the change did not matter); a model with different but finite logits (data changed, verify off). Any other
+    exception, a non-finite buffer or logit, or a data corruption that verify misses fails the test. Counts are
+    printed (pytest -s). Longer run: LOWBIT_FUZZ_ITERATIONS=5000 pytest -s tests/test_checkpoint.py -k fuzz."""
+    ckpt, model = saved
     st = ckpt / "model.safetensors"
     original = st.read_bytes()
+    expected = logits(model)
     header_end = 8 + struct.unpack("<Q", original[:8])[0]
     rng = random.Random(0)
-    outcomes = {"loaded": 0, "rejected": 0}
+    outcomes = {"rejected": 0, "equal": 0, "different, finite": 0, "data corruptions caught by checksum": 0}
     for _ in range(int(os.environ.get("LOWBIT_FUZZ_ITERATIONS", 150))):
         raw = bytearray(original)
         kind = rng.choice(["header", "data", "truncate"])
@@ -284,17 +287,24 @@ def test_fuzzed_checkpoints_load_consistently_or_raise(saved):
             for _ in range(rng.randint(1, 8)):
                 raw[rng.randrange(lo, hi)] = rng.randrange(256)
         st.write_bytes(bytes(raw))
-        try:
-            model = lowbit.load_quantized(ckpt)
-        except CheckpointError:
-            outcomes["rejected"] += 1
-            continue
-        assert all(torch.isfinite(b).all() for n, b in model.named_buffers() if n.endswith(("scales", "zeros")))
-        assert all(torch.isfinite(p).all() for p in model.parameters())
-        assert logits(model).shape == (2, 24, 512)
-        outcomes["loaded"] += 1
+        for verify in (False, True):
+            try:
+                loaded = lowbit.load_quantized(ckpt, verify=verify)
+            except CheckpointError as e:
+                outcomes["rejected"] += 1
+                if verify and "is corrupted: CRC-32" in str(e):
+                    outcomes["data corruptions caught by checksum"] += 1
+                continue
+            assert all(torch.isfinite(b).all() for n, b in loaded.named_buffers() if n.endswith(("scales", "zeros")))
+            assert all(torch.isfinite(p).all() for p in loaded.parameters())
+            got = logits(loaded)
+            assert got.shape == (2, 24, 512) and torch.isfinite(got).all()
+            same = bytes(raw) == original
+            assert not (verify and kind == "data" and not same), "verify missed a data corruption"
+            outcomes["equal" if torch.equal(got, expected) else "different, finite"] += 1
     st.write_bytes(original)
-    assert outcomes["loaded"] > 0 and outcomes["rejected"] > 0, outcomes
+    print(outcomes)
+    assert outcomes["rejected"] > 0 and outcomes["equal"] + outcomes["different, finite"] > 0, outcomes
 
 
 def test_no_pickle_anywhere():
