@@ -83,20 +83,22 @@ def main():
         seconds, rss = run_measured(f"import lowbit; lowbit.convert({str(src)!r}, {str(out)!r}, bits={bits}, "
                                     f"group_size=128, progress=False)")
         out_gb = sum(p.stat().st_size for p in out.iterdir()) / 1e9
-        load_s, load_rss = run_measured(f"import lowbit; lowbit.load_quantized({str(out)!r}, dtype=__import__('torch')"
-                                        f".float16)")
+        load = f"import lowbit; lowbit.load_quantized({str(out)!r}, dtype=__import__('torch').float16"
+        load_s, load_rss = run_measured(load + ")")
+        verify_s, _ = run_measured(load + ", verify=True)")
         rows.append({"format": f"int{bits:g}", "group_size": 128, "convert_seconds": seconds,
                      "convert_peak_rss_gb": rss,
-                     "output_gb": out_gb, "load_seconds": load_s, "load_peak_rss_gb": load_rss})
+                     "output_gb": out_gb, "load_seconds": load_s, "load_peak_rss_gb": load_rss,
+                     "load_verify_seconds": verify_s})
         print(rows[-1], flush=True)
         shutil.rmtree(out)
     shutil.rmtree(args.workdir, ignore_errors=True)
     lines = [f"Converter, LLaMA-7B-shaped float16 checkpoint ({args.layers} layers, {src_gb:.2f} GB, random weights), "
              f"RTN, group size 128. Machine: {machine}. Each step in its own process; peak RSS = ru_maxrss.", "",
-             "| format | convert s | convert peak RSS GB | output GB | load s (float16) | load peak RSS GB |",
-             "|---|---|---|---|---|---|"]
+             "| format | convert s | convert peak RSS GB | output GB | load s (float16) | load peak RSS GB "
+             "| load s (verify=True) |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['format']} | {r['convert_seconds']:.0f} | {r['convert_peak_rss_gb']:.2f} | {r['output_gb']:.2f} | "
-              f"{r['load_seconds']:.1f} | {r['load_peak_rss_gb']:.2f} |" for r in rows]
+              f"{r['load_seconds']:.1f} | {r['load_peak_rss_gb']:.2f} | {r['load_verify_seconds']:.1f} |" for r in rows]
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "layers": args.layers,

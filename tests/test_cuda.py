@@ -411,3 +411,21 @@ def test_generate_on_cuda_replays_one_graph(bits):
             seq = torch.cat([seq, nxt], 1)
     list(generate_tokens(model, prompt, Sampling(max_new_tokens=5, ignore_eos=True)))
     assert decode_step(model, 1) is step  # same cache: the captured graph is reused
+
+
+@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 9, 40])  # the tile kernel with one and two token tiles, and cuBLAS
+def test_non_finite_activations_propagate(bits, dtype, m):
+    qw = make_weight(64, 256, bits, 64, with_perm=True)
+    x = torch.randn(m, 256, device=CUDA).to(dtype)
+    clean = lowbit.linear(x, qw)
+    bad = x.clone()
+    bad[0, 5] = float("nan")
+    if m > 1:
+        bad[m - 1, 200] = float("inf")
+    y = lowbit.linear(bad, qw)
+    rows = [0] + ([m - 1] if m > 1 else [])
+    assert not torch.isfinite(y[rows]).any()
+    others = [i for i in range(m) if i not in rows]
+    assert torch.equal(y[others], clean[others])
