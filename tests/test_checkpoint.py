@@ -373,6 +373,7 @@ def test_every_config_value_loads_or_raises_a_checkpoint_error(saved, key):
         assert torch.isfinite(got).all(), (key, value)
         outcomes["same" if torch.equal(got, expected) else "different"] += 1
     cfg.write_text(original)
+    print(key, outcomes)
     assert outcomes["rejected"] >= 5, outcomes
 
 
