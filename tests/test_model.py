@@ -82,7 +82,11 @@ def test_kv_cache_errors(tmp_path):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
-        LlamaConfig(num_attention_heads=9, num_key_value_heads=2)
+        LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        LlamaConfig(hidden_size=4095, num_attention_heads=9)
+    with pytest.raises(ValueError, match="num_hidden_layers must be an integer in \\[1, 1024\\]"):
+        LlamaConfig(num_hidden_layers=10 ** 9)
     with pytest.raises(ValueError, match="unsupported rope_scaling"):
         LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
     with pytest.raises(ValueError, match="hidden_act"):
