@@ -46,6 +46,7 @@ class Stats:
     new_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    warm_up_seconds: float = 0.0  # compiling or capturing the decode step, before the clock of the others starts
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -57,8 +58,9 @@ class Stats:
         return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds and self.new_tokens > 1 else 0.0
 
     def __str__(self) -> str:
+        warm_up = f"; decode step prepared in {self.warm_up_seconds:.1f} s" if self.warm_up_seconds else ""
         return (f"prefill {self.prompt_tokens} tokens at {self.prefill_tokens_per_s:.1f} tok/s, "
-                f"decode {self.new_tokens} tokens at {self.decode_tokens_per_s:.1f} tok/s")
+                f"decode {self.new_tokens} tokens at {self.decode_tokens_per_s:.1f} tok/s{warm_up}")
 
 
 def next_token(logits: torch.Tensor, history: torch.Tensor, s: Sampling, generator) -> torch.Tensor:
@@ -94,6 +96,19 @@ class DecodeStep:
         self.forward = torch.compile(model, dynamic=False, fullgraph=True) if compile else model
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.ready = not compile and model.device.type != "cuda"  # nothing to compile or capture
+
+    def warm_up(self, position: int) -> float:
+        """Compile or capture now (one step with a dummy token at `position`, which the real step at that
+        position overwrites in the cache); returns the seconds it took, 0 when there was nothing to do."""
+        if self.ready:
+            return 0.0
+        start = time.perf_counter()
+        self(torch.zeros(self.token.shape[0], dtype=torch.long, device=self.token.device), position)
+        if self.token.device.type == "cuda":
+            torch.cuda.synchronize(self.token.device)
+        self.ready = True
+        return time.perf_counter() - start
 
     def fits(self, model: LlamaForCausalLM, batch: int, compile: bool) -> bool:
         return (model.layers[0].attn.kv_cache is self.cache and self.token.shape[0] == batch
@@ -153,6 +168,8 @@ def generate_tokens(model: LlamaForCausalLM, tokens: torch.Tensor, sampling: Sam
     finished = torch.zeros(b, dtype=torch.bool, device=history.device)
     stats.prompt_tokens = t * b
     step_fn = decode_step(model, b, compile) if sampling.max_new_tokens > 1 else None
+    if step_fn is not None:  # before the prefill: position t is the first the decode step writes
+        stats.warm_up_seconds = step_fn.warm_up(t)
     start = time.perf_counter()
     logits = model(history, torch.arange(t, device=model.device))[:, -1]
     for step in range(sampling.max_new_tokens):
