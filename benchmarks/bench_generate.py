@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 
 import lowbit
-from lowbit import tiled
 from lowbit.generate import Sampling, Stats, generate_tokens
 from lowbit.models.llama import rope_inv_freq
 from lowbit.nn import QuantLinear, replace_linears
+
+from bench_kernels import random_tiled_weight  # the same random tile-layout weights as the kernel benchmark
 
 VARIANTS = [  # name, dtype, bits, quantize lm_head
     ("float32", torch.float32, None, False),
@@ -111,17 +112,6 @@ CUDA_VARIANTS = [  # name, shape, bits (output head float16), GPU memory needed 
     ("70B int4", LLAMA_70B, 4, 45), ("70B int3.5", LLAMA_70B, 3.5, 42)]
 
 
-def random_quant_linear(linear: torch.nn.Linear, bits: float, device="cuda") -> QuantLinear:
-    """A QuantLinear of linear's shape with random codes, scales and zeros made directly in the CUDA tile
-    layout (every byte is a valid code), so that no float weight of the full model is ever needed."""
-    n, k = linear.out_features, linear.in_features
-    shapes = tiled.tiled_shapes(bits, CUDA_GROUP_SIZE, k, n)
-    qweight = torch.randint(0, 256, shapes["qweight"], dtype=torch.uint8, device=device)
-    scales = (torch.rand(shapes["scales"], device=device) * 0.002 + 0.0005).half()
-    zeros = (torch.rand(shapes["zeros"], device=device) * 15).half()
-    return QuantLinear(lowbit.QuantizedWeight(qweight, scales, zeros, None, bits, CUDA_GROUP_SIZE, k, "tiled", n))
-
-
 def random_model(shape: dict, bits, device="cuda") -> lowbit.LlamaForCausalLM:
     """Float16 embeddings, norms and head; decoder linears float16 or random quantized codes. Built on the meta
     device and materialized layer by layer on the GPU."""
@@ -129,7 +119,9 @@ def random_model(shape: dict, bits, device="cuda") -> lowbit.LlamaForCausalLM:
         model = lowbit.LlamaForCausalLM(lowbit.LlamaConfig(**shape)).eval().half()
     def make(name: str, linear: torch.nn.Linear) -> torch.nn.Module:
         if bits is not None:
-            return random_quant_linear(linear, bits, device)
+            # Small scales keep activations in range through 80 layers of random weights.
+            return QuantLinear(random_tiled_weight(linear.out_features, linear.in_features, bits, CUDA_GROUP_SIZE,
+                                                   (0.0005, 0.0025), device))
         new = torch.nn.Linear(linear.in_features, linear.out_features, bias=False, device=device, dtype=torch.float16)
         torch.nn.init.normal_(new.weight.requires_grad_(False), std=0.02)
         return new

@@ -202,14 +202,16 @@ def markdown(result: dict) -> str:
 # --- CUDA ---------------------------------------------------------------------------------------------
 
 
-def cuda_random_quantized(n: int, k: int, bits: float) -> lowbit.QuantizedWeight:
-    """A weight of random codes in the CUDA tile layout, made directly on the GPU (any byte is a valid code
-    in both formats), so that even 70B shapes are ready at once."""
-    shapes = tiled.tiled_shapes(bits, GROUP_SIZE, k, n)
-    qweight = torch.randint(0, 256, shapes["qweight"], dtype=torch.uint8, device="cuda")
-    scales = (torch.rand(shapes["scales"], device="cuda") * 0.01 + 0.001).half()
-    zeros = (torch.rand(shapes["zeros"], device="cuda") * 15).half()
-    return lowbit.QuantizedWeight(qweight, scales, zeros, None, bits, GROUP_SIZE, k, "tiled", n)
+def random_tiled_weight(n: int, k: int, bits: float, group_size: int = GROUP_SIZE, scale_range=(0.001, 0.011),
+                        device="cuda") -> lowbit.QuantizedWeight:
+    """A weight of random codes in the CUDA tile layout, made directly on the device (any byte is a valid code
+    in both formats), so that even 70B shapes are ready at once; scales uniform in scale_range, zeros in [0, 15)."""
+    shapes = tiled.tiled_shapes(bits, group_size, k, n)
+    lo, hi = scale_range
+    qweight = torch.randint(0, 256, shapes["qweight"], dtype=torch.uint8, device=device)
+    scales = (torch.rand(shapes["scales"], device=device) * (hi - lo) + lo).half()
+    zeros = (torch.rand(shapes["zeros"], device=device) * 15).half()
+    return lowbit.QuantizedWeight(qweight, scales, zeros, None, bits, group_size, k, "tiled", n)
 
 
 def torch_int4_weight(n: int, k: int):
@@ -273,7 +275,7 @@ def run_cuda(shapes, m_values, min_seconds: float) -> dict:
     for n, k in shapes:
         fp16 = [torch.randn(n, k, device="cuda", dtype=torch.float16)
                 for _ in range(copies_for(2 * n * k, working_set))]
-        quantized = {bits: [cuda_random_quantized(n, k, bits)
+        quantized = {bits: [random_tiled_weight(n, k, bits)
                             for _ in range(copies_for(int(n * k * bits / 8), working_set))] for bits in (4, 3.5)}
         int4pack = [torch_int4_weight(n, k) for _ in range(copies_for(n * k // 2, working_set))]
         int4pack = None if None in int4pack else int4pack
@@ -323,7 +325,7 @@ def sweep_cuda(shapes, m_values, min_seconds: float) -> None:
     """Times the tiled kernel at each k_warps (LOWBIT_CUDA_TILED_K_WARPS) next to the default plan."""
     for n, k in shapes:
         for bits in (4, 3.5):
-            weights = [cuda_random_quantized(n, k, bits) for _ in range(copies_for(int(n * k * bits / 8), 240 << 20))]
+            weights = [random_tiled_weight(n, k, bits) for _ in range(copies_for(int(n * k * bits / 8), 240 << 20))]
             for m in m_values:
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 times = {}

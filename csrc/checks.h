@@ -17,6 +17,17 @@ struct WeightShape {
   int64_t n_groups;    // Kp / group_size
 };
 
+// perm, when present: int32, contiguous [K], on qweight's device (its values are checked where the
+// weight is built: lowbit.QuantizedWeight).
+inline void check_perm(const char* op, const std::optional<at::Tensor>& perm, int64_t K, const at::Tensor& qweight) {
+  if (!perm) return;
+  TORCH_CHECK_TYPE(perm->scalar_type() == at::kInt, op, ": perm must be int32, got ", perm->scalar_type());
+  TORCH_CHECK_VALUE(perm->dim() == 1 && perm->size(0) == K && perm->is_contiguous(), op,
+                    ": perm must be a contiguous [", K, "] tensor, got ", perm->sizes());
+  TORCH_CHECK_VALUE(perm->device() == qweight.device(), op, ": perm is on ", perm->device(), " but qweight is on ",
+                    qweight.device());
+}
+
 inline WeightShape check_weight(const char* op, Format format, const at::Tensor& qweight,
                                 const at::Tensor& scales, const at::Tensor& zeros,
                                 const std::optional<at::Tensor>& perm, int64_t group_size, int64_t K) {
@@ -43,13 +54,7 @@ inline WeightShape check_weight(const char* op, Format format, const at::Tensor&
   TORCH_CHECK_VALUE(scales.device() == qweight.device() && zeros.device() == qweight.device(), op,
                     ": qweight, scales and zeros must be on one device, got ", qweight.device(), ", ",
                     scales.device(), ", ", zeros.device());
-  if (perm) {
-    TORCH_CHECK_TYPE(perm->scalar_type() == at::kInt, op, ": perm must be int32, got ", perm->scalar_type());
-    TORCH_CHECK_VALUE(perm->dim() == 1 && perm->size(0) == K && perm->is_contiguous(), op,
-                      ": perm must be a contiguous [", K, "] tensor, got ", perm->sizes());
-    TORCH_CHECK_VALUE(perm->device() == qweight.device(), op, ": perm is on ", perm->device(),
-                      " but qweight is on ", qweight.device());
-  }
+  check_perm(op, perm, K, qweight);
   return s;
 }
 

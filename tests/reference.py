@@ -2,6 +2,7 @@
 
 import torch
 
+import lowbit
 from lowbit import formats
 from lowbit.weight import QuantizedWeight
 
@@ -47,3 +48,19 @@ def int8_activation_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None) -> t
     if bias is not None:
         y = y + bias.double()
     return y.reshape(*x.shape[:-1], -1)
+
+
+def check_non_finite_rows(x: torch.Tensor, qw: QuantizedWeight) -> None:
+    """A NaN (row 0) or inf (last row) activation makes that row's outputs of lowbit.linear non-finite, as with
+    F.linear; the other rows are exactly those of the clean input."""
+    m = x.shape[0]
+    clean = lowbit.linear(x, qw)
+    bad = x.clone()
+    bad[0, 5] = float("nan")
+    if m > 1:
+        bad[m - 1, 200] = float("inf")
+    y = lowbit.linear(bad, qw)
+    rows = [0] + ([m - 1] if m > 1 else [])
+    assert not torch.isfinite(y[rows]).any()
+    others = [i for i in range(m) if i not in rows]
+    assert torch.equal(y[others], clean[others])

@@ -43,6 +43,18 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Calls launch(T{}) with T the C++ type of dtype (float, __half or __nv_bfloat16), so that one templated
+// launch serves every dtype; returns the launch's error.
+template <typename Launch>
+cudaError_t for_dtype(DType dtype, Launch&& launch) {
+  switch (dtype) {
+    case DType::kFloat32: launch(float{}); break;
+    case DType::kFloat16: launch(__half{}); break;
+    case DType::kBFloat16: launch(__nv_bfloat16{}); break;
+  }
+  return cudaGetLastError();
+}
+
 // d += a b for one 16x8x16 tile: a 16x16 (row-major fragments), b 16x8 (column-major), float32 d.
 // Thread (g, c) of a warp (g = lane / 4, c = lane % 4) holds a0 = A[g][2c..2c+1], a1 = A[g+8][2c..2c+1],
 // a2 = A[g][2c+8..2c+9], a3 = A[g+8][2c+8..2c+9], b0 = B[2c..2c+1][g], b1 = B[2c+8..2c+9][g], and

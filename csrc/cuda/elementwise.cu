@@ -131,18 +131,10 @@ cudaError_t launch_dequantize(const PackedWeight& w, const int32_t* perm, int64_
                               cudaStream_t stream) {
   const int64_t work = w.N * ceil_div(K, 16);
   const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(work, 256), 1 << 20));
-  switch (dtype) {
-    case DType::kFloat32:
-      dequantize_kernel<F, float><<<blocks, 256, 0, stream>>>(w, perm, K, static_cast<float*>(out));
-      break;
-    case DType::kFloat16:
-      dequantize_kernel<F, __half><<<blocks, 256, 0, stream>>>(w, perm, K, static_cast<__half*>(out));
-      break;
-    case DType::kBFloat16:
-      dequantize_kernel<F, __nv_bfloat16><<<blocks, 256, 0, stream>>>(w, perm, K, static_cast<__nv_bfloat16*>(out));
-      break;
-  }
-  return cudaGetLastError();
+  return for_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    dequantize_kernel<F, T><<<blocks, 256, 0, stream>>>(w, perm, K, static_cast<T*>(out));
+  });
 }
 
 }  // namespace
@@ -154,21 +146,11 @@ cudaError_t prepare_activations(const void* x, DType dtype, int64_t M, int64_t K
   if (M > 0x7fffffff || out_stride < K || (scale_rows && row_scale == nullptr)) return cudaErrorInvalidValue;
   auto* o = reinterpret_cast<__half*>(out);
   const auto grid = static_cast<unsigned>(M);
-  switch (dtype) {
-    case DType::kFloat32:
-      prepare_kernel<<<grid, kPrepareThreads, 0, stream>>>(static_cast<const float*>(x), K, stride0, stride1, perm,
-                                                           scale_rows, o, out_stride, row_scale);
-      break;
-    case DType::kFloat16:
-      prepare_kernel<<<grid, kPrepareThreads, 0, stream>>>(static_cast<const __half*>(x), K, stride0, stride1, perm,
-                                                           scale_rows, o, out_stride, row_scale);
-      break;
-    case DType::kBFloat16:
-      prepare_kernel<<<grid, kPrepareThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), K, stride0, stride1,
-                                                           perm, scale_rows, o, out_stride, row_scale);
-      break;
-  }
-  return cudaGetLastError();
+  return for_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    prepare_kernel<<<grid, kPrepareThreads, 0, stream>>>(static_cast<const T*>(x), K, stride0, stride1, perm,
+                                                         scale_rows, o, out_stride, row_scale);
+  });
 }
 
 cudaError_t dequantize(const PackedWeight& w, const int32_t* perm, int64_t K, void* out, DType dtype,

@@ -96,13 +96,7 @@ TiledWeight tiled_weight(const char* op, Format format, const at::Tensor& qweigh
                     scales.device(), ", ", zeros.device());
   TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0, op,
                     ": tiled qweight must start at a 16-byte aligned address");
-  if (perm) {
-    TORCH_CHECK_TYPE(perm->scalar_type() == at::kInt, op, ": perm must be int32, got ", perm->scalar_type());
-    TORCH_CHECK_VALUE(perm->dim() == 1 && perm->size(0) == K && perm->is_contiguous(), op,
-                      ": perm must be a contiguous [", K, "] tensor, got ", perm->sizes());
-    TORCH_CHECK_VALUE(perm->device() == qweight.device(), op, ": perm is on ", perm->device(),
-                      " but qweight is on ", qweight.device());
-  }
+  check_perm(op, perm, K, qweight);
   check_cuda_device(op, qweight);
   return {format,
           qweight.data_ptr<uint8_t>(),

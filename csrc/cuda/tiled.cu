@@ -355,19 +355,10 @@ cudaError_t launch_dequantize(const TiledWeight& w, const int32_t* perm, int64_t
                               cudaStream_t stream) {
   const int64_t work = w.n_tiles * w.n_units * 32;
   const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(work, 256), 1 << 20));
-  switch (dtype) {
-    case DType::kFloat32:
-      tiled_dequantize_kernel<F, float><<<blocks, 256, 0, stream>>>(w, perm, K, static_cast<float*>(out));
-      break;
-    case DType::kFloat16:
-      tiled_dequantize_kernel<F, __half><<<blocks, 256, 0, stream>>>(w, perm, K, static_cast<__half*>(out));
-      break;
-    case DType::kBFloat16:
-      tiled_dequantize_kernel<F, __nv_bfloat16>
-          <<<blocks, 256, 0, stream>>>(w, perm, K, static_cast<__nv_bfloat16*>(out));
-      break;
-  }
-  return cudaGetLastError();
+  return for_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    tiled_dequantize_kernel<F, T><<<blocks, 256, 0, stream>>>(w, perm, K, static_cast<T*>(out));
+  });
 }
 
 }  // namespace

@@ -38,6 +38,16 @@ _NIBBLE_J = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
 _NIBBLE_E = torch.tensor([0, 0, 2, 2, 1, 1, 3, 3])
 
 
+def _three_bit_shifts(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bit positions of int3.5's 3-bit codes in the planes: for step s = 4 J + 2 h + b and code i, bits 0-1 at
+    16 h + 4 i + 2 b of 2-bit word J ([h, b, i]), bit 2 at 16 h + 4 i + 2 J + b of the 1-bit word ([J, h, b, i])."""
+    h = torch.arange(2, device=device).view(2, 1, 1)
+    b = torch.arange(2, device=device).view(1, 2, 1)
+    i = torch.arange(4, device=device).view(1, 1, 4)
+    big_j = torch.arange(2, device=device).view(2, 1, 1, 1)
+    return 16 * h + 4 * i + 2 * b, 16 * h + 4 * i + 2 * big_j + b
+
+
 def unit_bytes(bits: float) -> int:
     return 1024 if bits == 4 else 896
 
@@ -93,12 +103,9 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: f
         low = (nib[..., :4] << (4 * torch.arange(4, device=c.device))).sum(-1)   # [t, u, g, c, s]
         nibbles = low[..., 0::2] | (low[..., 1::2] << 16)                          # [t, u, g, c, 4]
         three = nib[..., 4:].unflatten(-2, (2, 2, 2))                              # [t, u, g, c, J, h, b, i]
-        h = torch.arange(2, device=c.device).view(2, 1, 1)
-        b = torch.arange(2, device=c.device).view(1, 2, 1)
-        i = torch.arange(4, device=c.device).view(1, 1, 4)
-        two = ((three & 3) << (16 * h + 4 * i + 2 * b)).flatten(-3).sum(-1)        # [t, u, g, c, J]
-        big_j = torch.arange(2, device=c.device).view(2, 1, 1, 1)
-        one = ((three >> 2) << (16 * h + 4 * i + 2 * big_j + b)).flatten(-4).sum(-1)  # [t, u, g, c]
+        two_at, one_at = _three_bit_shifts(c.device)
+        two = ((three & 3) << two_at).flatten(-3).sum(-1)                          # [t, u, g, c, J]
+        one = ((three >> 2) << one_at).flatten(-4).sum(-1)                         # [t, u, g, c]
         q = torch.cat([_to_bytes(nibbles.reshape(n_tiles, n_units, -1), 4),
                        _to_bytes(two.reshape(n_tiles, n_units, -1), 4),
                        _to_bytes(one.reshape(n_tiles, n_units, -1), 4)], dim=-1)
@@ -121,12 +128,9 @@ def unpack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bit
         one = _from_bytes(qweight[..., 768:], 4).view(n_tiles, n_units, 8, 4)
         low = torch.stack([nibbles & 0xFFFF, nibbles >> 16], dim=-1).flatten(-2)     # [t, u, g, c, s]
         four = (low.unsqueeze(-1) >> (4 * torch.arange(4, device=dev))) & 15        # [t, u, g, c, s, 4]
-        h = torch.arange(2, device=dev).view(2, 1, 1)
-        b = torch.arange(2, device=dev).view(1, 2, 1)
-        i = torch.arange(4, device=dev).view(1, 1, 4)
-        big_j = torch.arange(2, device=dev).view(2, 1, 1, 1)
-        lo2 = (two[..., None, None, None] >> (16 * h + 4 * i + 2 * b)) & 3          # [t, u, g, c, J, h, b, i]
-        hi1 = (one[..., None, None, None, None] >> (16 * h + 4 * i + 2 * big_j + b)) & 1
+        two_at, one_at = _three_bit_shifts(dev)
+        lo2 = (two[..., None, None, None] >> two_at) & 3                             # [t, u, g, c, J, h, b, i]
+        hi1 = (one[..., None, None, None, None] >> one_at) & 1
         three = (lo2 | (hi1 << 2)).flatten(-4, -2)                                  # [t, u, g, c, s, 4]
         nib = torch.cat([four, three], dim=-1)
     c = torch.empty(*nib.shape[:-1], 2, 4, dtype=torch.int64, device=dev)           # [t, u, g, c, s, j, e]

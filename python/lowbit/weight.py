@@ -122,7 +122,7 @@ class QuantizedWeight:
         """On `device` in its layout: tiled on CUDA devices (repacked once, on the GPU), canonical elsewhere."""
         device = torch.device(device)
         layout = "tiled" if device.type == "cuda" else "canonical"
-        w = self if self.layout == layout or layout == "tiled" else self.to_layout(layout)
+        w = self if layout == "tiled" else self.to_layout("canonical")  # repack on the GPU, never on the host
         moved = QuantizedWeight.from_tensors({name: t.to(device) for name, t in w.layout_tensors().items()},
                                              w.bits, w.group_size, w.in_features, w.layout, w.out_features)
         return moved.to_layout(layout)
