@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/decode.h"
 #include "cpu/isa.h"
 
 TORCH_LIBRARY(lowbit, m) {
@@ -28,6 +29,14 @@ TORCH_LIBRARY(lowbit, m) {
         "int in_features, int out_features) -> Tensor");
   m.def("int35_tiled_dequantize(Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, int group_size, "
         "int in_features, int out_features) -> Tensor");
+  // A whole LLaMA decode step on the CPU (cpu/decode.h; built by lowbit/cpu_decode.py).
+  using lowbit::cpu::LlamaDecoder;
+  m.class_<LlamaDecoder>("LlamaDecoder")
+      .def(torch::init<int64_t, int64_t, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
+      .def("add_layer", &LlamaDecoder::add_layer)
+      .def("add_quantized_linear", &LlamaDecoder::add_quantized_linear)
+      .def("add_float_linear", &LlamaDecoder::add_float_linear)
+      .def("step", &LlamaDecoder::step);
 }
 
 namespace py = pybind11;

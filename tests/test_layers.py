@@ -17,7 +17,7 @@ LAYERS = [  # lowest first
     ["quantize"],                             # round-to-nearest primitives
     ["nn"],                                   # QuantLinear, the module swap
     ["tokenizer", "models", "models.llama"],  # the model
-    ["awq"],                                  # AWQ runs the model's blocks
+    ["awq", "cpu_decode"],                    # AWQ runs the model's blocks; the fused CPU decode step
     ["io", "io.hf", "io.safetensors_io", "io.atomic", "io.gguf", "io.checkpoint", "io.autoawq", "io.inspect",
      "io.loading", "io.fetch"],
     ["pipeline", "eval", "generate"],         # orchestration

@@ -214,8 +214,65 @@ void dequant(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
   else dequant_to<false>(a.w, a.out, n_begin, n_end);
 }
 
+// Sum of a float vector's lanes.
+inline float lane_sum(Isa::Vec v) {
+  alignas(64) float lanes[Isa::kWidth];
+  Isa::store(lanes, v);
+  float sum = 0.0f;
+  for (int l = 0; l < Isa::kWidth; ++l) sum += lanes[l];
+  return sum;
+}
+
+void attend(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
+  using I = Isa;
+  constexpr int W = I::kWidth;
+  const int64_t D = a.D, Dv = a.D / W * W;  // vector part, then a scalar tail (head_dim need not be a multiple)
+  for (int64_t item = item_begin; item < item_end; ++item) {
+    const int64_t r = item / a.H, h = item % a.H, length = a.lengths[r];
+    const int64_t cache_row = (a.slots[r] * a.Hkv + h / (a.H / a.Hkv)) * a.S * D;
+    const float* q = a.q + item * D;
+    const float* keys = a.k + cache_row;
+    const float* values = a.v + cache_row;
+    float* scores = a.scores + item * a.max_length;
+    float top = -__builtin_inff();
+    for (int64_t j = 0; j < length; ++j) {
+      const float* key = keys + j * D;
+      typename I::Vec acc = I::zero();  // positions are independent: no need for several chains
+      int64_t d = 0;
+      for (; d < Dv; d += W) acc = I::fma(I::load(q + d), I::load(key + d), acc);
+      float dot = lane_sum(acc);
+      for (; d < D; ++d) dot += q[d] * key[d];
+      scores[j] = dot * a.scale;
+      top = scores[j] > top ? scores[j] : top;
+    }
+    // A NaN score (from a NaN query or key) fails every comparison: keep it, so that the output is NaN.
+    for (int64_t j = 0; j < length; ++j) top = scores[j] != scores[j] ? scores[j] : top;
+    float total = 0.0f;
+    for (int64_t j = 0; j < length; ++j) {
+      scores[j] = __builtin_expf(scores[j] - top);
+      total += scores[j];
+    }
+    const float inv_total = 1.0f / total;
+    float* out = a.out + item * D;
+    for (int64_t d0 = 0; d0 < Dv; d0 += 4 * W) {  // four vectors of the output per pass: independent chains
+      const int nv = Dv - d0 >= 4 * W ? 4 : static_cast<int>((Dv - d0) / W);
+      typename I::Vec acc[4] = {I::zero(), I::zero(), I::zero(), I::zero()};
+      for (int64_t j = 0; j < length; ++j) {
+        const typename I::Vec p = I::set1(scores[j]);
+        for (int v = 0; v < nv; ++v) acc[v] = I::fma(p, I::load(values + j * D + d0 + v * W), acc[v]);
+      }
+      for (int v = 0; v < nv; ++v) I::store(out + d0 + v * W, I::mul(acc[v], I::set1(inv_total)));
+    }
+    for (int64_t d = Dv; d < D; ++d) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < length; ++j) acc += scores[j] * values[j * D + d];
+      out[d] = acc * inv_total;
+    }
+  }
+}
+
 KernelTable make_table(const char* name) {
-  KernelTable t{name, {}, Isa::kInt8MaxRows, Isa::kInt8MaxRowsVsBf16, gemv, dequant};
+  KernelTable t{name, {}, Isa::kInt8MaxRows, Isa::kInt8MaxRowsVsBf16, gemv, dequant, attend};
   for (int f = 0; f < 2; ++f)
     for (int i = 0; i < kChunk; ++i) t.x_order[f][i] = Isa::kOrder[f][i];
   return t;

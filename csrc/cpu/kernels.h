@@ -51,6 +51,21 @@ struct DequantArgs {
   uint16_t* out_bf16;
 };
 
+// Attention of one new token per (sequence, head) over a static KV cache (the fused decode step):
+// item i = r * H + h attends with query q[r, h] over positions 0 .. lengths[r] - 1 of cache slot slots[r],
+// key/value head h / (H / Hkv); softmax(q . k * scale) . v goes to out[r, h].
+struct AttendArgs {
+  const float* q;          // [n, H, D]
+  const float* k;          // [B, Hkv, S, D] the cache
+  const float* v;          // [B, Hkv, S, D]
+  const int64_t* slots;    // [n] cache rows
+  const int64_t* lengths;  // [n] positions attended, 1 .. S
+  float* scores;           // [n * H, max(lengths)] scratch
+  float* out;              // [n, H, D]
+  int64_t H, Hkv, S, D, max_length;
+  float scale;
+};
+
 // Each ISA decodes a 32-column chunk into registers in whatever lane order is cheapest for it.
 // x_order[format][i] is the chunk column held by lane position i; activations are laid out to match,
 // so no shuffle is needed in the inner loop.
@@ -62,6 +77,7 @@ struct KernelTable {
   int64_t int8_max_rows, int8_max_rows_vs_bf16;
   void (*gemv)(const GemvArgs& args, int64_t n_begin, int64_t n_end);
   void (*dequant)(const DequantArgs& args, int64_t n_begin, int64_t n_end);
+  void (*attend)(const AttendArgs& args, int64_t item_begin, int64_t item_end);
 };
 
 const KernelTable& scalar_kernels();

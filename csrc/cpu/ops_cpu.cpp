@@ -11,6 +11,7 @@
 #include "../checks.h"
 #include "../op_entries.h"
 #include "isa.h"
+#include "linear.h"
 
 namespace lowbit {
 namespace cpu {
@@ -23,6 +24,13 @@ constexpr int64_t kGemmMinTileRows = 256;
 // Bytes of packed W that the int8 path's blocks of activation rows pass over in turn: well inside L2.
 constexpr int64_t kInt8SliceBytes = int64_t{128} << 10;
 
+template <typename T>
+float source_value(const T* row, int64_t offset) {
+  return offset >= 0 ? static_cast<float>(row[offset]) : 0.0f;
+}
+
+}  // namespace
+
 QWeight view_weight(const WeightShape& s, const at::Tensor& qweight, const at::Tensor& scales,
                     const at::Tensor& zeros) {
   return QWeight{s.format,
@@ -34,7 +42,6 @@ QWeight view_weight(const WeightShape& s, const at::Tensor& qweight, const at::T
                  s.group_size};
 }
 
-// The kernels index x with perm, so it must be a permutation of [0, K).
 void check_perm_values(const char* op, const std::optional<at::Tensor>& perm, int64_t K) {
   if (!perm) return;
   const int32_t* p = perm->data_ptr<int32_t>();
@@ -46,68 +53,30 @@ void check_perm_values(const char* op, const std::optional<at::Tensor>& perm, in
   }
 }
 
-// Where activations go: every call lays x [M, K] (any strides, any float dtype) out per 32-column
-// chunk in the kernels' x-order, with perm applied and zero padding. src[j] is the element offset
-// within a row of x that lands at position j, or -1 for padding.
-void source_offsets(const WeightShape& s, const int32_t* perm, const int* x_order, int64_t stride, int64_t* src) {
-  for (int64_t j = 0; j < s.Kp; ++j) {
+void source_offsets(int64_t K, int64_t Kp, const int32_t* perm, const int* x_order, int64_t stride, int64_t* src) {
+  for (int64_t j = 0; j < Kp; ++j) {
     const int64_t col = j / kChunk * kChunk + x_order[j % kChunk];
-    src[j] = col < s.K ? (perm ? perm[col] : col) * stride : -1;
+    src[j] = col < K ? (perm ? perm[col] : col) * stride : -1;
   }
 }
 
-// Per-thread buffers for the activation layout, reused across calls: a decode step (M <= kMaxGemvRows)
-// allocates nothing but its output. Larger calls allocate their int8 buffers, so that one long prompt
-// does not pin them for the thread's lifetime.
-struct Scratch {
-  std::vector<int64_t> src;
-  std::vector<int8_t> xq;
-  std::vector<float> xscale, xsum, y;
-};
-thread_local Scratch scratch;
-
-// The int8 path's buffers: xq [M, Kp], xscale [M, Kp / xblock], xsum [M, n_groups], y [M, N] (float32
-// results, unless they go straight into the output).
-struct Int8Buffers {
-  int8_t* xq;
-  float *xscale, *xsum, *y;
-  at::Tensor storage;  // owns them when they are not the scratch
-};
-
-Int8Buffers int8_buffers(int64_t M, const WeightShape& s, int64_t xblock, bool need_y) {
-  const int64_t n_xq = M * s.Kp, n_xscale = M * s.Kp / xblock, n_xsum = M * s.n_groups;
-  const int64_t n_y = need_y ? M * s.N : 0;
-  if (M <= kMaxGemvRows) {
-    scratch.xq.resize(n_xq);
-    scratch.xscale.resize(n_xscale);
-    scratch.xsum.resize(n_xsum);
-    scratch.y.resize(n_y);
-    return {scratch.xq.data(), scratch.xscale.data(), scratch.xsum.data(), scratch.y.data(), at::Tensor()};
-  }
-  at::Tensor storage = at::empty({n_xscale + n_xsum + n_y + (n_xq + 3) / 4}, at::kFloat);
-  float* f = storage.data_ptr<float>();
-  return {reinterpret_cast<int8_t*>(f + n_xscale + n_xsum + n_y), f, f + n_xscale, f + n_xscale + n_xsum, storage};
-}
-
 template <typename T>
-inline float source_value(const T* row, int64_t offset) {
-  return offset >= 0 ? static_cast<float>(row[offset]) : 0.0f;
-}
-
-// Input of the int8 path: int8 codes with one float scale per block of xblock columns
-// (q = round(x * 127 / max|x|), scale = max|x| / 127), plus per-group sums for the zero-point term.
-// odd_scale multiplies the odd columns (lane_odd[i] = 1) before quantization: the 15/7 step of int3.5's
-// 3-bit codes, folded into x.
-template <typename T>
-void quantize_x(const at::Tensor& x2, const int64_t* src, const int* lane_odd, float odd_scale, int64_t xblock,
-                const WeightShape& s, int8_t* xq, float* xscale, float* xsum) {
+void quantize_x(const KernelTable& kernels, const QWeight& w, const int64_t* src, const T* x, int64_t row_stride,
+                int64_t M, const Int8Buffers& buf) {
+  const int* x_order = kernels.x_order[static_cast<int>(w.format)];
+  const float odd_scale = w.format == Format::kInt35 ? 15.0f / 7.0f : 1.0f;
+  int lane_odd[kChunk];
   float lane_scale[kChunk];
-  for (int i = 0; i < kChunk; ++i) lane_scale[i] = lane_odd[i] ? odd_scale : 1.0f;
-  const T* x = x2.data_ptr<T>();
-  const int64_t Kp = s.Kp, group_size = s.group_size, n_groups = s.n_groups;
-  at::parallel_for(0, x2.size(0), 8, [&](int64_t m_begin, int64_t m_end) {
+  for (int i = 0; i < kChunk; ++i) {
+    lane_odd[i] = x_order[i] % 2;
+    lane_scale[i] = lane_odd[i] ? odd_scale : 1.0f;
+  }
+  const int64_t Kp = w.Kp, group_size = w.group_size, n_groups = Kp / group_size, xblock = int8_xblock(w);
+  int8_t* xq = buf.xq;
+  float *xscale = buf.xscale, *xsum = buf.xsum;
+  at::parallel_for(0, M, 8, [&](int64_t m_begin, int64_t m_end) {
     for (int64_t m = m_begin; m < m_end; ++m) {
-      const T* row = x + m * x2.stride(0);
+      const T* row = x + m * row_stride;
       for (int64_t b = 0; b < Kp; b += xblock) {
         float v[kXBlock];
         for (int64_t i = 0; i < xblock; ++i) v[i] = source_value(row, src[b + i]) * lane_scale[i % kChunk];
@@ -147,6 +116,56 @@ void quantize_x(const at::Tensor& x2, const int64_t* src, const int* lane_odd, f
   });
 }
 
+template void quantize_x<float>(const KernelTable&, const QWeight&, const int64_t*, const float*, int64_t, int64_t,
+                               const Int8Buffers&);
+
+void int8_gemv(const KernelTable& kernels, const QWeight& w, int64_t M, const float* bias, const Int8Buffers& buf,
+               float* y) {
+  const int64_t xblock = int8_xblock(w), n_xblocks = w.Kp / xblock, n_groups = w.Kp / w.group_size;
+  const int64_t row_bytes = packed_row_bytes(w.format, w.Kp);
+  const int64_t slice_rows = std::max<int64_t>(1, kInt8SliceBytes / row_bytes);
+  const auto block_args = [&](int64_t m0) {
+    return GemvArgs{w, buf.xq + m0 * w.Kp, buf.xscale + m0 * n_xblocks, buf.xsum + m0 * n_groups, bias,
+                    y + m0 * w.N, std::min(kMaxGemvRows, M - m0), xblock};
+  };
+  // Threads get at least 16 KiB of weights each: smaller layers are not worth waking a thread for.
+  const int64_t grain = std::max<int64_t>(16, 16384 / row_bytes);
+  at::parallel_for(0, w.N, grain, [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += slice_rows)
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows)
+        kernels.gemv(block_args(m0), n0, std::min(n_end, n0 + slice_rows));
+  });
+}
+
+namespace {
+
+// Per-thread buffers for the activation layout, reused across calls: a decode step (M <= kMaxGemvRows)
+// allocates nothing but its output. Larger calls allocate their int8 buffers, so that one long prompt
+// does not pin them for the thread's lifetime.
+struct Scratch {
+  std::vector<int64_t> src;
+  std::vector<int8_t> xq;
+  std::vector<float> xscale, xsum, y;
+};
+thread_local Scratch scratch;
+
+// The int8 path's buffers for the op: the scratch up to kMaxGemvRows rows, allocated beyond.
+Int8Buffers int8_buffers(int64_t M, const WeightShape& s, int64_t xblock, bool need_y) {
+  const int64_t n_xq = M * s.Kp, n_xscale = M * s.Kp / xblock, n_xsum = M * s.n_groups;
+  const int64_t n_y = need_y ? M * s.N : 0;
+  if (M <= kMaxGemvRows) {
+    scratch.xq.resize(n_xq);
+    scratch.xscale.resize(n_xscale);
+    scratch.xsum.resize(n_xsum);
+    scratch.y.resize(n_y);
+    return {scratch.xq.data(), scratch.xscale.data(), scratch.xsum.data(), scratch.y.data(), at::Tensor()};
+  }
+  at::Tensor storage = at::empty({n_xscale + n_xsum + n_y + (n_xq + 3) / 4}, at::kFloat);
+  float* f = storage.data_ptr<float>();
+  return {reinterpret_cast<int8_t*>(f + n_xscale + n_xsum + n_y), f, f + n_xscale, f + n_xscale + n_xsum, storage};
+}
+
+
 // GEMM input: [M, Kp] in x-order, in the GEMM's dtype (float32, or bfloat16 from bfloat16: exact).
 template <typename T, typename Out>
 void layout_x(const at::Tensor& x2, const int64_t* src, int64_t Kp, Out* out) {
@@ -177,38 +196,19 @@ at::Tensor linear_cpu(const char* op, Format format, const at::Tensor& x, const 
   const QWeight w = view_weight(s, qweight, scales, zeros);
   const int* x_order = kernels.x_order[static_cast<int>(format)];
   scratch.src.resize(s.Kp);
-  source_offsets(s, perm ? perm->data_ptr<int32_t>() : nullptr, x_order, x2.stride(1), scratch.src.data());
+  source_offsets(s.K, s.Kp, perm ? perm->data_ptr<int32_t>() : nullptr, x_order, x2.stride(1), scratch.src.data());
   const at::Tensor bias_f32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_ptr = bias ? bias_f32.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty(out_shape, x.options());
 
   if (M <= int8_max_rows(x.scalar_type() == at::kBFloat16)) {
-    // Integer kernels on int8 activations; the 3-bit step of int3.5 is folded into x.
-    int lane_odd[kChunk];
-    for (int i = 0; i < kChunk; ++i) lane_odd[i] = x_order[i] % 2;
-    const float odd_scale = format == Format::kInt35 ? 15.0f / 7.0f : 1.0f;
-    const int64_t xblock = std::min(kXBlock, s.group_size);
     const bool direct = x.scalar_type() == at::kFloat;  // write float32 results straight into out
-    const Int8Buffers buf = int8_buffers(M, s, xblock, !direct);
+    const Int8Buffers buf = int8_buffers(M, s, int8_xblock(w), !direct);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_quantize_x", [&] {
-      quantize_x<scalar_t>(x2, scratch.src.data(), lane_odd, odd_scale, xblock, s, buf.xq, buf.xscale, buf.xsum);
+      quantize_x<scalar_t>(kernels, w, scratch.src.data(), x2.data_ptr<scalar_t>(), x2.stride(0), M, buf);
     });
     float* y = direct ? out.data_ptr<float>() : buf.y;
-    // Blocks of up to kMaxGemvRows activation rows, one kernel call each, pass in turn over a slice of W
-    // that stays in the core's L2 (with one block, the kernel streams W once).
-    const int64_t n_xblocks = s.Kp / xblock, row_bytes = packed_row_bytes(format, s.Kp);
-    const int64_t slice_rows = std::max<int64_t>(1, kInt8SliceBytes / row_bytes);
-    const auto block_args = [&](int64_t m0) {
-      return GemvArgs{w, buf.xq + m0 * s.Kp, buf.xscale + m0 * n_xblocks, buf.xsum + m0 * s.n_groups, bias_ptr,
-                      y + m0 * s.N, std::min(kMaxGemvRows, M - m0), xblock};
-    };
-    // Threads get at least 16 KiB of weights each: smaller layers are not worth waking a thread for.
-    const int64_t grain = std::max<int64_t>(16, 16384 / row_bytes);
-    at::parallel_for(0, s.N, grain, [&](int64_t n_begin, int64_t n_end) {
-      for (int64_t n0 = n_begin; n0 < n_end; n0 += slice_rows)
-        for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows)
-          kernels.gemv(block_args(m0), n0, std::min(n_end, n0 + slice_rows));
-    });
+    int8_gemv(kernels, w, M, bias_ptr, buf, y);
     if (!direct) out.view({M, s.N}).copy_(at::from_blob(y, {M, s.N}, at::kFloat));
     return out;
   }

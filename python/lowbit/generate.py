@@ -1,8 +1,9 @@
 """Text generation: sampling, streaming and chat on top of LlamaForCausalLM's static KV cache.
 
 The prompt runs as one forward; every further token runs the model's decode step, whose shapes do not change
-from token to token: on CUDA it is captured once in a CUDA graph and replayed, and with compile=True it is
-torch.compile'd once (no recompilation as the position advances).
+from token to token: on the CPU it is the fused C++ step (lowbit.cpu_decode) where the model allows it, on CUDA
+it is captured once in a CUDA graph and replayed, and with compile=True it is torch.compile'd once (no
+recompilation as the position advances).
 """
 
 import time
@@ -12,6 +13,7 @@ from typing import Iterator
 
 import torch
 
+from .cpu_decode import FusedDecoder, model_signature, unsupported
 from .models.llama import LlamaForCausalLM
 
 
@@ -47,6 +49,7 @@ class Stats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     warm_up_seconds: float = 0.0  # compiling or capturing the decode step, before the clock of the others starts
+    decode_path: str = ""         # which decode step ran: DecodeStep.path
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -59,8 +62,9 @@ class Stats:
 
     def __str__(self) -> str:
         warm_up = f"; decode step prepared in {self.warm_up_seconds:.1f} s" if self.warm_up_seconds else ""
+        path = f" ({self.decode_path})" if self.decode_path else ""
         return (f"prefill {self.prompt_tokens} tokens at {self.prefill_tokens_per_s:.1f} tok/s, "
-                f"decode {self.new_tokens} tokens at {self.decode_tokens_per_s:.1f} tok/s{warm_up}")
+                f"decode {self.new_tokens} tokens at {self.decode_tokens_per_s:.1f} tok/s{path}{warm_up}")
 
 
 def next_token(logits: torch.Tensor, history: torch.Tensor, s: Sampling, generator) -> torch.Tensor:
@@ -84,19 +88,29 @@ def next_token(logits: torch.Tensor, history: torch.Tensor, s: Sampling, generat
 
 
 class DecodeStep:
-    """logits [B, vocab] of one new token per sequence, from fixed buffers token [B, 1] and position [1]: eager,
-    torch.compile'd (compile=True, once for these shapes) or, on CUDA, one CUDA graph captured at the first call
-    and replayed after it. The returned logits are overwritten by the next call."""
+    """logits [B, vocab] of one new token per sequence at one position, from fixed buffers. One of:
+    "fused": the fused C++ step on the CPU (lowbit.cpu_decode), unless fused=False or the model needs another;
+    "compiled": torch.compile'd once for these shapes (compile=True); "cuda graph": on CUDA, captured at the
+    first call and replayed after it; "eager": the model's forward. The returned logits may be overwritten
+    by the next call."""
 
-    def __init__(self, model: LlamaForCausalLM, batch: int, compile: bool = False):
-        self.model, self.compile = model, compile
+    def __init__(self, model: LlamaForCausalLM, batch: int, compile: bool = False, fused: bool = True):
+        self.model, self.compile, self.fused = model, compile, fused
         self.cache = model.layers[0].attn.kv_cache  # the graph writes into these tensors
+        self.signature = model_signature(model)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
         self.position = torch.zeros(1, dtype=torch.long, device=model.device)
-        self.forward = torch.compile(model, dynamic=False, fullgraph=True) if compile else model
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
-        self.ready = not compile and model.device.type != "cuda"  # nothing to compile or capture
+        self.decoder = FusedDecoder(model) if fused and not compile and unsupported(model) is None else None
+        if self.decoder is not None:
+            self.path = "fused"
+            self.positions = torch.zeros(batch, dtype=torch.long)
+            self.slots = torch.arange(batch)
+        else:
+            self.path = "compiled" if compile else "cuda graph" if model.device.type == "cuda" else "eager"
+        self.forward = torch.compile(model, dynamic=False, fullgraph=True) if compile else model
+        self.ready = self.path in ("fused", "eager")  # nothing to compile or capture
 
     def warm_up(self, position: int) -> float:
         """Compile or capture now (one step with a dummy token at `position`, which the real step at that
@@ -110,11 +124,14 @@ class DecodeStep:
         self.ready = True
         return time.perf_counter() - start
 
-    def fits(self, model: LlamaForCausalLM, batch: int, compile: bool) -> bool:
+    def fits(self, model: LlamaForCausalLM, batch: int, compile: bool, fused: bool) -> bool:
         return (model.layers[0].attn.kv_cache is self.cache and self.token.shape[0] == batch
-                and self.compile == compile)
+                and self.compile == compile and self.fused == fused and model_signature(model) == self.signature)
 
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        if self.decoder is not None:
+            self.positions.fill_(position)
+            return self.decoder(token.view(-1), self.positions, self.slots)
         self.token.copy_(token.view(-1, 1))
         self.position.fill_(position)
         if self.token.device.type != "cuda":
@@ -136,17 +153,18 @@ class DecodeStep:
 _decode_steps: "weakref.WeakKeyDictionary[LlamaForCausalLM, DecodeStep]" = weakref.WeakKeyDictionary()
 
 
-def decode_step(model: LlamaForCausalLM, batch: int, compile: bool = False) -> DecodeStep:
-    """The model's decode step for its current cache, made (and captured or compiled) once and then reused."""
+def decode_step(model: LlamaForCausalLM, batch: int, compile: bool = False, fused: bool = True) -> DecodeStep:
+    """The model's decode step for its current cache and weights, made (and captured or compiled) once and then
+    reused."""
     step = _decode_steps.get(model)
-    if step is None or not step.fits(model, batch, compile):
-        step = _decode_steps[model] = DecodeStep(model, batch, compile)
+    if step is None or not step.fits(model, batch, compile, fused):
+        step = _decode_steps[model] = DecodeStep(model, batch, compile, fused)
     return step
 
 
 @torch.inference_mode()
 def generate_tokens(model: LlamaForCausalLM, tokens: torch.Tensor, sampling: Sampling,
-                    stats: Stats | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
+                    stats: Stats | None = None, compile: bool = False, fused: bool = True) -> Iterator[torch.Tensor]:
     """tokens [B, T] (equal-length prompts) -> yields the next token ids [B] step by step.
 
     Stops after max_new_tokens, or once every sequence has produced an EOS token (sequences that
@@ -167,7 +185,8 @@ def generate_tokens(model: LlamaForCausalLM, tokens: torch.Tensor, sampling: Sam
     history = tokens.to(model.device)
     finished = torch.zeros(b, dtype=torch.bool, device=history.device)
     stats.prompt_tokens = t * b
-    step_fn = decode_step(model, b, compile) if sampling.max_new_tokens > 1 else None
+    step_fn = decode_step(model, b, compile, fused) if sampling.max_new_tokens > 1 else None
+    stats.decode_path = step_fn.path if step_fn is not None else ""
     if step_fn is not None:  # before the prefill: position t is the first the decode step writes
         stats.warm_up_seconds = step_fn.warm_up(t)
     start = time.perf_counter()
@@ -205,8 +224,8 @@ class TextStream:
     """Iterates over the text pieces of one generation as they are produced; .stats after the end."""
 
     def __init__(self, model: LlamaForCausalLM, prompt: str | list[dict], sampling: Sampling,
-                 compile: bool = False):
-        self.model, self.sampling, self.compile = model, sampling, compile
+                 compile: bool = False, fused: bool = True):
+        self.model, self.sampling, self.compile, self.fused = model, sampling, compile, fused
         self.ids = prompt_ids(model, prompt)
         self.stats = Stats()
         self.tokens: list[int] = []
@@ -219,7 +238,7 @@ class TextStream:
         pending = ""
         eos = set(self.model.config.eos_token_ids)
         prompt = torch.tensor([self.ids], device=self.model.device)
-        for nxt in generate_tokens(self.model, prompt, self.sampling, self.stats, self.compile):
+        for nxt in generate_tokens(self.model, prompt, self.sampling, self.stats, self.compile, self.fused):
             token = int(nxt[0])
             if token in eos and not self.sampling.ignore_eos:
                 break
@@ -241,12 +260,15 @@ class TextStream:
             yield pending
 
 
-def stream(model: LlamaForCausalLM, prompt: str | list[dict], compile: bool = False, **sampling) -> TextStream:
+def stream(model: LlamaForCausalLM, prompt: str | list[dict], compile: bool = False, fused: bool = True,
+           **sampling) -> TextStream:
     """Text pieces as they are generated: `for piece in stream(model, "Once upon a time"): print(piece, end="")`.
-    sampling: the fields of Sampling; compile=True torch.compiles the decode step (once per model and cache)."""
-    return TextStream(model, prompt, Sampling(**sampling), compile)
+    sampling: the fields of Sampling. The decode step (DecodeStep): the fused C++ step on the CPU where the model
+    allows it (fused=False: the model's forward); compile=True torch.compiles it (once per model and cache)."""
+    return TextStream(model, prompt, Sampling(**sampling), compile, fused)
 
 
-def generate(model: LlamaForCausalLM, prompt: str | list[dict], compile: bool = False, **sampling) -> str:
+def generate(model: LlamaForCausalLM, prompt: str | list[dict], compile: bool = False, fused: bool = True,
+             **sampling) -> str:
     """The whole completion of a text prompt or a chat, as one string."""
-    return "".join(stream(model, prompt, compile, **sampling))
+    return "".join(stream(model, prompt, compile, fused, **sampling))

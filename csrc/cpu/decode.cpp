@@ -1,0 +1,235 @@
+#include "decode.h"
+
+#include <cmath>
+
+#include <ATen/Parallel.h>
+
+#include "../checks.h"
+#include "isa.h"
+#include "linear.h"
+
+namespace lowbit {
+namespace cpu {
+namespace {
+
+constexpr const char* kOp = "lowbit.LlamaDecoder";
+
+void check_float32(const at::Tensor& t, const char* name, std::initializer_list<int64_t> shape) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, kOp, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous(), kOp, ": ", name, " must be a contiguous CPU tensor");
+  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), kOp, ": ", name, " must be ", at::IntArrayRef(shape),
+                    ", got ", t.sizes());
+}
+
+void check_ids(const at::Tensor& t, const char* name, int64_t n, int64_t limit) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, kOp, ".step: ", name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.dim() == 1 && t.size(0) == n && t.is_contiguous(), kOp, ".step: ",
+                    name, " must be a contiguous CPU tensor of ", n, " values, got ", t.sizes());
+  const int64_t* p = t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < limit, kOp, ".step: ", name, "[", i, "] = ", p[i], " is outside [0, ",
+                      limit, ")");
+}
+
+template <typename T>
+T* sized(std::vector<T>& v, int64_t count) {
+  if (static_cast<int64_t>(v.size()) < count) v.resize(count);
+  return v.data();
+}
+
+}  // namespace
+
+LlamaDecoder::LlamaDecoder(int64_t n_heads, int64_t n_kv_heads, double eps, at::Tensor embed, at::Tensor norm,
+                           at::Tensor rope_cos, at::Tensor rope_sin)
+    : H_(n_heads), Hkv_(n_kv_heads), eps_(static_cast<float>(eps)) {
+  TORCH_CHECK_VALUE(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, kOp,
+                    ": n_heads must be a positive multiple of n_kv_heads, got ", n_heads, " and ", n_kv_heads);
+  TORCH_CHECK_VALUE(embed.dim() == 2 && rope_cos.dim() == 2, kOp, ": embed and rope_cos must be 2-D");
+  V_ = embed.size(0), D_ = embed.size(1), S_ = rope_cos.size(0), Dh_ = rope_cos.size(1);
+  check_float32(embed, "embed", {V_, D_});
+  check_float32(norm, "norm", {D_});
+  check_float32(rope_cos, "rope_cos", {S_, Dh_});
+  check_float32(rope_sin, "rope_sin", {S_, Dh_});
+  TORCH_CHECK_VALUE(Dh_ % 2 == 0, kOp, ": head_dim must be even, got ", Dh_);
+  embed_ = embed, norm_ = norm, rope_cos_ = rope_cos, rope_sin_ = rope_sin;
+}
+
+void LlamaDecoder::add_layer(at::Tensor attn_norm, at::Tensor ffn_norm, at::Tensor k_cache, at::Tensor v_cache) {
+  check_float32(attn_norm, "attn_norm", {D_});
+  check_float32(ffn_norm, "ffn_norm", {D_});
+  TORCH_CHECK_VALUE(k_cache.dim() == 4, kOp, ": k_cache must be [batch, n_kv_heads, max_seq_len, head_dim]");
+  if (layers_.empty()) B_ = k_cache.size(0);
+  check_float32(k_cache, "k_cache", {B_, Hkv_, S_, Dh_});
+  check_float32(v_cache, "v_cache", {B_, Hkv_, S_, Dh_});
+  layers_.push_back({attn_norm, ffn_norm, k_cache, v_cache});
+  checked_ = false;
+}
+
+void LlamaDecoder::add_quantized_linear(double bits, at::Tensor qweight, at::Tensor scales, at::Tensor zeros,
+                                        std::optional<at::Tensor> perm, std::optional<at::Tensor> bias,
+                                        int64_t group_size, int64_t in_features) {
+  TORCH_CHECK_VALUE(bits == 4.0 || bits == 3.5, kOp, ": bits must be 4 or 3.5, got ", bits);
+  const Format format = bits == 4.0 ? Format::kInt4 : Format::kInt35;
+  const WeightShape s = check_weight(kOp, format, qweight, scales, zeros, perm, group_size, in_features);
+  TORCH_CHECK_VALUE(qweight.device().is_cpu(), kOp, ": the weights must be on the CPU");
+  check_perm_values(kOp, perm, s.K);
+  DecoderLinear l;
+  l.qweight = qweight, l.scales = scales, l.zeros = zeros;
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.N, kOp, ": bias must be [", s.N, "]");
+    l.bias = bias->to(at::kFloat).contiguous();
+  }
+  // The kernels of the ISA active now, for the decoder's lifetime: the activation layout depends on them.
+  l.kernels = &active_kernels();
+  l.w = view_weight(s, qweight, scales, zeros);
+  l.src.resize(s.Kp);
+  source_offsets(s.K, s.Kp, perm ? perm->data_ptr<int32_t>() : nullptr, l.kernels->x_order[static_cast<int>(format)],
+                 1, l.src.data());
+  l.N = s.N, l.K = s.K;
+  linears_.push_back(std::move(l));
+  checked_ = false;
+}
+
+void LlamaDecoder::add_float_linear(at::Tensor weight, std::optional<at::Tensor> bias) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, kOp, ": a float linear's weight must be 2-D, got ", weight.sizes());
+  DecoderLinear l;
+  l.N = weight.size(0), l.K = weight.size(1);
+  check_float32(weight, "weight", {l.N, l.K});
+  l.weight = weight;
+  if (bias) {
+    check_float32(*bias, "bias", {l.N});
+    l.bias = *bias;
+  }
+  linears_.push_back(std::move(l));
+  checked_ = false;
+}
+
+// Every linear's shape against the layer structure, once before the first step.
+void LlamaDecoder::check_complete() {
+  const int64_t L = static_cast<int64_t>(layers_.size());
+  TORCH_CHECK_VALUE(L > 0 && static_cast<int64_t>(linears_.size()) == 4 * L + 1, kOp, ": ", L, " layers need ",
+                    4 * L + 1, " linears (wqkv, wo, w_gate_up, w_down per layer, then lm_head), got ",
+                    linears_.size());
+  const int64_t q_rows = H_ * Dh_, qkv_rows = q_rows + 2 * Hkv_ * Dh_;
+  const int64_t I = linears_[2].N / 2;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t expected[4][2] = {{qkv_rows, D_}, {D_, q_rows}, {2 * I, D_}, {D_, I}};
+    for (int i = 0; i < 4; ++i) {
+      const DecoderLinear& lin = linears_[4 * l + i];
+      TORCH_CHECK_VALUE(lin.N == expected[i][0] && lin.K == expected[i][1], kOp, ": layer ", l, " linear ", i,
+                        " is [", lin.N, ", ", lin.K, "], expected [", expected[i][0], ", ", expected[i][1], "]");
+    }
+  }
+  TORCH_CHECK_VALUE(linears_.back().N == V_ && linears_.back().K == D_, kOp, ": lm_head must be [", V_, ", ", D_,
+                    "], got [", linears_.back().N, ", ", linears_.back().K, "]");
+  checked_ = true;
+}
+
+void LlamaDecoder::linear(const DecoderLinear& l, const float* x, int64_t n, float* y) {
+  if (!l.kernels) {  // float32 weight: BLAS
+    at::Tensor out = at::from_blob(y, {n, l.N}, at::kFloat);
+    at::mm_out(out, at::from_blob(const_cast<float*>(x), {n, l.K}, at::kFloat), l.weight.t());
+    if (l.bias.defined()) out.add_(l.bias);
+    return;
+  }
+  const int64_t xblock = int8_xblock(l.w);
+  const Int8Buffers buf{sized(xq_, n * l.w.Kp), sized(xscale_, n * l.w.Kp / xblock),
+                        sized(xsum_, n * l.w.Kp / l.w.group_size), y, at::Tensor()};
+  quantize_x<float>(*l.kernels, l.w, l.src.data(), x, l.K, n, buf);
+  int8_gemv(*l.kernels, l.w, n, l.bias.defined() ? l.bias.data_ptr<float>() : nullptr, buf, y);
+}
+
+// out = weight * x / rms(x), row by row, as models.llama.RMSNorm computes it in float32.
+void LlamaDecoder::rms_norm(const float* x, const at::Tensor& weight, int64_t n, float* out) const {
+  const float* w = weight.data_ptr<float>();
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * D_;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < D_; ++i) sum += xr[i] * xr[i];
+    const float inv_rms = 1.0f / std::sqrt(sum / static_cast<float>(D_) + eps_);
+    for (int64_t i = 0; i < D_; ++i) out[r * D_ + i] = w[i] * (xr[i] * inv_rms);
+  }
+}
+
+at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots) {
+  if (!checked_) check_complete();
+  const int64_t n = tokens.dim() == 1 ? tokens.size(0) : -1;
+  TORCH_CHECK_VALUE(n >= 1, kOp, ".step: tokens must be a non-empty 1-D tensor, got ", tokens.sizes());
+  check_ids(tokens, "tokens", n, V_);
+  check_ids(positions, "positions", n, S_);
+  check_ids(slots, "slots", n, B_);
+  const int64_t* token = tokens.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+
+  const int64_t q_rows = H_ * Dh_, kv_rows = Hkv_ * Dh_, qkv_rows = q_rows + 2 * kv_rows;
+  const int64_t I = linears_[2].N / 2, half = Dh_ / 2;
+  float* x = sized(x_, n * D_);
+  float* h = sized(h_, n * D_);
+  float* qkv = sized(qkv_, n * qkv_rows);
+  float* q = sized(q_, n * q_rows);
+  float* att = sized(att_, n * q_rows);
+  float* gate_up = sized(gate_up_, n * 2 * I);
+  float* act = sized(act_, n * I);
+  float* tmp = sized(tmp_, n * D_);
+  int64_t max_length = 0;
+  std::vector<int64_t> lengths(n);
+  for (int64_t r = 0; r < n; ++r) max_length = std::max(max_length, lengths[r] = pos[r] + 1);
+  float* scores = sized(scores_, n * H_ * max_length);
+
+  const float* embed = embed_.data_ptr<float>();
+  for (int64_t r = 0; r < n; ++r) std::copy(embed + token[r] * D_, embed + (token[r] + 1) * D_, x + r * D_);
+  const float* cos_table = rope_cos_.data_ptr<float>();
+  const float* sin_table = rope_sin_.data_ptr<float>();
+  // Rotates the two halves of one head (models.llama.apply_rope): (a, b) -> (a cos - b sin, b cos + a sin).
+  const auto rope = [&](const float* in, int64_t p, float* out) {
+    const float* c = cos_table + p * Dh_;
+    const float* s = sin_table + p * Dh_;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = in[i], b = in[i + half];
+      out[i] = a * c[i] - b * s[i];
+      out[i + half] = b * c[i + half] + a * s[i + half];
+    }
+  };
+
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const DecoderLayer& layer = layers_[l];
+    const DecoderLinear* lin = &linears_[4 * l];
+    rms_norm(x, layer.attn_norm, n, h);
+    linear(lin[0], h, n, qkv);
+    float* k_cache = layer.k_cache.data_ptr<float>();
+    float* v_cache = layer.v_cache.data_ptr<float>();
+    for (int64_t r = 0; r < n; ++r) {
+      const float* row = qkv + r * qkv_rows;
+      for (int64_t hd = 0; hd < H_; ++hd) rope(row + hd * Dh_, pos[r], q + (r * H_ + hd) * Dh_);
+      for (int64_t hd = 0; hd < Hkv_; ++hd) {
+        const int64_t offset = ((slot[r] * Hkv_ + hd) * S_ + pos[r]) * Dh_;
+        rope(row + q_rows + hd * Dh_, pos[r], k_cache + offset);
+        std::copy(row + q_rows + kv_rows + hd * Dh_, row + q_rows + kv_rows + (hd + 1) * Dh_, v_cache + offset);
+      }
+    }
+    const AttendArgs args{q, k_cache, v_cache, slot, lengths.data(), scores, att,
+                          H_, Hkv_, S_, Dh_, max_length, 1.0f / std::sqrt(static_cast<float>(Dh_))};
+    const KernelTable& kernels = active_kernels();
+    at::parallel_for(0, n * H_, 1, [&](int64_t begin, int64_t end) { kernels.attend(args, begin, end); });
+    linear(lin[1], att, n, tmp);
+    for (int64_t i = 0; i < n * D_; ++i) x[i] += tmp[i];
+
+    rms_norm(x, layer.ffn_norm, n, h);
+    linear(lin[2], h, n, gate_up);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = gate_up[r * 2 * I + i];
+        act[r * I + i] = g / (1.0f + std::exp(-g)) * gate_up[r * 2 * I + I + i];
+      }
+    linear(lin[3], act, n, tmp);
+    for (int64_t i = 0; i < n * D_; ++i) x[i] += tmp[i];
+  }
+  rms_norm(x, norm_, n, h);
+  at::Tensor logits = at::empty({n, V_}, at::kFloat);
+  linear(linears_.back(), h, n, logits.data_ptr<float>());
+  return logits;
+}
+
+}  // namespace cpu
+}  // namespace lowbit

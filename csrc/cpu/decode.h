@@ -1,0 +1,68 @@
+// The fused CPU decode step of a LLaMA model (lowbit/cpu_decode.py builds it from a model): one call runs
+// every layer for one new token per sequence, straight over lowbit's kernels, with no dispatcher or Python
+// between operators. A 30-layer, 576-wide model does ~400 small operations per token; in eager PyTorch
+// their overhead, not the weight stream, set the speed.
+#pragma once
+#include <optional>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+
+#include "kernels.h"
+
+namespace lowbit {
+namespace cpu {
+
+// One linear layer: quantized (canonical layout, run on the int8 path of the kernels it was prepared
+// with) or float32 (BLAS).
+struct DecoderLinear {
+  at::Tensor qweight, scales, zeros;  // quantized
+  at::Tensor weight;                  // float32 [N, K], when not quantized
+  at::Tensor bias;                    // float32 [N], or undefined
+  const KernelTable* kernels = nullptr;
+  QWeight w{};
+  std::vector<int64_t> src;  // activation layout (linear.h source_offsets) for contiguous rows
+  int64_t N = 0, K = 0;
+};
+
+// Weights and cache of one transformer block.
+struct DecoderLayer {
+  at::Tensor attn_norm, ffn_norm;  // [D] float32
+  at::Tensor k_cache, v_cache;     // [B, Hkv, S, Dh] float32, written in place
+};
+
+class LlamaDecoder : public torch::CustomClassHolder {
+ public:
+  // embed [V, D], norm [D], rope_cos / rope_sin [S, Dh] (the model's tables for its cache), all float32.
+  LlamaDecoder(int64_t n_heads, int64_t n_kv_heads, double eps, at::Tensor embed, at::Tensor norm,
+               at::Tensor rope_cos, at::Tensor rope_sin);
+  void add_layer(at::Tensor attn_norm, at::Tensor ffn_norm, at::Tensor k_cache, at::Tensor v_cache);
+  // Linears in model order: per layer wqkv, wo, w_gate_up, w_down; then lm_head.
+  void add_quantized_linear(double bits, at::Tensor qweight, at::Tensor scales, at::Tensor zeros,
+                            std::optional<at::Tensor> perm, std::optional<at::Tensor> bias, int64_t group_size,
+                            int64_t in_features);
+  void add_float_linear(at::Tensor weight, std::optional<at::Tensor> bias);
+  // tokens, positions, slots: int64 [n] -> logits [n, V] float32. Sequence r's token sits at positions[r]
+  // of cache row slots[r]; its keys and values go there, and it attends over positions 0 .. positions[r].
+  at::Tensor step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots);
+
+ private:
+  void check_complete();
+  void linear(const DecoderLinear& l, const float* x, int64_t n, float* y);
+  void rms_norm(const float* x, const at::Tensor& weight, int64_t n, float* out) const;
+
+  int64_t H_, Hkv_, Dh_, D_, V_, S_ = 0, B_ = 0;
+  float eps_;
+  at::Tensor embed_, norm_, rope_cos_, rope_sin_;
+  std::vector<DecoderLayer> layers_;
+  std::vector<DecoderLinear> linears_;
+  bool checked_ = false;
+  // Step buffers, reused: activations and the int8 path's inputs.
+  std::vector<float> x_, h_, qkv_, q_, att_, gate_up_, act_, tmp_, scores_;
+  std::vector<int8_t> xq_;
+  std::vector<float> xscale_, xsum_;
+};
+
+}  // namespace cpu
+}  // namespace lowbit

@@ -1,0 +1,47 @@
+// The pieces of the CPU linear op (ops_cpu.cpp) that the fused decode step (decode.cpp) calls directly:
+// weight views, the activation layout and the int8 path, on raw buffers.
+#pragma once
+#include <algorithm>
+#include <optional>
+
+#include <ATen/ATen.h>
+
+#include "../checks.h"
+#include "kernels.h"
+
+namespace lowbit {
+namespace cpu {
+
+QWeight view_weight(const WeightShape& s, const at::Tensor& qweight, const at::Tensor& scales,
+                    const at::Tensor& zeros);
+
+// The kernels index x with perm, so it must be a permutation of [0, K).
+void check_perm_values(const char* op, const std::optional<at::Tensor>& perm, int64_t K);
+
+// Where activations go: x [M, K] is laid out per 32-column chunk in the kernels' x-order, with perm
+// applied and zero padding up to Kp. src[j] is the element offset within a row of x (column stride
+// `stride`) that lands at position j, or -1 for padding.
+void source_offsets(int64_t K, int64_t Kp, const int32_t* perm, const int* x_order, int64_t stride, int64_t* src);
+
+// Activation block of the int8 path: kXBlock columns, or the group when it is smaller.
+inline int64_t int8_xblock(const QWeight& w) { return std::min(kXBlock, w.group_size); }
+
+// The int8 path's buffers: xq [M, Kp], xscale [M, Kp / xblock], xsum [M, n_groups], y [M, N] (float32
+// results, unless they go straight into the output).
+struct Int8Buffers {
+  int8_t* xq;
+  float *xscale, *xsum, *y;
+  at::Tensor storage;  // owns them when they are not someone's reusable scratch
+};
+
+// x rows [M, K] (row stride row_stride, element offsets src) as int8 codes for w's kernels.
+template <typename T>
+void quantize_x(const KernelTable& kernels, const QWeight& w, const int64_t* src, const T* x, int64_t row_stride,
+                int64_t M, const Int8Buffers& buf);
+
+// y [M, N] = the quantized activations in buf @ W.T (+ bias), on kernels' GEMV.
+void int8_gemv(const KernelTable& kernels, const QWeight& w, int64_t M, const float* bias, const Int8Buffers& buf,
+               float* y);
+
+}  // namespace cpu
+}  // namespace lowbit

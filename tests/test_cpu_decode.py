@@ -1,0 +1,134 @@
+"""The fused CPU decode step (lowbit.cpu_decode) against the model's own forward, the definition."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.cpu_decode import FusedDecoder, unsupported
+from lowbit.generate import Sampling, Stats, decode_step, generate_tokens
+from lowbit.models.llama import LlamaConfig, LlamaForCausalLM
+from lowbit.nn import QuantLinear, replace_linears
+
+
+def tiny_model(bits, lm_head_bits=None, perm=False, bias=False, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=224, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=24, attention_bias=bias,
+                         mlp_bias=bias, rope_theta=10000.0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08)
+        for layer in model.layers:  # norms near one, as trained models have them
+            layer.attn_norm.weight.add_(1.0)
+            layer.ffn_norm.weight.add_(1.0)
+        model.norm.weight.add_(1.0)
+
+    def quantize(name, linear):
+        b = lm_head_bits if name == "lm_head" else bits
+        if b is None:
+            return linear
+        order = torch.randperm(linear.in_features) if perm else None
+        return QuantLinear.from_linear(linear, b, 32, perm=order)
+
+    replace_linears(model, quantize)
+    return model
+
+
+def reference_logits(model, prompt, token, cache_len):
+    """The next-token logits of `token` after `prompt` from the model's forward, with a batch-1 cache."""
+    model.setup_cache(1, cache_len)
+    model(prompt[None], torch.arange(len(prompt)))
+    logits = model(token.view(1, 1), torch.tensor([len(prompt)]))[0, -1]
+    return logits, [(l.attn.kv_cache.k[0].clone(), l.attn.kv_cache.v[0].clone()) for l in model.layers]
+
+
+@pytest.mark.parametrize("bits,lm_head_bits,perm,bias", [
+    (4, None, False, False), (3.5, 4, True, True), (4, 3.5, True, False), (None, None, False, True)])
+@torch.inference_mode()
+def test_fused_step_matches_the_forward(isa, bits, lm_head_bits, perm, bias):
+    # Three sequences of different lengths in permuted cache rows, each decoding one token at its own position.
+    model = tiny_model(bits, lm_head_bits, perm, bias)
+    prompts = [torch.randint(0, 300, (n,)) for n in (5, 17, 1)]
+    tokens = torch.randint(0, 300, (3,))
+    cache_len, slots = 32, torch.tensor([2, 0, 1])
+    refs = [reference_logits(model, p, t, cache_len) for p, t in zip(prompts, tokens)]
+    model.setup_cache(3, cache_len)
+    for (_, caches), slot in zip(refs, slots):  # the prompts' keys and values, as the forward wrote them
+        for layer, (k, v) in zip(model.layers, caches):
+            layer.attn.kv_cache.k[slot], layer.attn.kv_cache.v[slot] = k, v
+    positions = torch.tensor([len(p) for p in prompts])
+    logits = FusedDecoder(model)(tokens, positions, slots)
+    # Both run the same kernels on the same weights; the quantized linears quantize their inputs to int8, where
+    # a last-bit difference of the norm's output can move one code by a step (~1 % of the logits, measured 1.9 %
+    # once in this test's cases); float linears show what is left: ~1e-6.
+    tolerance = 1e-4 if bits is None and lm_head_bits is None else 3e-2
+    for i, (ref, _) in enumerate(refs):
+        assert (logits[i] - ref).abs().max().item() < tolerance * ref.abs().max().item(), (isa, i)
+    # The new keys and values landed at (slot, position), as the forward writes them.
+    for layer, (k, v) in zip(model.layers, refs[2][1]):
+        cache = layer.attn.kv_cache
+        torch.testing.assert_close(cache.k[1, :, :2], k[:, :2], atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(cache.v[1, :, :2], v[:, :2], atol=1e-4, rtol=1e-3)
+
+
+@torch.inference_mode()
+def test_generation_is_the_same_with_and_without_the_fused_step(smollm2):
+    # SmolLM2 int4 g64 with an int4 head, greedy: 48 tokens equal, the fused step in use.
+    model = LlamaForCausalLM.from_pretrained(lowbit.fetch("smollm2", quiet=True))
+    lowbit.quantize_model(model, 4, 64, quantize_lm_head=True)
+    ids = torch.tensor([model.tokenizer.encode("The three primary colours are")])
+    runs = {}
+    for fused in (True, False):
+        stats = Stats()
+        runs[fused] = [int(t[0]) for t in generate_tokens(model, ids, Sampling(max_new_tokens=48, ignore_eos=True),
+                                                          stats, fused=fused)]
+        assert stats.decode_path == ("fused" if fused else "eager") and stats.new_tokens == 48
+    assert runs[True] == runs[False]
+
+
+@torch.inference_mode()
+def test_step_is_rebuilt_when_weights_change():
+    model = tiny_model(4)
+    model.setup_cache(1, 16)
+    step = decode_step(model, 1)
+    assert step.path == "fused" and decode_step(model, 1) is step
+    lowbit.quantize_model(model, 4, 32, quantize_lm_head=True)  # a new head: the old step would read the old one
+    assert decode_step(model, 1) is not step
+    assert decode_step(model, 1, fused=False).path == "eager"
+
+
+def test_models_the_fused_step_does_not_run_fall_back():
+    model = tiny_model(4).to(torch.bfloat16)
+    model.setup_cache(1, 16)
+    assert "bfloat16" in unsupported(model)
+    assert decode_step(model, 1).path == "eager"
+    with pytest.raises(ValueError, match="cannot run this model: the model is torch.bfloat16"):
+        FusedDecoder(model)
+    model = tiny_model(4)
+    assert "no KV cache" in unsupported(model)
+
+
+@torch.inference_mode()
+def test_bad_step_arguments_raise_clear_errors():
+    model = tiny_model(4)
+    model.setup_cache(2, 16)
+    step = FusedDecoder(model)
+    one = torch.tensor([1, 1])
+    for tokens, positions, slots, match in [
+            (torch.tensor([1, 300]), one, torch.tensor([0, 1]), r"tokens\[1\] = 300 is outside \[0, 300\)"),
+            (one, torch.tensor([0, 16]), torch.tensor([0, 1]), r"positions\[1\] = 16 is outside \[0, 16\)"),
+            (one, one, torch.tensor([0, 2]), r"slots\[1\] = 2 is outside \[0, 2\)"),
+            (one, one.int(), torch.tensor([0, 1]), "positions must be int64"),
+            (one, torch.tensor([1]), torch.tensor([0, 1]), "positions must be a contiguous CPU tensor of 2 values")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            step(tokens, positions, slots)
+
+
+@torch.inference_mode()
+def test_non_finite_values_propagate():
+    model = tiny_model(4)
+    model.setup_cache(2, 16)
+    model.embed.weight[7, 3] = float("nan")
+    logits = FusedDecoder(model)(torch.tensor([7, 8]), torch.tensor([0, 0]), torch.tensor([0, 1]))
+    assert logits[0].isnan().all() and logits[1].isfinite().all()
