@@ -132,3 +132,23 @@ def test_non_finite_values_propagate():
     model.embed.weight[7, 3] = float("nan")
     logits = FusedDecoder(model)(torch.tensor([7, 8]), torch.tensor([0, 0]), torch.tensor([0, 1]))
     assert logits[0].isnan().all() and logits[1].isfinite().all()
+
+
+@pytest.mark.parametrize("bits", [4, None])
+@torch.inference_mode()
+def test_fused_prefill_matches_the_forward(isa, bits):
+    # Two prompts of 40 tokens in one call (causal attention over each one's own cache row): the last tokens'
+    # logits and every cached key and value as the forward makes them.
+    model = tiny_model(bits, bits)
+    prompts = torch.randint(0, 300, (2, 40))
+    model.setup_cache(2, 64)
+    ref = model(prompts, torch.arange(40))[:, -1]
+    ref_cache = [(l.attn.kv_cache.k.clone(), l.attn.kv_cache.v.clone()) for l in model.layers]
+    model.setup_cache(2, 64)
+    logits = FusedDecoder(model).prefill(prompts)
+    tolerance = 1e-4 if bits is None else 3e-2  # as in test_fused_step_matches_the_forward
+    assert (logits - ref).abs().max().item() < tolerance * ref.abs().max().item()
+    for layer, (k, v) in zip(model.layers, ref_cache):
+        scale = k.abs().max().item()
+        assert (layer.attn.kv_cache.k - k).abs().max().item() < tolerance * scale
+        assert (layer.attn.kv_cache.v - v).abs().max().item() < tolerance * v.abs().max().item()

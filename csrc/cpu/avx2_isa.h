@@ -88,12 +88,13 @@ struct Avx2Isa {
     return _mm256_fmadd_ps(to_float(dot), _mm256_set1_ps(s), acc);
   }
   static Acc acc_fma(Acc a, float s, Acc acc) { return _mm256_fmadd_ps(a, _mm256_set1_ps(s), acc); }
-  static float acc_sum(Acc v) {
+  static float vec_sum(Vec v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  static float acc_sum(Acc v) { return vec_sum(v); }
 
   static void widen(Codes q, Vec out[kVecs]) {
     const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);

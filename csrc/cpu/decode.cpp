@@ -139,49 +139,31 @@ void LlamaDecoder::linear(const DecoderLinear& l, const float* x, int64_t n, flo
   int8_gemv(*l.kernels, l.w, n, l.bias.defined() ? l.bias.data_ptr<float>() : nullptr, buf, y);
 }
 
+// Rows of the glue (norms, RoPE, SwiGLU, residuals) per thread: a decode step's few rows run inline, a
+// prompt's rows in parallel.
+constexpr int64_t kRowGrain = 16;
+
 // out = weight * x / rms(x), row by row, as models.llama.RMSNorm computes it in float32.
 void LlamaDecoder::rms_norm(const float* x, const at::Tensor& weight, int64_t n, float* out) const {
   const float* w = weight.data_ptr<float>();
-  for (int64_t r = 0; r < n; ++r) {
-    const float* xr = x + r * D_;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < D_; ++i) sum += xr[i] * xr[i];
-    const float inv_rms = 1.0f / std::sqrt(sum / static_cast<float>(D_) + eps_);
-    for (int64_t i = 0; i < D_; ++i) out[r * D_ + i] = w[i] * (xr[i] * inv_rms);
-  }
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = x + r * D_;
+      float sum = 0.0f;
+      for (int64_t i = 0; i < D_; ++i) sum += xr[i] * xr[i];
+      const float inv_rms = 1.0f / std::sqrt(sum / static_cast<float>(D_) + eps_);
+      for (int64_t i = 0; i < D_; ++i) out[r * D_ + i] = w[i] * (xr[i] * inv_rms);
+    }
+  });
 }
 
-at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots) {
-  if (!checked_) check_complete();
-  const int64_t n = tokens.dim() == 1 ? tokens.size(0) : -1;
-  TORCH_CHECK_VALUE(n >= 1, kOp, ".step: tokens must be a non-empty 1-D tensor, got ", tokens.sizes());
-  check_ids(tokens, "tokens", n, V_);
-  check_ids(positions, "positions", n, S_);
-  check_ids(slots, "slots", n, B_);
-  const int64_t* token = tokens.data_ptr<int64_t>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const int64_t* slot = slots.data_ptr<int64_t>();
-
-  const int64_t q_rows = H_ * Dh_, kv_rows = Hkv_ * Dh_, qkv_rows = q_rows + 2 * kv_rows;
-  const int64_t I = linears_[2].N / 2, half = Dh_ / 2;
-  float* x = sized(x_, n * D_);
-  float* h = sized(h_, n * D_);
-  float* qkv = sized(qkv_, n * qkv_rows);
-  float* q = sized(q_, n * q_rows);
-  float* att = sized(att_, n * q_rows);
-  float* gate_up = sized(gate_up_, n * 2 * I);
-  float* act = sized(act_, n * I);
-  float* tmp = sized(tmp_, n * D_);
-  int64_t max_length = 0;
-  std::vector<int64_t> lengths(n);
-  for (int64_t r = 0; r < n; ++r) max_length = std::max(max_length, lengths[r] = pos[r] + 1);
-  float* scores = sized(scores_, n * H_ * max_length);
-
-  const float* embed = embed_.data_ptr<float>();
-  for (int64_t r = 0; r < n; ++r) std::copy(embed + token[r] * D_, embed + (token[r] + 1) * D_, x + r * D_);
+// RoPE on q and k, k and v into the cache at (slot, position), then every (row, head) attends.
+void LlamaDecoder::attention(const DecoderLayer& layer, const float* qkv, int64_t n, const int64_t* pos,
+                             const int64_t* slot, float* att) {
+  const int64_t q_rows = H_ * Dh_, kv_rows = Hkv_ * Dh_, qkv_rows = q_rows + 2 * kv_rows, half = Dh_ / 2;
   const float* cos_table = rope_cos_.data_ptr<float>();
   const float* sin_table = rope_sin_.data_ptr<float>();
-  // Rotates the two halves of one head (models.llama.apply_rope): (a, b) -> (a cos - b sin, b cos + a sin).
+  // The two halves of one head (models.llama.apply_rope): (a, b) -> (a cos - b sin, b cos + a sin).
   const auto rope = [&](const float* in, int64_t p, float* out) {
     const float* c = cos_table + p * Dh_;
     const float* s = sin_table + p * Dh_;
@@ -191,43 +173,90 @@ at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positi
       out[i + half] = b * c[i + half] + a * s[i + half];
     }
   };
-
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    const DecoderLayer& layer = layers_[l];
-    const DecoderLinear* lin = &linears_[4 * l];
-    rms_norm(x, layer.attn_norm, n, h);
-    linear(lin[0], h, n, qkv);
-    float* k_cache = layer.k_cache.data_ptr<float>();
-    float* v_cache = layer.v_cache.data_ptr<float>();
-    for (int64_t r = 0; r < n; ++r) {
+  float* q = sized(q_, n * q_rows);
+  float* k_cache = layer.k_cache.data_ptr<float>();
+  float* v_cache = layer.v_cache.data_ptr<float>();
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
       const float* row = qkv + r * qkv_rows;
-      for (int64_t hd = 0; hd < H_; ++hd) rope(row + hd * Dh_, pos[r], q + (r * H_ + hd) * Dh_);
-      for (int64_t hd = 0; hd < Hkv_; ++hd) {
-        const int64_t offset = ((slot[r] * Hkv_ + hd) * S_ + pos[r]) * Dh_;
-        rope(row + q_rows + hd * Dh_, pos[r], k_cache + offset);
-        std::copy(row + q_rows + kv_rows + hd * Dh_, row + q_rows + kv_rows + (hd + 1) * Dh_, v_cache + offset);
+      for (int64_t h = 0; h < H_; ++h) rope(row + h * Dh_, pos[r], q + (r * H_ + h) * Dh_);
+      for (int64_t h = 0; h < Hkv_; ++h) {
+        const int64_t offset = ((slot[r] * Hkv_ + h) * S_ + pos[r]) * Dh_;
+        rope(row + q_rows + h * Dh_, pos[r], k_cache + offset);
+        std::copy(row + q_rows + kv_rows + h * Dh_, row + q_rows + kv_rows + (h + 1) * Dh_, v_cache + offset);
       }
     }
-    const AttendArgs args{q, k_cache, v_cache, slot, lengths.data(), scores, att,
-                          H_, Hkv_, S_, Dh_, max_length, 1.0f / std::sqrt(static_cast<float>(Dh_))};
-    const KernelTable& kernels = active_kernels();
-    at::parallel_for(0, n * H_, 1, [&](int64_t begin, int64_t end) { kernels.attend(args, begin, end); });
-    linear(lin[1], att, n, tmp);
-    for (int64_t i = 0; i < n * D_; ++i) x[i] += tmp[i];
+  });
+  int64_t max_length = 0;
+  for (int64_t r = 0; r < n; ++r) max_length = std::max(max_length, pos[r] + 1);
+  std::vector<int64_t> lengths(n);
+  for (int64_t r = 0; r < n; ++r) lengths[r] = pos[r] + 1;
+  const KernelTable& kernels = active_kernels();
+  at::parallel_for(0, n * H_, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(max_length);
+    const AttendArgs args{q, k_cache, v_cache, slot, lengths.data(), scores.data(), att,
+                          H_, Hkv_, S_, Dh_, 1.0f / std::sqrt(static_cast<float>(Dh_))};
+    kernels.attend(args, begin, end);
+  });
+}
 
-    rms_norm(x, layer.ffn_norm, n, h);
+at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
+                              const std::optional<at::Tensor>& logit_rows) {
+  if (!checked_) check_complete();
+  const int64_t n = tokens.dim() == 1 ? tokens.size(0) : -1;
+  TORCH_CHECK_VALUE(n >= 1, kOp, ".step: tokens must be a non-empty 1-D tensor, got ", tokens.sizes());
+  check_ids(tokens, "tokens", n, V_);
+  check_ids(positions, "positions", n, S_);
+  check_ids(slots, "slots", n, B_);
+  const int64_t m = logit_rows ? logit_rows->numel() : n;
+  if (logit_rows) check_ids(*logit_rows, "logit_rows", m, n);
+  const int64_t* token = tokens.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+
+  const int64_t qkv_rows = linears_[0].N, q_rows = H_ * Dh_, I = linears_[2].N / 2;
+  float* x = sized(x_, n * D_);
+  float* h = sized(h_, n * D_);
+  float* qkv = sized(qkv_, n * qkv_rows);
+  float* att = sized(att_, n * q_rows);
+  float* gate_up = sized(gate_up_, n * 2 * I);
+  float* act = sized(act_, n * I);
+  float* tmp = sized(tmp_, n * D_);
+  const auto add_to_x = [&] {
+    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin * D_; i < end * D_; ++i) x[i] += tmp[i];
+    });
+  };
+
+  const float* embed = embed_.data_ptr<float>();
+  for (int64_t r = 0; r < n; ++r) std::copy(embed + token[r] * D_, embed + (token[r] + 1) * D_, x + r * D_);
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const DecoderLinear* lin = &linears_[4 * l];
+    rms_norm(x, layers_[l].attn_norm, n, h);
+    linear(lin[0], h, n, qkv);
+    attention(layers_[l], qkv, n, pos, slot, att);
+    linear(lin[1], att, n, tmp);
+    add_to_x();
+    rms_norm(x, layers_[l].ffn_norm, n, h);
     linear(lin[2], h, n, gate_up);
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t i = 0; i < I; ++i) {
-        const float g = gate_up[r * 2 * I + i];
-        act[r * I + i] = g / (1.0f + std::exp(-g)) * gate_up[r * 2 * I + I + i];
-      }
+    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t i = 0; i < I; ++i) {
+          const float g = gate_up[r * 2 * I + i];
+          act[r * I + i] = g / (1.0f + std::exp(-g)) * gate_up[r * 2 * I + I + i];
+        }
+    });
     linear(lin[3], act, n, tmp);
-    for (int64_t i = 0; i < n * D_; ++i) x[i] += tmp[i];
+    add_to_x();
   }
-  rms_norm(x, norm_, n, h);
-  at::Tensor logits = at::empty({n, V_}, at::kFloat);
-  linear(linears_.back(), h, n, logits.data_ptr<float>());
+  if (logit_rows) {  // only these rows go through the head (a prefill needs its last)
+    const int64_t* rows = logit_rows->data_ptr<int64_t>();
+    for (int64_t i = 0; i < m; ++i) std::copy(x + rows[i] * D_, x + (rows[i] + 1) * D_, tmp + i * D_);
+    std::copy(tmp, tmp + m * D_, x);
+  }
+  rms_norm(x, norm_, m, h);
+  at::Tensor logits = at::empty({m, V_}, at::kFloat);
+  linear(linears_.back(), h, m, logits.data_ptr<float>());
   return logits;
 }
 

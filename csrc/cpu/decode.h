@@ -43,14 +43,19 @@ class LlamaDecoder : public torch::CustomClassHolder {
                             std::optional<at::Tensor> perm, std::optional<at::Tensor> bias, int64_t group_size,
                             int64_t in_features);
   void add_float_linear(at::Tensor weight, std::optional<at::Tensor> bias);
-  // tokens, positions, slots: int64 [n] -> logits [n, V] float32. Sequence r's token sits at positions[r]
-  // of cache row slots[r]; its keys and values go there, and it attends over positions 0 .. positions[r].
-  at::Tensor step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots);
+  // tokens, positions, slots: int64 [n] -> logits [m, V] float32 of the rows logit_rows [m] (default: every
+  // row). Row r's token sits at positions[r] of cache row slots[r]; its keys and values go there, and it
+  // attends over positions 0 .. positions[r] of that cache row. One new token per sequence is a decode step;
+  // a prompt's tokens at consecutive positions of one slot, with logit_rows its last row, is its prefill.
+  at::Tensor step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
+                  const std::optional<at::Tensor>& logit_rows);
 
  private:
   void check_complete();
   void linear(const DecoderLinear& l, const float* x, int64_t n, float* y);
   void rms_norm(const float* x, const at::Tensor& weight, int64_t n, float* out) const;
+  void attention(const DecoderLayer& layer, const float* qkv, int64_t n, const int64_t* pos, const int64_t* slot,
+                 float* att);
 
   int64_t H_, Hkv_, Dh_, D_, V_, S_ = 0, B_ = 0;
   float eps_;
@@ -59,7 +64,7 @@ class LlamaDecoder : public torch::CustomClassHolder {
   std::vector<DecoderLinear> linears_;
   bool checked_ = false;
   // Step buffers, reused: activations and the int8 path's inputs.
-  std::vector<float> x_, h_, qkv_, q_, att_, gate_up_, act_, tmp_, scores_;
+  std::vector<float> x_, h_, qkv_, q_, att_, gate_up_, act_, tmp_;
   std::vector<int8_t> xq_;
   std::vector<float> xscale_, xsum_;
 };

@@ -22,6 +22,7 @@ struct Isa {
   static void store(float* p, Vec v) { *p = v; }
   static Vec mul(Vec a, Vec b) { return a * b; }
   static Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
+  static float vec_sum(Vec v) { return v; }
   static void store_bf16(uint16_t* p, Vec v) {
     uint32_t bits;
     __builtin_memcpy(&bits, &v, sizeof bits);

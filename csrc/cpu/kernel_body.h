@@ -3,6 +3,7 @@
 // Included by each isa_*.cpp inside its own namespace, after that file defines `struct Isa`:
 //   Vec, kWidth, kVecs = 32 / kWidth        float vector, and how many cover one 32-column chunk
 //   zero, set1, load, store, mul, fma        the obvious float vector operations
+//   vec_sum(Vec)                             the sum of a vector's lanes
 //   half_to_float(uint16_t), load_halves(const uint16_t*)  one / kWidth float16 values as float32
 //   Codes, decode<F>(const uint8_t*)         the 32 codes of one chunk, as bytes in the ISA's x-order
 //   IntAcc, int_zero()                       integer partial sums of code * x
@@ -214,15 +215,6 @@ void dequant(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
   else dequant_to<false>(a.w, a.out, n_begin, n_end);
 }
 
-// Sum of a float vector's lanes.
-inline float lane_sum(Isa::Vec v) {
-  alignas(64) float lanes[Isa::kWidth];
-  Isa::store(lanes, v);
-  float sum = 0.0f;
-  for (int l = 0; l < Isa::kWidth; ++l) sum += lanes[l];
-  return sum;
-}
-
 void attend(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
   using I = Isa;
   constexpr int W = I::kWidth;
@@ -233,14 +225,14 @@ void attend(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
     const float* q = a.q + item * D;
     const float* keys = a.k + cache_row;
     const float* values = a.v + cache_row;
-    float* scores = a.scores + item * a.max_length;
+    float* scores = a.scores;
     float top = -__builtin_inff();
     for (int64_t j = 0; j < length; ++j) {
       const float* key = keys + j * D;
       typename I::Vec acc = I::zero();  // positions are independent: no need for several chains
       int64_t d = 0;
       for (; d < Dv; d += W) acc = I::fma(I::load(q + d), I::load(key + d), acc);
-      float dot = lane_sum(acc);
+      float dot = I::vec_sum(acc);
       for (; d < D; ++d) dot += q[d] * key[d];
       scores[j] = dot * a.scale;
       top = scores[j] > top ? scores[j] : top;

@@ -60,9 +60,9 @@ struct AttendArgs {
   const float* v;          // [B, Hkv, S, D]
   const int64_t* slots;    // [n] cache rows
   const int64_t* lengths;  // [n] positions attended, 1 .. S
-  float* scores;           // [n * H, max(lengths)] scratch
+  float* scores;           // [max(lengths)] scratch, one item's scores at a time
   float* out;              // [n, H, D]
-  int64_t H, Hkv, S, D, max_length;
+  int64_t H, Hkv, S, D;
   float scale;
 };
 

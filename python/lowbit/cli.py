@@ -51,7 +51,7 @@ def cmd_generate(args) -> int:
                         seed=args.seed)
 
     def run(prompt) -> list[int]:
-        stream = TextStream(model, prompt, sampling, compile=args.compile)
+        stream = TextStream(model, prompt, sampling, compile=args.compile, fused=args.fused)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -122,9 +122,11 @@ def main(argv=None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, less "
-                   "per-token overhead)")
+    p.add_argument("--threads", type=int, help="CPU threads for prefill and decode (default: torch's, one per core)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's decode step instead of "
+                   "running the fused CPU step or a CUDA graph (slow first start)")
+    p.add_argument("--no-fused", dest="fused", action="store_false",
+                   help="on the CPU, run the model's PyTorch forward per token instead of the fused C++ step")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="quantize an HF directory or .gguf file (or import an AutoAWQ checkpoint) "

@@ -49,11 +49,14 @@ def model_signature(model: LlamaForCausalLM) -> tuple:
 
 
 class FusedDecoder:
-    """logits [n, vocab] = the model's next-token logits for tokens [n] at positions [n] of cache rows
-    slots [n] (int64 CPU tensors); keys and values go into the model's KV cache, as forward() writes them.
+    """The model's forward for tokens [n] at positions [n] of cache rows slots [n] (int64 CPU tensors), one row
+    per token: keys and values go into the model's KV cache as forward() writes them, and each row attends over
+    its cache row up to its own position. Returns the logits [m, vocab] of the rows logit_rows [m] (default all).
 
-    Runs the CPU kernel set active when it was built. Inference only; float32 models on the CPU with
-    QuantLinear (int4, int3.5) or float32 nn.Linear layers (see unsupported()).
+    One new token per sequence is a decode step; a prompt's tokens at consecutive positions of one cache row
+    (logit_rows: its last row) is its prefill (prefill()). Runs the CPU kernel set active when it was built.
+    Inference only; float32 models on the CPU with QuantLinear (int4, int3.5) or float32 nn.Linear layers (see
+    unsupported()).
     """
 
     def __init__(self, model: LlamaForCausalLM):
@@ -76,5 +79,12 @@ class FusedDecoder:
             else:
                 self.decoder.add_float_linear(m.weight.detach(), bias)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        return self.decoder.step(tokens, positions, slots)
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder.step(tokens, positions, slots, logit_rows)
+
+    def prefill(self, prompts: torch.Tensor) -> torch.Tensor:
+        """prompts [B, T] into cache rows 0..B-1 at positions 0..T-1 -> the logits [B, vocab] of their last tokens."""
+        b, t = prompts.shape
+        rows = torch.arange(b)
+        return self(prompts.reshape(-1), torch.arange(t).repeat(b), rows.repeat_interleave(t), rows * t + t - 1)

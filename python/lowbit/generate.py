@@ -185,12 +185,15 @@ def generate_tokens(model: LlamaForCausalLM, tokens: torch.Tensor, sampling: Sam
     history = tokens.to(model.device)
     finished = torch.zeros(b, dtype=torch.bool, device=history.device)
     stats.prompt_tokens = t * b
-    step_fn = decode_step(model, b, compile, fused) if sampling.max_new_tokens > 1 else None
-    stats.decode_path = step_fn.path if step_fn is not None else ""
-    if step_fn is not None:  # before the prefill: position t is the first the decode step writes
+    step_fn = decode_step(model, b, compile, fused)
+    stats.decode_path = step_fn.path
+    if sampling.max_new_tokens > 1:  # before the prefill: position t is the first the decode step writes
         stats.warm_up_seconds = step_fn.warm_up(t)
     start = time.perf_counter()
-    logits = model(history, torch.arange(t, device=model.device))[:, -1]
+    if step_fn.decoder is not None:  # the fused step runs the prompt too, all its tokens in one call
+        logits = step_fn.decoder.prefill(history)
+    else:
+        logits = model(history, torch.arange(t, device=model.device))[:, -1]
     for step in range(sampling.max_new_tokens):
         nxt = next_token(logits, history, sampling, generator)
         if not sampling.ignore_eos:
