@@ -1,13 +1,15 @@
 """Generation speed through lowbit's own path (lowbit.generate_tokens, what lowbit.generate and the CLI run),
 every run forced to its full token count (Sampling.ignore_eos) and the count it produced recorded.
 
-On the CPU: SmolLM2-135M-Instruct in float32, bfloat16, int4, int3.5, side by side, prefill and decode tokens/s,
-and where a decode step's time goes (lowbit kernels, float matmuls, attention, everything else) from
-torch.profiler. --compile: the decode step torch.compile'd (compile time reported apart).
+On the CPU: lowbit built exactly as `lowbit generate MODEL <flags>` builds it (the CLI's own parser and loader),
+next to llama.cpp (llama-cpp-python, when importable: benchmarks/llama_cpp_peer.py) on the same token ids and
+threads, in interleaved rounds. Decode: a short prompt and 128 forced new tokens; prefill: 512 tokens. Models:
+SmolLM2-135M-Instruct (its float weights are the dequantized Q4_1 GGUF), or a TinyLlama-1.1B-shaped model with
+random weights (kernel-bound).
 
-    python benchmarks/bench_generate.py            # writes benchmarks/results/generate_cpu.{json,md}
+    python benchmarks/bench_generate.py                           # writes benchmarks/results/generate_cpu.{json,md}
+    python benchmarks/bench_generate.py --model tinyllama-random  # generate_cpu_tinyllama.{json,md}
     python benchmarks/bench_generate.py --quick
-    python benchmarks/bench_generate.py --compile  # generate_cpu_compiled.{json,md}
 
 On a CUDA GPU (--device cuda): batch-1 decode of a LLaMA-2-7B-shaped model (float16, int4, int3.5) and a
 LLaMA-70B-shaped model (int4, int3.5; when the GPU holds it), random weights (quantized layers made directly as
@@ -20,41 +22,46 @@ lowbit.generate runs on CUDA: one CUDA graph, captured in the first (warm-up) ge
 import argparse
 import json
 import platform
+import statistics
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 import lowbit
+from lowbit.cli import build_parser, load_for_cli
 from lowbit.generate import Sampling, Stats, generate_tokens
+from lowbit.io.fetch import cache_dir
 from lowbit.models.llama import rope_inv_freq
 from lowbit.nn import QuantLinear, replace_linears
 
+import llama_cpp_peer
 from bench_kernels import random_tiled_weight  # the same random tile-layout weights as the kernel benchmark
 
-VARIANTS = [  # name, dtype, bits, quantize lm_head
-    ("float32", torch.float32, None, False),
-    ("bfloat16", torch.bfloat16, None, False),
-    ("int4", torch.float32, 4, False),
-    ("int4 + int4 lm_head", torch.float32, 4, True),
-    ("int3.5", torch.float32, 3.5, False),
-    ("int3.5 + int3.5 lm_head", torch.float32, 3.5, True),
+# Rows: (name, `lowbit generate` flags after the model). The first is what a user gets with only --bits and
+# --group-size; the others change one thing each.
+SMOLLM2_VARIANTS = [
+    ("lowbit generate --bits 4 --group-size 64 (default path)", ["--bits", "4", "--group-size", "64"]),
+    ("int4 g64, float32 head", ["--bits", "4", "--group-size", "64", "--lm-head-bits", "none"]),
+    ("int4 g64, int4 head", ["--bits", "4", "--group-size", "64", "--lm-head-bits", "4"]),
+    ("int3.5 g64", ["--bits", "3.5", "--group-size", "64"]),
+    ("int4 g64, PyTorch step (--no-fused)", ["--bits", "4", "--group-size", "64", "--no-fused"]),
+    ("float32", []),
 ]
+TINYLLAMA_VARIANTS = [
+    ("lowbit generate --bits 4 (default path)", ["--bits", "4"]),
+    ("int4 g128, int4 head", ["--bits", "4", "--lm-head-bits", "4"]),
+    ("int3.5 g128", ["--bits", "3.5"]),
+    ("int3.5 g128, int3.5 head", ["--bits", "3.5", "--lm-head-bits", "3.5"]),
+]
+LLAMA_CPP_TYPES = {"smollm2": ["q4_0", "q4_k_m", "q4_1", "f32"], "tinyllama-random": ["q4_0", "q4_k_m", "f16"]}
 
 
-def build(path, dtype, bits, lm_head):
-    model = lowbit.LlamaForCausalLM.from_pretrained(path)
-    if bits is not None:
-        lowbit.quantize_model(model, bits, 64, quantize_lm_head=lm_head)
-    return model.to(dtype)
-
-
-def timed_generation(model, prompt_ids, new_tokens, compile=False) -> Stats:
+def timed_generation(model, prompt_ids, new_tokens, compile=False, fused=True) -> Stats:
     """One generation of exactly new_tokens tokens, each read back to the host as a user's stream does."""
     stats = Stats()
     for nxt in generate_tokens(model, prompt_ids, Sampling(max_new_tokens=new_tokens, ignore_eos=True), stats,
-                               compile):
+                               compile, fused):
         int(nxt[0])
     return stats
 
@@ -71,33 +78,137 @@ def measure(model, prompt_ids, new_tokens, repeats, compile=False):
     return best, warm_up
 
 
-def decode_breakdown(model, prompt_ids, steps=16):
-    """Share of one decode step's CPU time: lowbit ops, float matmuls, the rest (norms, rope, attention,
-    Python and dispatch overhead)."""
-    from torch.profiler import ProfilerActivity, profile
-    t = prompt_ids.shape[1]
-    model.setup_cache(1, t + steps + 1)
-    with torch.inference_mode():
-        model(prompt_ids, torch.arange(t))
-        token = prompt_ids[:, -1:]
+def linear_bits_per_weight(model) -> float:
+    """Bits per weight of the decoder linears and the head, scales and zeros included (the head counted as
+    stored: float32 when not quantized)."""
+    bits = weights = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            bits += 8 * sum(t.numel() * t.element_size() for t in m.weight.tensors().values() if t is not None)
+            weights += m.in_features * m.out_features
+        elif isinstance(m, torch.nn.Linear):
+            bits += 8 * m.weight.numel() * m.weight.element_size()
+            weights += m.weight.numel()
+    return bits / weights
+
+
+class LowbitRow:
+    """One lowbit variant, loaded once as the CLI loads it; each round times one decode run and one prefill."""
+
+    def __init__(self, name, model_path, flags, threads):
+        self.name = name
+        self.args = build_parser().parse_args(["generate", str(model_path), "--threads", str(threads), *flags])
         start = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for i in range(steps):
-                model(token, torch.tensor([t + i]))
-        wall = (time.perf_counter() - start) / steps
-    buckets = defaultdict(float)
-    for event in prof.key_averages():
-        name = event.key
-        if name.startswith("lowbit::"):
-            buckets["lowbit kernels"] += event.self_cpu_time_total
-        elif name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"):
-            buckets["float matmul"] += event.self_cpu_time_total
-        elif name == "aten::_scaled_dot_product_flash_attention_for_cpu":
-            buckets["attention"] += event.self_cpu_time_total
-    measured = wall * 1e6 * steps  # profiled per-step times are in microseconds
-    shares = {k: v / measured for k, v in buckets.items()}
-    shares["everything else"] = max(0.0, 1 - sum(shares.values()))
-    return {"ms_per_token_profiled": wall * 1e3, "shares": shares}
+        self.model = load_for_cli(self.args)
+        self.load_seconds = time.perf_counter() - start
+        self.decode, self.prefill, self.stats = [], [], None
+
+    def warm_up(self, prompt_ids) -> float:
+        start = time.perf_counter()
+        timed_generation(self.model, prompt_ids, 4, self.args.compile, self.args.fused)
+        return time.perf_counter() - start
+
+    def round(self, prompt_ids, prefill_ids, new_tokens):
+        self.stats = timed_generation(self.model, prompt_ids, new_tokens, self.args.compile, self.args.fused)
+        self.decode.append(self.stats.decode_tokens_per_s)
+        prefill = timed_generation(self.model, prefill_ids, 1, self.args.compile, self.args.fused)
+        self.prefill.append(prefill.prefill_tokens_per_s)
+
+    def row(self) -> dict:
+        return {"variant": self.name, "engine": "lowbit", "flags": self.args_flags(),
+                "bits_per_weight": linear_bits_per_weight(self.model), "decode_path": self.stats.decode_path,
+                "new_tokens": self.stats.new_tokens, "decode_tok_s": self.decode, "prefill_tok_s": self.prefill,
+                "load_seconds": self.load_seconds}
+
+    def args_flags(self) -> str:
+        return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(self.args).items()
+                        if k in ("bits", "group_size", "method", "lm_head_bits", "fused", "compile"))
+
+
+def run_cpu(args):
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    cache = cache_dir() / "llama_cpp"
+    peer = llama_cpp_peer.available() and not args.no_llama_cpp
+    new_tokens, rounds = (16, 1) if args.quick else (args.new_tokens, args.rounds)
+    prefill_len = 64 if args.quick else args.prefill_tokens
+    if args.model == "smollm2":
+        model_dir = lowbit.fetch("smollm2")
+        tok = lowbit.LlamaForCausalLM.from_pretrained(model_dir).tokenizer
+        prompt = tok.encode("Explain, in a few paragraphs, why the sky is blue and why sunsets are red. " * 2)
+        prefill_ids = lowbit.data.evaluation_tokens(tok)[0, :prefill_len].tolist()
+        variants = SMOLLM2_VARIANTS
+    else:
+        source = llama_cpp_peer.llama_cpp_source(cache)
+        model_dir = llama_cpp_peer.random_llama_dir(cache / "TinyLlama-1.1B-shaped-random",
+                                                    source / llama_cpp_peer.LLAMA_SPM_VOCAB)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, llama_cpp_peer.TINYLLAMA_SHAPE["vocab_size"], (max(prefill_len, 32),), generator=g)
+        prompt, prefill_ids = [1] + ids[:31].tolist(), ids[:prefill_len].tolist()
+        variants = TINYLLAMA_VARIANTS
+    if args.variants:
+        variants = [v for v in variants if v[0] in args.variants]
+    rows = [LowbitRow(name, model_dir, flags, threads) for name, flags in variants]
+    prompt_t, prefill_t = torch.tensor([prompt]), torch.tensor([prefill_ids])
+    warm_up = {r.name: r.warm_up(prompt_t) for r in rows}
+    ggufs = {}
+    if peer:
+        source = llama_cpp_peer.llama_cpp_source(cache)
+        for t in (LLAMA_CPP_TYPES[args.model] if not args.quick else ["q4_0"]):
+            ggufs[t] = llama_cpp_peer.gguf_file(model_dir, t, cache, source)
+    peer_runs = {t: {"decode": [], "prefill": []} for t in ggufs}
+    for i in range(rounds):  # interleaved: every engine and variant once per round
+        for r in rows:
+            r.round(prompt_t, prefill_t, new_tokens)
+            print(f"round {i + 1}: {r.name}: decode {r.decode[-1]:.1f} tok/s ({r.stats.new_tokens} tokens, "
+                  f"{r.stats.decode_path}), prefill {r.prefill[-1]:.1f} tok/s", flush=True)
+        for t, path in ggufs.items():
+            d = llama_cpp_peer.llama_cpp_decode(path, prompt, new_tokens, threads)
+            p = llama_cpp_peer.llama_cpp_prefill(path, prefill_ids, threads)
+            peer_runs[t]["decode"].append(d["decode_tok_s"])
+            peer_runs[t]["prefill"].append(p["prefill_tok_s"])
+            peer_runs[t]["new_tokens"] = d["new_tokens"]
+            print(f"round {i + 1}: llama.cpp {t}: decode {d['decode_tok_s']:.1f} tok/s ({d['new_tokens']} tokens), "
+                  f"prefill {p['prefill_tok_s']:.1f} tok/s", flush=True)
+    results = [r.row() for r in rows]
+    for t, path in ggufs.items():
+        summary = llama_cpp_peer.gguf_summary(path)
+        results.append({"variant": f"llama.cpp {t.upper()}", "engine": "llama.cpp", "gguf": str(path),
+                        "bits_per_weight": summary["bits_per_weight"], "head_type": summary["head_type"],
+                        "new_tokens": peer_runs[t]["new_tokens"], "decode_tok_s": peer_runs[t]["decode"],
+                        "prefill_tok_s": peer_runs[t]["prefill"]})
+    write_cpu_results(args, results, warm_up, threads, len(prompt), len(prefill_ids), new_tokens, rounds)
+
+
+def write_cpu_results(args, results, warm_up, threads, prompt_len, prefill_len, new_tokens, rounds):
+    med = statistics.median
+    base = next((r for r in results if r["variant"] == "llama.cpp Q4_0"), None)
+    machine = (f"{platform.processor() or platform.machine()}, {threads} threads, lowbit kernels {lowbit.cpu_isa()}, "
+               f"torch {torch.__version__}"
+               + (f", llama.cpp {llama_cpp_peer.import_llama_cpp().__version__}" if base else ", no llama.cpp"))
+    lines = [f"{args.model}: {machine}. Decode: a {prompt_len}-token prompt, {new_tokens} new tokens forced (EOS "
+             f"ignored); prefill: {prefill_len} tokens; the same token ids for every engine; median of {rounds} "
+             "interleaved rounds (each value in the JSON). lowbit rows are built by the CLI's own parser and loader "
+             "(`lowbit generate MODEL <flags>`) and timed through lowbit.generate_tokens.", "",
+             "| variant | bits/weight | decode tok/s | tokens | prefill tok/s | decode vs llama.cpp Q4_0 "
+             "| prefill vs Q4_0 | decode path |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        d, p = med(r["decode_tok_s"]), med(r["prefill_tok_s"])
+        vs = (f"{d / med(base['decode_tok_s']):.2f}x | {p / med(base['prefill_tok_s']):.2f}x" if base else "– | –")
+        lines.append(f"| {r['variant']} | {r['bits_per_weight']:.2f} | {d:.1f} | {r['new_tokens']} | {p:.1f} | {vs} "
+                     f"| {r.get('decode_path', 'llama.cpp')} |")
+    lines += ["", "bits/weight: the decoder linears and the output head together, scales and zeros included "
+              "(llama.cpp: its file's, embeddings included). Warm-up (first generation, s): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in warm_up.items())]
+    table = "\n".join(lines) + "\n"
+    stem = "generate_cpu" if args.model == "smollm2" else "generate_cpu_tinyllama"
+    out = Path(args.out or Path(__file__).parent / "results" / stem)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"model": args.model, "machine": machine, "rows": results,
+                                                    "warm_up_seconds": warm_up}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print()
+    print(table)
 
 
 # --- CUDA ---------------------------------------------------------------------------------------------
@@ -194,55 +305,19 @@ def run_cuda(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="CPU: torch.compile the decode step")
+    parser.add_argument("--model", choices=["smollm2", "tinyllama-random"], default="smollm2")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even when importable")
     parser.add_argument("--variants", nargs="+", help="only these variants (names as in the table)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU")
-    if args.device == "cuda":
-        run_cuda(args)
-        return
-    stem = "generate_cpu_compiled" if args.compile else "generate_cpu"
-    out = Path(args.out or Path(__file__).parent / "results" / stem)
-    new_tokens, repeats = (32, 1) if args.quick else (128, 3)
-    path = lowbit.fetch("smollm2")
-    tok = lowbit.LlamaForCausalLM.from_pretrained(path).tokenizer
-    prompt = "Explain, in a few paragraphs, why the sky is blue and why sunsets are red. " * 2
-    prompt_ids = torch.tensor([tok.encode(prompt)])
-    rows = []
-    for name, dtype, bits, lm_head in VARIANTS:
-        if args.variants and name not in args.variants:
-            continue
-        model = build(path, dtype, bits, lm_head)
-        stats, warm_up = measure(model, prompt_ids, new_tokens, repeats, args.compile)
-        row = {"variant": name, "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
-               "prefill_tok_s": stats.prefill_tokens_per_s, "decode_tok_s": stats.decode_tokens_per_s,
-               "warm_up_seconds": warm_up, **decode_breakdown(model, prompt_ids)}
-        rows.append(row)
-        print(name, f"prefill {row['prefill_tok_s']:.1f} tok/s, decode {row['decode_tok_s']:.1f} tok/s",
-              {k: f"{100 * v:.0f}%" for k, v in row["shares"].items()}, flush=True)
-    base = rows[0]["decode_tok_s"]
-    lines = [f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-             f"kernels {lowbit.cpu_isa()}, torch {torch.__version__}"
-             f"{', decode step torch.compile' if args.compile else ''}; SmolLM2-135M-Instruct, "
-             f"{rows[0]['prompt_tokens']}-token prompt, {new_tokens} new tokens forced (EOS ignored) through "
-             "lowbit.generate_tokens, group size 64; warm-up: a first 4-token generation (compiles the step)", "",
-             "| variant | prefill tok/s | decode tok/s | tokens | decode vs float32 | lowbit kernels | float matmul "
-             "| attention | everything else | warm-up s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        s = r["shares"]
-        lines.append(f"| {r['variant']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['new_tokens']} | "
-                     f"{r['decode_tok_s'] / base:.2f}x | {100 * s.get('lowbit kernels', 0):.0f}% | "
-                     f"{100 * s.get('float matmul', 0):.0f}% | {100 * s.get('attention', 0):.0f}% | "
-                     f"{100 * s['everything else']:.0f}% | {r['warm_up_seconds']:.1f} |")
-    table = "\n".join(lines) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "new_tokens": new_tokens}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table)
-    print()
-    print(table)
+    run_cuda(args) if args.device == "cuda" else run_cpu(args)
 
 
 if __name__ == "__main__":

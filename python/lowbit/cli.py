@@ -99,7 +99,7 @@ def cmd_inspect(args) -> int:
     return 0 if inspect_checkpoint(args.path) else 1
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="4-bit and 3.5-bit LLaMA inference")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -154,8 +154,11 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_inspect)
 
     add_bench_parser(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError; OSError: files, permissions
