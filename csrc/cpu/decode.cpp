@@ -132,6 +132,18 @@ void LlamaDecoder::linear(const DecoderLinear& l, const float* x, int64_t n, flo
     if (l.bias.defined()) out.add_(l.bias);
     return;
   }
+  if (n > l.kernels->int8_max_rows_vs_bf16 && native_bf16_gemm()) {
+    // A prompt's many rows: bfloat16 activations against bfloat16 weight tiles in BLAS beat the int8 GEMV
+    // on CPUs with native bfloat16 dot products (the crossover the linear op uses for bfloat16 x).
+    const at::Tensor xg = at::empty({n, l.w.Kp}, at::kBFloat16);
+    layout_x(x, l.K, n, l.src.data(), l.w.Kp, xg.data_ptr<at::BFloat16>());
+    const at::Tensor y_bf16 = at::empty({n, l.N}, at::kBFloat16);
+    dequant_gemm(*l.kernels, l.w, xg, y_bf16);
+    at::Tensor out = at::from_blob(y, {n, l.N}, at::kFloat);
+    out.copy_(y_bf16);
+    if (l.bias.defined()) out.add_(l.bias);
+    return;
+  }
   const int64_t xblock = int8_xblock(l.w);
   const Int8Buffers buf{sized(xq_, n * l.w.Kp), sized(xscale_, n * l.w.Kp / xblock),
                         sized(xsum_, n * l.w.Kp / l.w.group_size), y, at::Tensor()};

@@ -137,6 +137,36 @@ void int8_gemv(const KernelTable& kernels, const QWeight& w, int64_t M, const fl
   });
 }
 
+template <typename T, typename Out>
+void layout_x(const T* x, int64_t row_stride, int64_t M, const int64_t* src, int64_t Kp, Out* out) {
+  at::parallel_for(0, M, 16, [&](int64_t m_begin, int64_t m_end) {
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      const T* row = x + m * row_stride;
+      Out* o = out + m * Kp;
+      for (int64_t j = 0; j < Kp; ++j) o[j] = src[j] >= 0 ? static_cast<Out>(row[src[j]]) : Out(0);
+    }
+  });
+}
+template void layout_x<float, at::BFloat16>(const float*, int64_t, int64_t, const int64_t*, int64_t, at::BFloat16*);
+
+void dequant_gemm(const KernelTable& kernels, const QWeight& w, const at::Tensor& xg, const at::Tensor& y) {
+  const bool bf16 = xg.scalar_type() == at::kBFloat16;
+  const int64_t tile_rows =
+      std::min(w.N, std::max<int64_t>(kGemmMinTileRows, kGemmTileBytes / (w.Kp * xg.element_size())));
+  const at::Tensor tile = at::empty({tile_rows, w.Kp}, xg.options());
+  for (int64_t n0 = 0; n0 < w.N; n0 += tile_rows) {
+    const int64_t rows = std::min(tile_rows, w.N - n0);
+    at::parallel_for(n0, n0 + rows, 4, [&](int64_t n_begin, int64_t n_end) {
+      const int64_t offset = (n_begin - n0) * w.Kp;
+      kernels.dequant(bf16 ? DequantArgs{w, nullptr, reinterpret_cast<uint16_t*>(tile.data_ptr()) + offset}
+                           : DequantArgs{w, tile.data_ptr<float>() + offset, nullptr},
+                      n_begin, n_end);
+    });
+    at::Tensor y_cols = y.narrow(1, n0, rows);
+    at::mm_out(y_cols, xg, tile.narrow(0, 0, rows).t());
+  }
+}
+
 namespace {
 
 // Per-thread buffers for the activation layout, reused across calls: a decode step (M <= kMaxGemvRows)
@@ -165,19 +195,6 @@ Int8Buffers int8_buffers(int64_t M, const WeightShape& s, int64_t xblock, bool n
   return {reinterpret_cast<int8_t*>(f + n_xscale + n_xsum + n_y), f, f + n_xscale, f + n_xscale + n_xsum, storage};
 }
 
-
-// GEMM input: [M, Kp] in x-order, in the GEMM's dtype (float32, or bfloat16 from bfloat16: exact).
-template <typename T, typename Out>
-void layout_x(const at::Tensor& x2, const int64_t* src, int64_t Kp, Out* out) {
-  const T* x = x2.data_ptr<T>();
-  at::parallel_for(0, x2.size(0), 16, [&](int64_t m_begin, int64_t m_end) {
-    for (int64_t m = m_begin; m < m_end; ++m) {
-      const T* row = x + m * x2.stride(0);
-      Out* o = out + m * Kp;
-      for (int64_t j = 0; j < Kp; ++j) o[j] = src[j] >= 0 ? static_cast<Out>(row[src[j]]) : Out(0);
-    }
-  });
-}
 
 at::Tensor linear_cpu(const char* op, Format format, const at::Tensor& x, const at::Tensor& qweight,
                       const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& perm,
@@ -219,27 +236,15 @@ at::Tensor linear_cpu(const char* op, Format format, const at::Tensor& x, const 
   const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && native_bf16_gemm();
   const at::Tensor xg = at::empty({M, s.Kp}, x.options().dtype(bf16_gemm ? at::kBFloat16 : at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_layout_x", [&] {
-    if (bf16_gemm) layout_x<scalar_t>(x2, scratch.src.data(), s.Kp, xg.data_ptr<at::BFloat16>());
-    else layout_x<scalar_t>(x2, scratch.src.data(), s.Kp, xg.data_ptr<float>());
+    const scalar_t* x_rows = x2.data_ptr<scalar_t>();
+    if (bf16_gemm) layout_x(x_rows, x2.stride(0), M, scratch.src.data(), s.Kp, xg.data_ptr<at::BFloat16>());
+    else layout_x(x_rows, x2.stride(0), M, scratch.src.data(), s.Kp, xg.data_ptr<float>());
   });
   // y [M, N] is the output itself when the GEMM runs in x's dtype; each tile's product lands in its
   // columns (BLAS writes strided rows directly).
   const bool direct = xg.scalar_type() == x.scalar_type();
   const at::Tensor y = direct ? out.view({M, s.N}) : at::empty({M, s.N}, xg.options());
-  const int64_t tile_rows =
-      std::min(s.N, std::max<int64_t>(kGemmMinTileRows, kGemmTileBytes / (s.Kp * xg.element_size())));
-  const at::Tensor tile = at::empty({tile_rows, s.Kp}, xg.options());
-  for (int64_t n0 = 0; n0 < s.N; n0 += tile_rows) {
-    const int64_t rows = std::min(tile_rows, s.N - n0);
-    at::parallel_for(n0, n0 + rows, 4, [&](int64_t n_begin, int64_t n_end) {
-      const int64_t offset = (n_begin - n0) * s.Kp;
-      kernels.dequant(bf16_gemm ? DequantArgs{w, nullptr, reinterpret_cast<uint16_t*>(tile.data_ptr()) + offset}
-                                : DequantArgs{w, tile.data_ptr<float>() + offset, nullptr},
-                      n_begin, n_end);
-    });
-    at::Tensor y_cols = y.narrow(1, n0, rows);
-    at::mm_out(y_cols, xg, tile.narrow(0, 0, rows).t());
-  }
+  dequant_gemm(kernels, w, xg, y);
   if (bias) y.add_(bias_f32);
   if (!direct) out.view({M, s.N}).copy_(y);
   return out;
