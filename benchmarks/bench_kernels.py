@@ -1,5 +1,5 @@
-"""Kernel benchmark: lowbit int4 / int3.5 linear vs F.linear, on the CPU (float32, bfloat16) or a CUDA GPU
-(float16, cuBLAS).
+"""Kernel benchmark: lowbit int4 / int3.5 / int8 linear vs F.linear, on the CPU (float32, bfloat16) or a CUDA GPU
+(float16, cuBLAS; int4 and int3.5, the formats with a CUDA tile layout).
 
 LLaMA-7B layer shapes, several activation row counts M. Decode configurations (on the CPU M <= 8; on
 CUDA every M) rotate through enough distinct weight matrices that the working set is at least 4x the
@@ -82,11 +82,11 @@ def copy_bandwidth(nbytes: int, min_seconds: float) -> float:
 
 
 def random_quantized(n: int, k: int, bits: float) -> lowbit.QuantizedWeight:
-    """A valid weight with random codes: every byte pattern is a valid code block in both formats."""
+    """A valid weight with random codes: every byte pattern is a valid code block in every format."""
     kp = formats.padded_in_features(k, GROUP_SIZE)
     qweight = torch.randint(0, 256, (n, formats.packed_row_bytes(bits, kp)), dtype=torch.uint8)
     scales = (torch.rand(n, kp // GROUP_SIZE) * 0.01 + 0.001).half()
-    zeros = torch.full((n, kp // GROUP_SIZE), 7.5).half()
+    zeros = torch.full((n, kp // GROUP_SIZE), formats.code_max(bits)[0].item() / 2).half()
     return lowbit.QuantizedWeight(qweight, scales, zeros, None, bits, GROUP_SIZE, k)
 
 
@@ -123,8 +123,8 @@ def run(shapes, m_values, min_seconds: float, rounds: int) -> dict:
     for n, k in shapes:
         fp32 = [torch.randn(n, k) for _ in range(copies_for(4 * n * k, working_set))]
         bf16 = [w.bfloat16() for w in fp32[:copies_for(2 * n * k, working_set)]]
-        quantized = {bits: [random_quantized(n, k, bits) for _ in range(copies_for(n * k // 2, working_set))]
-                     for bits in (4, 3.5)}
+        quantized = {bits: [random_quantized(n, k, bits)
+                            for _ in range(copies_for(int(n * k * bits / 8), working_set))] for bits in formats.BITS}
         for m in m_values:
             x32, x16 = torch.randn(m, k), torch.randn(m, k).bfloat16()
 
@@ -145,7 +145,7 @@ def run(shapes, m_values, min_seconds: float, rounds: int) -> dict:
                 t, t_x16, t_deq = best[bits, "x32"], best[bits, "x16"], best[bits, "dequantize"]
                 bytes_read = weights[0].nbytes + 4 * m * k + 4 * m * n
                 rows.append({
-                    "N": n, "K": k, "M": m, "format": "int4" if bits == 4 else "int3.5",
+                    "N": n, "K": k, "M": m, "format": f"int{bits:g}",
                     "time_ms": t * 1e3,
                     "GB_per_s": bytes_read / t / 1e9,
                     "fraction_of_copy_bw": bytes_read / t / copy_bw,

@@ -9,18 +9,22 @@
 #include "cpu/isa.h"
 
 TORCH_LIBRARY(lowbit, m) {
-  // y[..., N] = x[..., K] @ W.T (+ bias), W in the int4 / int3.5 formats of docs/FORMAT.md.
+  // y[..., N] = x[..., K] @ W.T (+ bias), W in the int4 / int3.5 / int8 formats of docs/FORMAT.md.
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, Tensor? bias, "
         "int group_size, int in_features) -> Tensor");
   m.def("int35_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, Tensor? bias, "
+        "int group_size, int in_features) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, Tensor? bias, "
         "int group_size, int in_features) -> Tensor");
   // W as float32 [N, K] in logical column order (the permutation undone).
   m.def("int4_dequantize(Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, int group_size, "
         "int in_features) -> Tensor");
   m.def("int35_dequantize(Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, int group_size, "
         "int in_features) -> Tensor");
-  // The same on the CUDA tile layout (docs/FORMAT.md), which also needs out_features (rows are padded
-  // to tiles of 16).
+  m.def("int8_dequantize(Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, int group_size, "
+        "int in_features) -> Tensor");
+  // The same on the CUDA tile layout (docs/FORMAT.md; int4 and int3.5 only), which also needs out_features
+  // (rows are padded to tiles of 16).
   m.def("int4_tiled_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, Tensor? bias, "
         "int group_size, int in_features, int out_features) -> Tensor");
   m.def("int35_tiled_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, Tensor? bias, "

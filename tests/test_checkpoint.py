@@ -107,6 +107,101 @@ def test_align_1024(hf_dir, saved, tmp_path):
     assert all(torch.equal(t, stock[k]) for k, t in load_file(str(plain / "model.safetensors")).items())
 
 
+# --- int8, and an output head in its own format ------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_head_on_int4_layers_round_trip(tmp_path, tied):
+    """An int8 head on int4 layers: saved with its format in module_formats, loaded back, shown by inspect, and the
+    streaming converter writes exactly what quantize_model computes."""
+    tiny_hf_llama(tmp_path / "hf", tie_word_embeddings=tied)
+    q = lowbit.quantize_model(LlamaForCausalLM.from_pretrained(tmp_path / "hf"), 4, 32, lm_head_bits=8,
+                              lm_head_group_size=64)
+    assert (q.lm_head.bits, q.lm_head.group_size, q.layers[0].attn.wo.bits) == (8, 64, 4)
+    assert q.quantization["module_formats"] == {"lm_head": {"bits": 8, "group_size": 64}}
+    out = lowbit.save_quantized(q, tmp_path / "q")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["modules_not_converted"]) == (4, 32, [])
+    assert qc["module_formats"] == {"lm_head": {"bits": 8, "group_size": 64}}
+    loaded = lowbit.load_quantized(out, verify=True)
+    assert (loaded.lm_head.bits, loaded.lm_head.group_size) == (8, 64)
+    assert loaded.quantization["module_formats"] == qc["module_formats"]
+    assert torch.equal(logits(loaded), logits(q))
+    assert cli(["convert", str(tmp_path / "hf"), str(tmp_path / "conv"), "--bits", "4", "--group-size", "32",
+                "--lm-head-bits", "8", "--lm-head-group-size", "64", "--float-dtype", "float32"]) == 0
+    assert json.loads((tmp_path / "conv" / "config.json").read_text())["quantization_config"] == qc
+    ours, ref = load_file(str(tmp_path / "conv" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours)
+    assert cli(["inspect", str(out)]) == 0
+
+
+def test_int8_checkpoint_and_inspect(hf_dir, tmp_path, capsys):
+    assert cli(["convert", str(hf_dir), str(tmp_path / "q8"), "--bits", "8", "--group-size", "128",
+                "--quantize-lm-head"]) == 0
+    model = lowbit.load_quantized(tmp_path / "q8", verify=True)
+    assert {m.bits for m in model.modules() if isinstance(m, lowbit.QuantLinear)} == {8}
+    float_model = LlamaForCausalLM.from_pretrained(hf_dir)
+    a, b = logits(model), logits(float_model)
+    assert ((a - b).norm() / b.norm()).item() < 0.02  # int8 weights (and the CPU's int8 activations): close
+    capsys.readouterr()
+    assert cli(["inspect", str(tmp_path / "q8")]) == 0
+    text = capsys.readouterr().out
+    assert "int8, group size 128" in text and "lm_head" in text and "int8 g128" in text
+    assert "checks: all passed" in text
+
+
+def test_inspect_names_the_other_formats(saved, tmp_path, capsys):
+    _, model = saved
+    model.lm_head = lowbit.QuantLinear.from_linear(model.lm_head, 8, 128)
+    out = lowbit.save_quantized(model, tmp_path / "head8")
+    capsys.readouterr()
+    assert cli(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "int4, group size 32; lm_head: int8 g128" in text
+    assert [line.split()[1:3] for line in text.splitlines() if line.startswith("lm_head ")] == [["int8", "g128"]]
+
+
+@pytest.mark.parametrize("entry,match", [
+    ({"lm_head": {"bits": 3, "group_size": 32}}, r"module_formats\['lm_head'\]: bits must be one of"),
+    ({"lm_head": {"bits": 8}}, r"module_formats\['lm_head'\] must be"),
+    ({"lm_head": {"bits": 8, "group_size": 48}}, "group_size must be one of"),
+    ({"layers.0.attn.wo": {"bits": 8, "group_size": 32}}, r"layers.0.attn.wo: qweight must be"),
+    ({"layers.9.attn.wo": {"bits": 8, "group_size": 32}}, "not quantized linear layers"),
+    ({"embed": {"bits": 8, "group_size": 32}}, "not quantized linear layers"),
+    ([8], "module_formats must map"),
+])
+def test_bad_module_formats_raise_clear_errors(saved, capsys, entry, match):
+    ckpt, _ = saved
+    cfg = ckpt / "config.json"
+    config = json.loads(cfg.read_text())
+    config["quantization_config"]["module_formats"] = entry
+    cfg.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=match):
+        lowbit.load_quantized(ckpt)
+    assert cli(["inspect", str(ckpt)]) == 1
+    assert "Traceback" not in capsys.readouterr().out
+
+
+def test_module_format_of_an_unconverted_module_is_refused(saved):
+    ckpt, _ = saved
+    cfg = ckpt / "config.json"
+    config = json.loads(cfg.read_text())
+    config["quantization_config"]["module_formats"] = {"lm_head": {"bits": 8, "group_size": 32}}
+    cfg.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="lm_head is also in modules_not_converted"):
+        lowbit.load_quantized(ckpt)
+
+
+def test_export_refuses_int8(hf_dir, tmp_path):
+    q8 = lowbit.convert(hf_dir, tmp_path / "q8", bits=8, group_size=32, integer_zeros=True, progress=False)
+    with pytest.raises(ValueError, match="4-bit weights only; this checkpoint is int8"):
+        lowbit.io.autoawq.export_awq(q8, tmp_path / "awq8")
+    head8 = lowbit.convert(hf_dir, tmp_path / "head8", bits=4, group_size=32, integer_zeros=True, lm_head_bits=8,
+                           progress=False)
+    with pytest.raises(ValueError, match="the output head is quantized"):
+        lowbit.io.autoawq.export_awq(head8, tmp_path / "awq_head8")
+    assert not (tmp_path / "awq8").exists() and not (tmp_path / "awq_head8").exists()
+
+
 # --- AutoAWQ ----------------------------------------------------------------------------------------
 
 def awq_reference_dequantize(qweight, qzeros, scales, group_size):
@@ -220,7 +315,7 @@ def rewrite(path, edit):
     ("extra tensor", "unexpected tensors"),
     ("non-finite scales", "layers.0.attn.wqkv.scales has non-finite values"),
     ("bad perm", "perm must be a permutation"),
-    ("unsupported bits", "bits must be 4 or 3.5"),
+    ("unsupported bits", "bits must be one of"),
     ("unsupported group size", "group_size must be one of"),
     ("config disagrees", "has shape"),
     ("not json", "config.json"),

@@ -1,6 +1,7 @@
 """CUDA kernels against the reference; the whole module is skipped without a CUDA GPU.
 
-Weights on a GPU hold the tile layout (lowbit.tiled). The matmul kernel (M <= 64) runs on tensor cores
+int4 and int3.5 weights on a GPU hold the tile layout (lowbit.tiled); int8 weights keep the canonical layout and
+take the dense path (dequantize + cuBLAS) for every M. The matmul kernel (M <= 64) runs on tensor cores
 with float16 inputs and float32 accumulation:
   weights  q - z (int3.5's 3-bit codes q * 15/7 - z) rounded once to float16 in registers: up to 2^-11
            relative per weight; the group's scale is applied in float32 to the group's float32 sum;
@@ -70,7 +71,7 @@ def test_extension_has_cuda_kernels():
     assert lowbit.build_info()["cuda"], "lowbit was built without its CUDA kernels (nvcc or CUDA torch missing)"
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("group_size", formats.GROUP_SIZES)
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 9, 16, 17, 33, 40, 64, 65, 256])
 @pytest.mark.parametrize("n, k", [
@@ -82,7 +83,7 @@ def test_linear_every_m_and_group_size(bits, group_size, m, n, k):
     check_linear(torch.randn(m, k, device=CUDA).half(), qw)
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 5, 40])
 @pytest.mark.parametrize("with_perm", [False, True])
@@ -124,7 +125,7 @@ def test_linear_llama_shapes(bits, n, k, m_values):
     check_linear(torch.randn(5, k, device=CUDA).bfloat16(), qw, torch.randn(n, device=CUDA).bfloat16(), w_ref)
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 def test_linear_3d_non_contiguous_and_empty(bits):
     n, k = 48, 160
     qw = make_weight(n, k, bits, 32, with_perm=True)
@@ -155,7 +156,7 @@ def test_to_cuda_repacks_and_back_is_exact(bits, group_size, n, k):
         assert torch.equal(gpu.tensors()[name].cpu(), t)  # saving from the GPU: canonical
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 def test_canonical_tensors_on_cuda(bits):
     # The canonical ops on CUDA tensors (dequantize + cuBLAS), also from a view at an odd byte offset.
     n, k = 64, 520
@@ -175,7 +176,7 @@ def test_canonical_tensors_on_cuda(bits):
     assert torch.equal(odd.dequantize(), canonical.dequantize())
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("magnitude", [1e6, 1e-12])
 def test_activations_outside_float16_range(bits, dtype, magnitude):
@@ -198,7 +199,7 @@ def test_decode_prefill_and_dense_paths_agree(bits):
         assert ((y.float() - dense.float()).norm() / dense.float().norm()).item() < 2e-3
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("group_size", formats.GROUP_SIZES)
 @pytest.mark.parametrize("with_perm", [False, True])
 @pytest.mark.parametrize("n, k", [(37, 300), (100, 328), (64, 1024)])
@@ -214,7 +215,7 @@ def test_dequantize_is_exact(bits, group_size, with_perm, n, k):
         assert torch.equal(out.cpu(), expected)
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("m", [1, 12])
 @pytest.mark.parametrize("with_perm", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -222,26 +223,28 @@ def test_opcheck_linear(bits, m, with_perm, dtype):
     qw = make_weight(45, 200, bits, 64, with_perm)
     x = torch.randn(m, 200, device=CUDA).to(dtype)
     bias = torch.randn(45, device=CUDA).to(dtype)
-    linear_op, _ = TILED_OPS[bits]
-    for b in (bias, None):
-        torch.library.opcheck(linear_op.default, (x, *qw.op_args(), b, qw.group_size, qw.in_features, 45))
+    if bits in TILED_OPS:  # int8 stays canonical on the GPU
+        linear_op, _ = TILED_OPS[bits]
+        for b in (bias, None):
+            torch.library.opcheck(linear_op.default, (x, *qw.op_args(), b, qw.group_size, qw.in_features, 45))
     canonical = qw.to_layout("canonical")
     linear_op, _ = OPS[bits]
     torch.library.opcheck(linear_op.default, (x, *canonical.op_args(), bias, qw.group_size, qw.in_features))
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("with_perm", [False, True])
 def test_opcheck_dequantize(bits, with_perm):
     qw = make_weight(48, 200, bits, 64, with_perm)
-    _, dequantize_op = TILED_OPS[bits]
-    torch.library.opcheck(dequantize_op.default, (*qw.op_args(), qw.group_size, qw.in_features, 48))
+    if bits in TILED_OPS:
+        _, dequantize_op = TILED_OPS[bits]
+        torch.library.opcheck(dequantize_op.default, (*qw.op_args(), qw.group_size, qw.in_features, 48))
     canonical = qw.to_layout("canonical")
     _, dequantize_op = OPS[bits]
     torch.library.opcheck(dequantize_op.default, (*canonical.op_args(), qw.group_size, qw.in_features))
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 def test_torch_compile_fullgraph(bits):
     torch._dynamo.reset()
     model = nn.Sequential(nn.Linear(256, 96), nn.SiLU(), nn.Linear(96, 64))
@@ -254,7 +257,7 @@ def test_torch_compile_fullgraph(bits):
         assert torch.allclose(compiled(x), model(x), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 16])
 def test_cuda_graph_replay_matches_eager(bits, dtype, m):
@@ -331,6 +334,21 @@ def test_quant_linear_to_cuda_keeps_the_format():
     assert all(torch.equal(q.state_dict()[name], t.cpu()) for name, t in state.items())
 
 
+@pytest.mark.parametrize("group_size", formats.GROUP_SIZES)
+def test_int8_stays_canonical_on_cuda(group_size):
+    # int8 has no tile layout: on the GPU it keeps the canonical tensors (dequantize + cuBLAS), bit for bit.
+    cpu = make_weight(37, 300, 8, group_size, with_perm=True, device="cpu")
+    gpu = cpu.to(CUDA)
+    assert gpu.layout == "canonical" and gpu.qweight.device.type == "cuda"
+    assert all(torch.equal(gpu.tensors()[name].cpu(), t) for name, t in cpu.tensors().items())
+    q = lowbit.QuantLinear(cpu, torch.randn(37)).to(CUDA)
+    assert q.layout == "canonical" and q.qweight.device.type == "cuda"
+    x = torch.randn(5, 300)
+    check_linear(x.to(CUDA), q.weight, q.bias)
+    assert all(torch.equal(t.cpu(), cpu.tensors()[name]) for name, t in q.state_dict().items() if name != "bias")
+    assert q.cpu().layout == "canonical"
+
+
 def tiny_llama(bits):
     config = lowbit.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
                                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
@@ -361,7 +379,7 @@ def exact_model(model):
     return exact
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 def test_llama_on_cuda_matches_cpu(bits):
     # Both backends against the float64 model with the same (exactly dequantized) weights, each within the
     # bound of its own arithmetic: CUDA rounds activations and weights to float16 inside the matmul
@@ -393,7 +411,7 @@ def test_llama_on_cuda_matches_cpu(bits):
             assert rel_rms(half(tokens.to(CUDA)), gpu(tokens.to(CUDA))) < tol
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 def test_generate_on_cuda_replays_one_graph(bits):
     # lowbit.generate's decode step on CUDA is a CUDA graph captured once; its greedy tokens are those of
     # stateless forwards over the growing sequence on the same GPU.
@@ -413,7 +431,7 @@ def test_generate_on_cuda_replays_one_graph(bits):
     assert decode_step(model, 1) is step  # same cache: the captured graph is reused
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 9, 40])  # the tile kernel with one and two token tiles, and cuBLAS
 def test_non_finite_activations_propagate(bits, dtype, m):

@@ -42,9 +42,9 @@ def test_unsupported_group_size(qw, group_size):
         call(qw, torch.randn(1, 128), group_size=group_size)
 
 
-@pytest.mark.parametrize("bits", [3, 2, 8, 4.5, "4"])
+@pytest.mark.parametrize("bits", [3, 2, 16, 4.5, "4", "8"])
 def test_unsupported_bits(bits):
-    with pytest.raises(ValueError, match="bits must be 4 or 3.5"):
+    with pytest.raises(ValueError, match="bits must be one of"):
         lowbit.quantize_weight(torch.randn(4, 128), bits, 64)
 
 
@@ -144,3 +144,11 @@ def test_cli_reports_file_errors_in_one_line(tmp_path, capsys):
     with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
         with atomic_directory(blocker / "out"):
             pass
+
+
+def test_int8_op_checks_its_packed_width():
+    q4 = lowbit.quantize_weight(torch.randn(32, 128), 4, 64)  # int4's [32, 64] bytes passed as int8
+    with pytest.raises(ValueError, match=r"lowbit.int8_linear: qweight must be \[32, 128\]"):
+        torch.ops.lowbit.int8_linear(torch.randn(1, 128), *q4.op_args(), None, 64, 128)
+    with pytest.raises(ValueError, match=r"lowbit.int8_dequantize: qweight must be \[32, 128\]"):
+        torch.ops.lowbit.int8_dequantize(*q4.op_args(), 64, 128)

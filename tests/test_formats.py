@@ -5,18 +5,18 @@ import lowbit
 from lowbit import formats
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 def test_pack_unpack_round_trip_every_code_at_every_position(bits):
-    # Column c of row r holds code (r + c) % (max + 1): every code appears at every position of a block.
+    # Column c of row r holds code (r + 16 c) % (max + 1): every code appears at every position of a block.
     kp = 64
     limit = formats.code_max(bits)
     cols = torch.arange(kp)
-    rows = torch.arange(16)[:, None]
+    rows = torch.arange(256)[:, None]
     maxima = limit[cols % 2]
-    codes = ((rows + cols) % (maxima + 1)).to(torch.int32)
+    codes = ((rows + 16 * cols) % (maxima + 1)).to(torch.int32)
     packed = formats.pack(codes, bits)
     assert packed.dtype == torch.uint8
-    assert packed.shape == (16, kp // 2 if bits == 4 else kp // 16 * 7)
+    assert packed.shape == (256, {4: kp // 2, 3.5: kp // 16 * 7, 8: kp}[bits])
     assert torch.equal(formats.unpack(packed, bits), codes)
 
 
@@ -47,14 +47,37 @@ def test_int4_bit_layout_matches_format_doc():
     assert packed[0, 15].item() == 9 << 4
 
 
-def test_pack_rejects_codes_out_of_range():
+def test_int8_bit_layout_matches_format_doc():
+    # docs/FORMAT.md: byte j of a row is the code of column j.
+    codes = torch.arange(64, dtype=torch.int32).view(1, 64) * 4 + 3
+    assert formats.pack(codes, 8).tolist() == codes.tolist()
+
+
+@pytest.mark.parametrize("bits,column,code", [(3.5, 1, 8), (4, 0, 16), (8, 5, 256), (8, 2, -1)])
+def test_pack_rejects_codes_out_of_range(bits, column, code):
     codes = torch.zeros(1, 32, dtype=torch.int32)
-    codes[0, 1] = 8  # odd column of int3.5 holds 3-bit codes
+    codes[0, column] = code  # e.g. an odd column of int3.5 holds 3-bit codes
     with pytest.raises(ValueError, match="out of range"):
-        formats.pack(codes, 3.5)
+        formats.pack(codes, bits)
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+def test_int8_codes_of_a_weight_on_the_grid_are_exact():
+    # A weight that already lies on an int8 grid (integer zero points; every group reaching codes 0 and 255)
+    # comes back with exactly its codes, scales and zero points: nothing is lost on the way.
+    n, groups, g = 16, 4, 64
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 256, (n, groups, g), generator=gen)
+    codes[..., 0], codes[..., 1] = 0, 255
+    scales = (torch.rand(n, groups, generator=gen) * 0.01 + 1e-4).half()
+    zeros = torch.randint(0, 256, (n, groups), generator=gen).half()
+    w = ((codes - zeros.float()[..., None]) * scales.float()[..., None]).view(n, -1)
+    qw = lowbit.quantize_weight(w, 8, g)
+    assert torch.equal(formats.unpack(qw.qweight, 8), codes.view(n, -1).to(torch.int32))
+    assert torch.equal(qw.scales, scales) and torch.equal(qw.zeros, zeros)
+    assert torch.equal(qw.dequantize(), w)
+
+
+@pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("group_size", formats.GROUP_SIZES)
 @pytest.mark.parametrize("k", [576, 100, 256])
 def test_quantize_weight_error_within_half_a_step(bits, group_size, k):
@@ -72,11 +95,13 @@ def test_quantize_weight_error_within_half_a_step(bits, group_size, k):
 
 def test_quantize_weight_nbytes_and_bits_per_weight():
     w = torch.randn(4096, 4096)
-    q4, q35 = lowbit.quantize_weight(w, 4, 128), lowbit.quantize_weight(w, 3.5, 128)
+    q4, q35, q8 = (lowbit.quantize_weight(w, bits, 128) for bits in (4, 3.5, 8))
     assert q4.nbytes == 4096 * 2048 + 2 * 4096 * 32 * 2
     assert q35.nbytes == 4096 * 4096 // 16 * 7 + 2 * 4096 * 32 * 2
+    assert q8.nbytes == 4096 * 4096 + 2 * 4096 * 32 * 2
     assert q4.bits_per_weight == pytest.approx(4.25)
     assert q35.bits_per_weight == pytest.approx(3.75)
+    assert q8.bits_per_weight == pytest.approx(8.25)
 
 
 def test_quantize_with_perm_stores_permuted_columns():
@@ -97,8 +122,17 @@ def test_constant_and_zero_groups_are_exact():
     assert torch.allclose(deq, w, atol=1e-3)
 
 
-def test_quantized_weight_to_and_tensors():
-    qw = lowbit.quantize_weight(torch.randn(16, 64), 3.5, 32, perm=torch.randperm(64))
+@pytest.mark.parametrize("bits", formats.BITS)
+def test_quantized_weight_to_and_tensors(bits):
+    qw = lowbit.quantize_weight(torch.randn(16, 64), bits, 32, perm=torch.randperm(64))
     assert set(qw.tensors()) == {"qweight", "scales", "zeros", "perm"}
-    again = lowbit.QuantizedWeight.from_tensors(qw.to("cpu").tensors(), 3.5, 32, 64)
+    again = lowbit.QuantizedWeight.from_tensors(qw.to("cpu").tensors(), bits, 32, 64)
     assert torch.equal(again.dequantize(), qw.dequantize())
+
+
+def test_int8_has_no_tiled_layout():
+    qw = lowbit.quantize_weight(torch.randn(16, 64), 8, 32)
+    assert lowbit.weight.device_layout(8, torch.device("cuda")) == "canonical"
+    assert lowbit.weight.device_layout(4, torch.device("cuda")) == "tiled"
+    with pytest.raises(ValueError, match="int8 has no tiled layout"):
+        qw.to_layout("tiled")

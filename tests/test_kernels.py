@@ -49,7 +49,7 @@ def check_linear(x, qw, bias):
         assert (y.double() - exact).abs().max().item() <= tol
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("group_size", formats.GROUP_SIZES)
 @pytest.mark.parametrize("m", M_VALUES)
 def test_linear_matches_reference_every_m_and_group_size(isa, bits, group_size, m):
@@ -58,7 +58,7 @@ def test_linear_matches_reference_every_m_and_group_size(isa, bits, group_size, 
     check_linear(torch.randn(m, k), qw, None)
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 5, 40])
 @pytest.mark.parametrize("with_perm", [False, True])
@@ -70,7 +70,7 @@ def test_linear_dtypes_bias_perm(isa, bits, dtype, m, with_perm, with_bias):
     check_linear(torch.randn(m, k).to(dtype), qw, bias)
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 def test_linear_3d_and_non_contiguous_inputs(isa, bits):
     n, k = 48, 160
     qw = make_weight(n, k, bits, 32, with_perm=True)
@@ -85,7 +85,7 @@ def test_linear_3d_and_non_contiguous_inputs(isa, bits):
     assert torch.equal(y, lowbit.linear(x3.contiguous(), qw))
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 def test_int8_row_blocks_match_single_rows(isa, bits):
     # Each activation row is quantized and summed on its own, whichever block of rows it runs in.
     limit = int8_limit(torch.float32)
@@ -96,7 +96,7 @@ def test_int8_row_blocks_match_single_rows(isa, bits):
     assert torch.equal(lowbit.linear(x, qw), one_by_one)
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 def test_int8_and_gemm_paths_agree(isa, bits):
     dtype = next((d for d in (torch.float32, torch.bfloat16) if int8_limit(d) is not None), None)
     if dtype is None:
@@ -110,7 +110,7 @@ def test_int8_and_gemm_paths_agree(isa, bits):
     assert ((batched - one_by_one).norm() / batched.norm()).item() < 0.02
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("group_size", formats.GROUP_SIZES)
 @pytest.mark.parametrize("with_perm", [False, True])
 def test_dequantize_matches_reference(isa, bits, group_size, with_perm):
@@ -121,9 +121,10 @@ def test_dequantize_matches_reference(isa, bits, group_size, with_perm):
     assert (out - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
 
 
-def test_isas_agree_exactly_on_integer_path():
+@pytest.mark.parametrize("bits", formats.BITS)
+def test_isas_agree_exactly_on_integer_path(bits):
     # All ISAs compute identical integer dot products; only float summation order may differ.
-    qw = make_weight(64, 640, 3.5, 128, with_perm=True)
+    qw = make_weight(64, 640, bits, 128, with_perm=True)
     x = torch.randn(3, 640)
     outputs = []
     previous = lowbit.cpu_isa()
@@ -136,11 +137,11 @@ def test_isas_agree_exactly_on_integer_path():
         assert (y - outputs[0]).abs().max().item() <= 2e-6 * scale
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("group_size", formats.GROUP_SIZES)
 def test_bfloat16_tiles_agree_across_isas(bits, group_size):
-    # AVX-512 builds bfloat16 prefill tiles by table lookup, AVX2 by arithmetic: the same values, and the
-    # two share one column order, so the products are identical.
+    # AVX-512 builds bfloat16 prefill tiles of int4 and int3.5 by table lookup, AVX2 by arithmetic (and both
+    # int8's): the same values, and the two share one column order, so the products are identical.
     available = lowbit.build_info()["cpu_isas_available"]
     if "avx512_vnni" not in available or not lowbit.build_info()["cpu_features"]["avx512_bf16"]:
         pytest.skip("needs AVX-512 with bfloat16 dot products (the only ISA with the lookup)")
@@ -154,6 +155,21 @@ def test_bfloat16_tiles_agree_across_isas(bits, group_size):
         outputs.append(lowbit.linear(x, qw))
     lowbit.set_cpu_isa(previous)
     assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_int8_extreme_codes_and_activations_are_exact(isa, sign):
+    # Codes 255 next to activation codes +-127: a pair of products is 2 * 255 * 127, past int16, where a
+    # saturating u8 x s8 pair sum (vpmaddubsw) would clip it. Every ISA must sum it exactly.
+    w = torch.ones(40, 256)
+    w[:, ::64] = 0.0                       # each group's range is [0, 1]: code 255 for 1.0, code 0 for 0.0
+    qw = lowbit.quantize_weight(w, 8, 64)
+    assert formats.unpack(qw.qweight, 8).max() == 255
+    x = torch.full((3, 256), float(sign))
+    y = lowbit.linear(x, qw)
+    model = int8_activation_linear(x, qw)
+    assert (y.double() - model).abs().max().item() <= 1e-5 * model.abs().max().item()
+    assert torch.allclose(y, torch.full_like(y, sign * 252.0), rtol=1e-3)
 
 
 def test_respects_thread_count():
@@ -175,7 +191,7 @@ def test_empty_batch():
     assert lowbit.linear(torch.randn(0, 64), qw).shape == (0, 16)
 
 
-@pytest.mark.parametrize("bits", [4, 3.5])
+@pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 5, 40])  # the int8 path, and beyond it where the ISA has a row limit
 def test_non_finite_activations_propagate(isa, bits, dtype, m):

@@ -7,12 +7,14 @@ struct Avx2Isa {
   using Vec = __m256;
   static constexpr int kWidth = 8;
   static constexpr int kVecs = kChunk / kWidth;
-  // int4: even columns, then odd ones. int3.5: evens then odds of each 16-column block.
-  static constexpr int kOrder[2][kChunk] = {
+  // int4: even columns, then odd ones. int3.5: evens then odds of each 16-column block. int8: in order.
+  static constexpr int kOrder[kFormats][kChunk] = {
       {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
        1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31},
       {0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-       16, 18, 20, 22, 24, 26, 28, 30, 17, 19, 21, 23, 25, 27, 29, 31}};
+       16, 18, 20, 22, 24, 26, 28, 30, 17, 19, 21, 23, 25, 27, 29, 31},
+      {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+       16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31}};
 
   static Vec zero() { return _mm256_setzero_ps(); }
   static Vec set1(float v) { return _mm256_set1_ps(v); }
@@ -47,6 +49,7 @@ struct Avx2Isa {
 
   template <Format F>
   static Codes decode(const uint8_t* p) {
+    if (F == Format::kInt8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     if (F == Format::kInt4) {
       // The 16 bytes in the low half, the same shifted right by 4 (odd codes) in the high half.
       const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -82,10 +85,25 @@ struct Avx2Isa {
   }
   static Vec to_float(IntAcc acc) { return _mm256_cvtepi32_ps(_mm256_madd_epi16(acc, _mm256_set1_epi16(1))); }
 
+  // int8 codes: a pair of u8 x s8 products reaches 2 * 255 * 127, past int16 (vpmaddubsw would saturate).
+  // Codes and activations widened to int16, pairs summed into int32 lanes (vpmaddwd).
+  static constexpr bool kInt8DotSeparate = true;
+  static IntAcc dot_acc_int8(IntAcc acc, Codes q, const int8_t* x) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    const __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
+                                         _mm256_cvtepi8_epi16(_mm256_castsi256_si128(xv)));
+    const __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1)),
+                                         _mm256_cvtepi8_epi16(_mm256_extracti128_si256(xv, 1)));
+    return _mm256_add_epi32(acc, _mm256_add_epi32(lo, hi));
+  }
+
   using Acc = __m256;
   static Acc acc_zero() { return _mm256_setzero_ps(); }
   static Acc scale_add(IntAcc dot, float s, Acc acc) {
     return _mm256_fmadd_ps(to_float(dot), _mm256_set1_ps(s), acc);
+  }
+  static Acc scale_add_int8(IntAcc dot, float s, Acc acc) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s), acc);
   }
   static Acc acc_fma(Acc a, float s, Acc acc) { return _mm256_fmadd_ps(a, _mm256_set1_ps(s), acc); }
   static float vec_sum(Vec v) {

@@ -68,8 +68,8 @@ void LlamaDecoder::add_layer(at::Tensor attn_norm, at::Tensor ffn_norm, at::Tens
 void LlamaDecoder::add_quantized_linear(double bits, at::Tensor qweight, at::Tensor scales, at::Tensor zeros,
                                         std::optional<at::Tensor> perm, std::optional<at::Tensor> bias,
                                         int64_t group_size, int64_t in_features) {
-  TORCH_CHECK_VALUE(bits == 4.0 || bits == 3.5, kOp, ": bits must be 4 or 3.5, got ", bits);
-  const Format format = bits == 4.0 ? Format::kInt4 : Format::kInt35;
+  TORCH_CHECK_VALUE(bits == 4.0 || bits == 3.5 || bits == 8.0, kOp, ": bits must be 4, 3.5 or 8, got ", bits);
+  const Format format = bits == 4.0 ? Format::kInt4 : bits == 3.5 ? Format::kInt35 : Format::kInt8;
   const WeightShape s = check_weight(kOp, format, qweight, scales, zeros, perm, group_size, in_features);
   TORCH_CHECK_VALUE(qweight.device().is_cpu(), kOp, ": the weights must be on the CPU");
   check_perm_values(kOp, perm, s.K);

@@ -14,7 +14,7 @@
 namespace lowbit {
 namespace cpu {
 
-// One linear layer: quantized (canonical layout, run on the int8 path of the kernels it was prepared
+// One linear layer: quantized (any format, canonical layout, run on the int8-activation path of the kernels it was prepared
 // with) or float32 (BLAS).
 struct DecoderLinear {
   at::Tensor qweight, scales, zeros;  // quantized

@@ -1,6 +1,7 @@
 // AVX-512 kernels: the AVX2 kernels with 512-bit integer dot products (vpdpbusd: u8 x s8, four products
-// summed into each int32 lane) over two 32-column chunks per step, and int3.5 codes unpacked with byte
-// permutes and bit-field selects (VBMI: vpermb, vpmultishiftqb) instead of shuffles and multiplies.
+// summed into each int32 lane, int8 codes as they are) over two 32-column chunks per step, and int3.5 codes
+// unpacked with byte permutes and bit-field selects (VBMI: vpermb, vpmultishiftqb) instead of shuffles and
+// multiplies.
 // Compiled with -mavx512f -mavx512vl -mavx512bw -mavx512vbmi -mavx512vnni (and the AVX2 set); called only
 // when the CPU has them.
 #include <immintrin.h>
@@ -67,7 +68,7 @@ struct Isa : Avx2Isa {
 
   template <Format F>
   static Codes decode(const uint8_t* p) {
-    if (F == Format::kInt4) return Avx2Isa::decode<F>(p);
+    if (F != Format::kInt35) return Avx2Isa::decode<F>(p);
     const __m256i bytes = _mm256_maskz_loadu_epi8(0x3FFFu, p);  // the chunk's 14 bytes, nothing past them
     const __m256i blocks = _mm256_permutexvar_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(kInt35.gather)),
                                                    bytes);
@@ -79,6 +80,7 @@ struct Isa : Avx2Isa {
   using Codes2 = __m512i;  // the codes of two consecutive chunks, each in x-order
   template <Format F>
   static Codes2 decode2(const uint8_t* p) {
+    if (F == Format::kInt8) return _mm512_loadu_si512(p);  // the two chunks' 64 codes
     // 32 bytes: int4's two chunks, or int3.5's 28 bytes and 4 more that never reach a code (the
     // kernel body keeps this read inside the weight; a masked load is slower).
     const __m512i bytes = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -91,7 +93,8 @@ struct Isa : Avx2Isa {
                             _mm512_load_si512(kInt35.mask));
   }
 
-  using IntAcc = __m512i;  // int32 partial sums; single chunks use the low half
+  using IntAcc = __m512i;  // int32 partial sums (u8 x s8 products of int8 codes too); single chunks: low half
+  static constexpr bool kInt8DotSeparate = false;
   static IntAcc int_zero() { return _mm512_setzero_si512(); }
   static IntAcc dot_acc(IntAcc acc, Codes q, const int8_t* x) {
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));

@@ -9,12 +9,14 @@ struct Isa {
   using Vec = float;
   static constexpr int kWidth = 1;
   static constexpr int kVecs = kChunk;
-  // x-order: even columns 0, 2, ..., 30, then odd columns 1, 3, ..., 31 (both formats).
-  static constexpr int kOrder[2][kChunk] = {
+  // x-order: even columns 0, 2, ..., 30, then odd columns 1, 3, ..., 31 (int4, int3.5); int8 in order.
+  static constexpr int kOrder[kFormats][kChunk] = {
       {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
        1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31},
       {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
-       1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}};
+       1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31},
+      {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+       16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31}};
 
   static Vec zero() { return 0.0f; }
   static Vec set1(float v) { return v; }
@@ -57,7 +59,9 @@ struct Isa {
   template <Format F>
   static Codes decode(const uint8_t* p) {
     Codes q;
-    if (F == Format::kInt4) {
+    if (F == Format::kInt8) {
+      for (int j = 0; j < kChunk; ++j) q.v[j] = p[j];
+    } else if (F == Format::kInt4) {
       for (int j = 0; j < 16; ++j) {
         q.v[j] = p[j] & 15;
         q.v[16 + j] = p[j] >> 4;
@@ -76,7 +80,8 @@ struct Isa {
     return q;
   }
 
-  using IntAcc = int32_t;
+  using IntAcc = int32_t;  // holds int8 codes' products too
+  static constexpr bool kInt8DotSeparate = false;
   static IntAcc int_zero() { return 0; }
   static IntAcc dot_acc(IntAcc acc, const Codes& q, const int8_t* x) {
     for (int i = 0; i < kChunk; ++i) acc += q.v[i] * x[i];

@@ -9,6 +9,8 @@
 //   IntAcc, int_zero()                       integer partial sums of code * x
 //   dot_acc(IntAcc, Codes, const int8_t* x)  adds one chunk's products (exact over an activation block)
 //   Acc, acc_zero(), scale_add(IntAcc, s, Acc)  float sums of the dot products: Acc += s * (partial sums)
+//   kInt8DotSeparate                         true when dot_acc's sums only hold codes up to 15; then
+//   dot_acc_int8, scale_add_int8              the same two for int8 codes (0..255), on the same IntAcc
 //   acc_fma(Acc a, s, Acc)                   Acc += s * a
 //   acc_sum(Acc)                             their total
 //   widen(Codes, Vec[kVecs])                 the codes as floats, x-order
@@ -39,6 +41,19 @@ void load_halves(const uint16_t* h, int64_t count, float* out) {
   int64_t i = 0;
   for (; i + I::kWidth <= count; i += I::kWidth) I::store(out + i, I::load_halves(h + i));
   for (; i < count; ++i) out[i] = I::half_to_float(h[i]);
+}
+
+// One chunk's products of F's codes with int8 activations, and a block's sums scaled into the float sums.
+template <Format F, typename I>
+typename I::IntAcc dot_codes(typename I::IntAcc acc, const typename I::Codes& q, const int8_t* x) {
+  if constexpr (F == Format::kInt8 && I::kInt8DotSeparate) return I::dot_acc_int8(acc, q, x);
+  else return I::dot_acc(acc, q, x);
+}
+
+template <Format F, typename I>
+typename I::Acc scale_add_codes(typename I::IntAcc dot, float s, typename I::Acc acc) {
+  if constexpr (F == Format::kInt8 && I::kInt8DotSeparate) return I::scale_add_int8(dot, s, acc);
+  else return I::scale_add(dot, s, acc);
 }
 
 // F: weight format, MB: activation rows, CX: 32-column chunks per activation block, kPairs: decode two
@@ -91,6 +106,7 @@ void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
           for (int m = 0; m < MB; ++m) dot[m] = I::int_zero();
           __builtin_prefetch(codes + xb * CX * kBytes + kPrefetchBytes);  // never faults, even past the end
           if constexpr (kPairs && CX == 2 && I::kChunksPerStep == 2) {
+            static_assert(F != Format::kInt8 || !I::kInt8DotSeparate, "dot_acc2 must hold int8 codes' products");
             const int64_t c = xb * CX;
             const typename I::Codes2 q = I::template decode2<F>(codes + c * kBytes);
             for (int m = 0; m < MB; ++m) dot[m] = I::dot_acc2(dot[m], q, a.xq + m * w.Kp + c * kChunk);
@@ -98,11 +114,11 @@ void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
             for (int cc = 0; cc < CX; ++cc) {
               const int64_t c = xb * CX + cc;
               const typename I::Codes q = I::template decode<F>(codes + c * kBytes);
-              for (int m = 0; m < MB; ++m) dot[m] = I::dot_acc(dot[m], q, a.xq + m * w.Kp + c * kChunk);
+              for (int m = 0; m < MB; ++m) dot[m] = dot_codes<F, I>(dot[m], q, a.xq + m * w.Kp + c * kChunk);
             }
           }
           for (int m = 0; m < MB; ++m)
-            group_total[m] = I::scale_add(dot[m], a.xscale[m * n_xblocks + xb], group_total[m]);
+            group_total[m] = scale_add_codes<F, I>(dot[m], a.xscale[m * n_xblocks + xb], group_total[m]);
         }
         for (int m = 0; m < MB; ++m) total[m] = I::acc_fma(group_total[m], s[g - g0], total[m]);
       }
@@ -144,19 +160,20 @@ void gemv_rows(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 
 // The op layer passes xblock = 32 or 64 (kXBlock, or group_size 32).
 void gemv(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
-  const bool int4 = a.w.format == Format::kInt4;
-  if (a.xblock == 2 * kChunk) int4 ? gemv_rows<Format::kInt4, 2>(a, n_begin, n_end)
-                                   : gemv_rows<Format::kInt35, 2>(a, n_begin, n_end);
-  else int4 ? gemv_rows<Format::kInt4, 1>(a, n_begin, n_end) : gemv_rows<Format::kInt35, 1>(a, n_begin, n_end);
+  visit_format(a.w.format, [&](auto format) {
+    constexpr Format F = decltype(format)::value;
+    if (a.xblock == 2 * kChunk) gemv_rows<F, 2>(a, n_begin, n_end);
+    else gemv_rows<F, 1>(a, n_begin, n_end);
+  });
 }
 
 inline void store_out(float* p, Isa::Vec v) { Isa::store(p, v); }
 inline void store_out(uint16_t* p, Isa::Vec v) { Isa::store_bf16(p, v); }
 
 // Dequantized rows in x-order, as float32 or bfloat16. With kLookup (bfloat16 on ISAs with
-// kBf16Lookup), each group's at most 16 + 8 distinct values (int3.5's 3-bit codes take entries 16..23) are
-// computed once, exactly as the arithmetic computes every weight, and each code is one table lookup: the
-// same tiles, faster.
+// kBf16Lookup, int4 and int3.5), each group's at most 16 + 8 distinct values (int3.5's 3-bit codes take
+// entries 16..23) are computed once, exactly as the arithmetic computes every weight, and each code is one
+// table lookup: the same tiles, faster.
 template <Format F, typename Out, bool kLookup = false, typename I = Isa>
 void dequant_rows(const QWeight& w, Out* rows, int64_t n_begin, int64_t n_end) {
   using Vec = typename I::Vec;
@@ -204,10 +221,13 @@ void dequant_rows(const QWeight& w, Out* rows, int64_t n_begin, int64_t n_end) {
   }
 }
 
+// int8's 256 codes per group do not fit the 32-entry table: it always takes the arithmetic.
 template <bool kLookup, typename Out>
 void dequant_to(const QWeight& w, Out* rows, int64_t n_begin, int64_t n_end) {
-  if (w.format == Format::kInt4) dequant_rows<Format::kInt4, Out, kLookup>(w, rows, n_begin, n_end);
-  else dequant_rows<Format::kInt35, Out, kLookup>(w, rows, n_begin, n_end);
+  visit_format(w.format, [&](auto format) {
+    constexpr Format F = decltype(format)::value;
+    dequant_rows<F, Out, kLookup && F != Format::kInt8>(w, rows, n_begin, n_end);
+  });
 }
 
 void dequant(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
@@ -265,7 +285,7 @@ void attend(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
 
 KernelTable make_table(const char* name) {
   KernelTable t{name, {}, Isa::kInt8MaxRows, Isa::kInt8MaxRowsVsBf16, gemv, dequant, attend};
-  for (int f = 0; f < 2; ++f)
+  for (int f = 0; f < kFormats; ++f)
     for (int i = 0; i < kChunk; ++i) t.x_order[f][i] = Isa::kOrder[f][i];
   return t;
 }

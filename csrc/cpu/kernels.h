@@ -13,7 +13,7 @@ namespace cpu {
 
 // Columns are processed in chunks of 32 (every group size is a multiple of 32).
 constexpr int kChunk = 32;
-// Bytes of packed codes per 32-column chunk: int4 = 32 x 4 bits, int3.5 = two 7-byte blocks.
+// Bytes of packed codes per 32-column chunk: int4 = 32 x 4 bits, int3.5 = two 7-byte blocks, int8 = 32.
 constexpr int64_t chunk_bytes(Format f) { return packed_row_bytes(f, kChunk); }
 
 // One quantized weight in the canonical layout of docs/FORMAT.md.
@@ -71,7 +71,7 @@ struct AttendArgs {
 // so no shuffle is needed in the inner loop.
 struct KernelTable {
   const char* name;
-  int x_order[2][kChunk];
+  int x_order[kFormats][kChunk];
   // Activation rows up to which linear runs gemv (in blocks of kMaxGemvRows rows) rather than dequant
   // and BLAS: against a float32 GEMM, and against a native bfloat16 GEMM (measured crossovers).
   int64_t int8_max_rows, int8_max_rows_vs_bf16;

@@ -17,11 +17,6 @@ constexpr uint32_t kMagic = 0x64006400u;  // half2(1024, 1024): 0x6400 | q is th
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Packed bytes of the first `cols` columns of a canonical row (cols a multiple of 16).
-__host__ __device__ constexpr int64_t packed_bytes(Format f, int64_t cols) {
-  return f == Format::kInt4 ? cols / 2 : cols / 16 * 7;
-}
-
 template <typename To, typename From>
 __device__ __forceinline__ To bit_cast(From from) {
   static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");

@@ -70,8 +70,8 @@ __device__ __forceinline__ void store_16(T* dst, const float (&v)[16]) {
   }
 }
 
-// One thread per 16 stored columns (one int3.5 block, 8 int4 bytes) of one row; byte loads, so any
-// alignment of the codes works. Values as lowbit.formats.dequantize computes them in float32:
+// One thread per 16 stored columns (one int3.5 block, 8 int4 bytes, 16 int8 bytes) of one row; byte loads,
+// so any alignment of the codes works. Values as lowbit.formats.dequantize computes them in float32:
 // c = q (times 15/7 on int3.5's odd columns), w = (c - z) * s, each step rounded (no fused multiply-add).
 // Without perm, rows whose 16-column runs start 16-byte aligned (K a multiple of 16) take vector stores.
 template <Format F, typename T>
@@ -83,9 +83,12 @@ __global__ void dequantize_kernel(const PackedWeight w, const int32_t* perm, con
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / blocks_per_row, col0 = 16 * (i - n * blocks_per_row);
-    const uint8_t* p = w.codes + n * w.row_bytes + packed_bytes(F, col0);
+    const uint8_t* p = w.codes + n * w.row_bytes + packed_row_bytes(F, col0);
     uint32_t codes[16];
-    if constexpr (F == Format::kInt4) {
+    if constexpr (F == Format::kInt8) {
+#pragma unroll
+      for (int k = 0; k < 16; ++k) codes[k] = p[k];
+    } else if constexpr (F == Format::kInt4) {
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         const uint32_t byte = p[k];
@@ -156,8 +159,9 @@ cudaError_t prepare_activations(const void* x, DType dtype, int64_t M, int64_t K
 cudaError_t dequantize(const PackedWeight& w, const int32_t* perm, int64_t K, void* out, DType dtype,
                        cudaStream_t stream) {
   if (w.N < 1 || K < 1) return cudaSuccess;
-  return w.format == Format::kInt4 ? launch_dequantize<Format::kInt4>(w, perm, K, out, dtype, stream)
-                                   : launch_dequantize<Format::kInt35>(w, perm, K, out, dtype, stream);
+  return visit_format(w.format, [&](auto format) {
+    return launch_dequantize<decltype(format)::value>(w, perm, K, out, dtype, stream);
+  });
 }
 
 }  // namespace cuda

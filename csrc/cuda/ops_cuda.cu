@@ -1,10 +1,11 @@
 // CUDA implementations of the lowbit ops: argument checks, tensors to kernel arguments (kernels.h), and
 // the kernel for the number of activation rows M.
-//   Tile layout (the *_tiled_* ops; what QuantizedWeight.to("cuda") holds):
+//   Tile layout (the *_tiled_* ops; what QuantizedWeight.to("cuda") holds for int4 and int3.5):
 //     M <= 16          tiled_matmul (tiled.cu): tensor cores, the weight streamed once per call
 //     M >= dense rows  dequantize to x's dtype, then at::linear (cuBLAS). dense rows = 17, or the
 //                      environment variable LOWBIT_CUDA_DENSE_MIN_ROWS (read once; at most 17).
-//   Canonical layout (int4_linear, int35_linear with CUDA tensors): dequantize + cuBLAS for every M.
+//   Canonical layout (int4_linear, int35_linear with CUDA tensors; int8_linear, as int8 stays canonical on
+//   CUDA): dequantize + cuBLAS for every M.
 // The matmul kernel takes float16 activations: float16 x is read as it is (without perm; with perm it is
 // gathered once per call into a small buffer); bfloat16 and float32 x are converted to float16 with a
 // per-row power-of-two scale (exact for bfloat16, float16 rounding for float32), undone in the epilogue.

@@ -385,6 +385,7 @@ cudaError_t tiled_matmul(const TiledWeight& w, const Activations& x, const Outpu
                          cudaStream_t stream) {
   if (x.M < 1 || x.M > 8 * plan.token_tiles || w.n_tiles < 1) return cudaErrorInvalidValue;
   if (plan.k_warps < 1 || plan.k_warps > kWarps || kWarps % plan.k_warps != 0) return cudaErrorInvalidValue;
+  if (w.format == Format::kInt8) return cudaErrorInvalidValue;  // int8 has no tile layout
   return w.format == Format::kInt4 ? dispatch_group<Format::kInt4>(w, x, y, plan, stream)
                                    : dispatch_group<Format::kInt35>(w, x, y, plan, stream);
 }
@@ -392,6 +393,7 @@ cudaError_t tiled_matmul(const TiledWeight& w, const Activations& x, const Outpu
 cudaError_t tiled_dequantize(const TiledWeight& w, const int32_t* perm, int64_t K, void* out, DType dtype,
                              cudaStream_t stream) {
   if (w.N < 1 || K < 1) return cudaSuccess;
+  if (w.format == Format::kInt8) return cudaErrorInvalidValue;
   return w.format == Format::kInt4 ? launch_dequantize<Format::kInt4>(w, perm, K, out, dtype, stream)
                                    : launch_dequantize<Format::kInt35>(w, perm, K, out, dtype, stream);
 }

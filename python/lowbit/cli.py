@@ -12,12 +12,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_quantization_args(p: argparse.ArgumentParser, bits_default: float | None) -> None:
-    from .formats import GROUP_SIZES
-    p.add_argument("--bits", type=float, default=bits_default, choices=[4, 3.5],
+    from .formats import BITS, GROUP_SIZES
+    p.add_argument("--bits", type=float, default=bits_default, choices=BITS,
                    help="weight format" + ("" if bits_default else " (quantize the linear layers first)"))
     p.add_argument("--group-size", type=int, default=GROUP_SIZE, choices=GROUP_SIZES)
     p.add_argument("--method", default="rtn", choices=["rtn", "awq"], help="awq: calibrates (minutes on a CPU)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output head")
+    p.add_argument("--lm-head-bits", type=float, choices=BITS,
+                   help="quantize the output head in this format (default with --quantize-lm-head: --bits)")
+    p.add_argument("--lm-head-group-size", type=int, choices=GROUP_SIZES,
+                   help="the output head's group size (default: --group-size); quantizes the head")
 
 
 def load_for_cli(args):
@@ -29,7 +33,8 @@ def load_for_cli(args):
     if args.bits is not None:
         calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512) if args.method == "awq" else None
         quantize_model(model, args.bits, args.group_size, method=args.method, calib=calib,
-                       quantize_lm_head=args.quantize_lm_head)
+                       quantize_lm_head=args.quantize_lm_head, lm_head_bits=args.lm_head_bits,
+                       lm_head_group_size=args.lm_head_group_size)
     return model.to(args.device, DTYPES[args.dtype])
 
 
@@ -83,7 +88,8 @@ def cmd_convert(args) -> int:
     from .pipeline import convert
     out = convert(args.src, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
                   calib_file=args.calib_file, align=args.align, force=args.force, integer_zeros=args.integer_zeros,
-                  quantize_lm_head=args.quantize_lm_head, float_dtype=getattr(torch, args.float_dtype))
+                  quantize_lm_head=args.quantize_lm_head, float_dtype=getattr(torch, args.float_dtype),
+                  lm_head_bits=args.lm_head_bits, lm_head_group_size=args.lm_head_group_size)
     print(out)
     return 0
 
@@ -100,7 +106,7 @@ def cmd_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowbit", description="4-bit and 3.5-bit LLaMA inference")
+    parser = argparse.ArgumentParser(prog="lowbit", description="4-bit, 3.5-bit and 8-bit LLaMA inference")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch", help="download and convert a bundled model (smollm2); prints its directory")

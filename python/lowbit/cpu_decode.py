@@ -34,8 +34,8 @@ def unsupported(model: LlamaForCausalLM) -> str | None:
         return "the model has no KV cache (setup_cache)"
     for name, m in _linears(model):
         if isinstance(m, QuantLinear):
-            if m.bits not in (4, 3.5) or m.layout != "canonical":
-                return f"{name} is {m.bits:g}-bit in the {m.layout} layout"
+            if m.layout != "canonical":
+                return f"{name} is in the {m.layout} layout"
         elif type(m) is not nn.Linear or m.weight.dtype != torch.float32:
             return f"{name} is a {type(m).__name__} ({getattr(getattr(m, 'weight', None), 'dtype', None)})"
     return None
@@ -55,7 +55,7 @@ class FusedDecoder:
 
     One new token per sequence is a decode step; a prompt's tokens at consecutive positions of one cache row
     (logit_rows: its last row) is its prefill (prefill()). Runs the CPU kernel set active when it was built.
-    Inference only; float32 models on the CPU with QuantLinear (int4, int3.5) or float32 nn.Linear layers (see
+    Inference only; float32 models on the CPU with QuantLinear (int4, int3.5, int8) or float32 nn.Linear layers (see
     unsupported()).
     """
 

@@ -1,10 +1,11 @@
-"""The int4 and int3.5 weight formats: the one pure-PyTorch reference (docs/FORMAT.md).
+"""The int4, int3.5 and int8 weight formats: the one pure-PyTorch reference (docs/FORMAT.md).
 
 Everything here is plain tensor code, slow and easy to read; the C++/CUDA kernels are tested against it.
 
 A weight W [N, K] is stored as
     qweight  uint8   [N, Kp // 2]       (int4: two codes per byte)
              uint8   [N, Kp // 16 * 7]  (int3.5: 16 codes in 7 bytes)
+             uint8   [N, Kp]            (int8: one code per byte)
     scales   float16 [N, Kp // group_size]
     zeros    float16 [N, Kp // group_size]
     perm     int32   [K] or absent       stored column j holds input feature perm[j]
@@ -14,13 +15,13 @@ where Kp is K rounded up to a multiple of group_size (the padding columns hold t
 import torch
 
 GROUP_SIZES = (32, 64, 128, 256)
-BITS = (4, 3.5)
+BITS = (4, 3.5, 8)
 STEP3 = 15.0 / 7.0  # int3.5: a 3-bit step spans 15/7 four-bit steps, so both cover the same range
 
 
 def check_bits(bits) -> float:
     if bits not in BITS:
-        raise ValueError(f"bits must be 4 or 3.5, got {bits!r}")
+        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
     return float(bits)
 
 
@@ -35,16 +36,17 @@ def padded_in_features(in_features: int, group_size: int) -> int:
 
 
 def packed_row_bytes(bits: float, padded_features: int) -> int:
-    return padded_features // 2 if bits == 4 else padded_features // 16 * 7
+    return {4: padded_features // 2, 3.5: padded_features // 16 * 7, 8: padded_features}[bits]
 
 
 def code_max(bits: float) -> torch.Tensor:
-    """Largest code per column position within a pair: int4 (15, 15), int3.5 (15, 7)."""
-    return torch.tensor([15, 15] if bits == 4 else [15, 7], dtype=torch.int32)
+    """Largest code per column position within a pair: int4 (15, 15), int3.5 (15, 7), int8 (255, 255)."""
+    return torch.tensor({4: [15, 15], 3.5: [15, 7], 8: [255, 255]}[bits], dtype=torch.int32)
 
 
 def pack(codes: torch.Tensor, bits: float) -> torch.Tensor:
-    """codes [N, Kp] integer (even columns 0..15; odd columns 0..15 for int4, 0..7 for int3.5) -> qweight."""
+    """codes [N, Kp] integer (even columns 0..15; odd columns 0..15 for int4, 0..7 for int3.5; every column
+    0..255 for int8) -> qweight."""
     n, kp = codes.shape
     if kp % 32:
         raise ValueError(f"packed width must be a multiple of 32 columns, got {kp}")
@@ -53,6 +55,8 @@ def pack(codes: torch.Tensor, bits: float) -> torch.Tensor:
     limit = code_max(bits)
     if c.min() < 0 or even.max() > limit[0] or odd.max() > limit[1]:
         raise ValueError(f"codes out of range for bits={bits}")
+    if bits == 8:
+        return c.to(torch.uint8)
     if bits == 4:
         return (even | (odd << 4)).to(torch.uint8)
     # int3.5: pair p of a 16-column block is the 7-bit value even | odd << 4 at bits [7p, 7p + 7) of
@@ -66,6 +70,8 @@ def pack(codes: torch.Tensor, bits: float) -> torch.Tensor:
 def unpack(qweight: torch.Tensor, bits: float) -> torch.Tensor:
     """qweight -> codes [N, Kp] as int32 (the inverse of pack)."""
     n = qweight.shape[0]
+    if bits == 8:
+        return qweight.to(torch.int32)
     b = qweight.to(torch.int64)
     if bits == 4:
         even, odd = b & 15, b >> 4

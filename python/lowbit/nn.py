@@ -7,15 +7,16 @@ from torch import nn
 
 from .ops import OPS, TILED_OPS
 from .quantize import quantize_weight
-from .weight import QuantizedWeight
+from .weight import QuantizedWeight, device_layout
 
 
 class QuantLinear(nn.Module):
-    """y = x @ W.T + b with W in int4 or int3.5; the quantized tensors are buffers (state_dict, .to()).
+    """y = x @ W.T + b with W in int4, int3.5 or int8; the quantized tensors are buffers (state_dict, .to()).
     Inference only: no gradient flows through the quantized weight or to x.
 
-    On a CUDA device the buffers hold the tile layout (lowbit.tiled), made once when the module moves
-    there; elsewhere the canonical layout. state_dict() and load_state_dict() always speak canonical.
+    On a CUDA device int4 and int3.5 buffers hold the tile layout (lowbit.tiled), made once when the module
+    moves there; elsewhere, and for int8, the canonical layout. state_dict() and load_state_dict() always
+    speak canonical.
     """
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
@@ -65,7 +66,7 @@ class QuantLinear(nn.Module):
         scales, zeros = self.scales, self.zeros
         super()._apply(fn, recurse)
         self.scales, self.zeros = scales.to(self.qweight.device), zeros.to(self.qweight.device)
-        layout = "tiled" if self.qweight.device.type == "cuda" else "canonical"
+        layout = device_layout(self.bits, self.qweight.device)
         if layout != self.layout:
             self._set_weight(self.weight.to_layout(layout))
         return self

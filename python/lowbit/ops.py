@@ -10,8 +10,10 @@ from . import _C  # noqa: F401  (loading the extension registers the ops)
 OPS = {
     4: (torch.ops.lowbit.int4_linear, torch.ops.lowbit.int4_dequantize),
     3.5: (torch.ops.lowbit.int35_linear, torch.ops.lowbit.int35_dequantize),
+    8: (torch.ops.lowbit.int8_linear, torch.ops.lowbit.int8_dequantize),
 }
-# The same on the CUDA tile layout (lowbit.tiled); they take out_features after in_features.
+# The same on the CUDA tile layout (lowbit.tiled), which int8 does not have; they take out_features after
+# in_features.
 TILED_OPS = {
     4: (torch.ops.lowbit.int4_tiled_linear, torch.ops.lowbit.int4_tiled_dequantize),
     3.5: (torch.ops.lowbit.int35_tiled_linear, torch.ops.lowbit.int35_tiled_dequantize),
@@ -45,5 +47,6 @@ def _register_tiled(linear_name: str, dequantize_name: str) -> None:
 
 _register("lowbit::int4_linear", "lowbit::int4_dequantize")
 _register("lowbit::int35_linear", "lowbit::int35_dequantize")
+_register("lowbit::int8_linear", "lowbit::int8_dequantize")
 _register_tiled("lowbit::int4_tiled_linear", "lowbit::int4_tiled_dequantize")
 _register_tiled("lowbit::int35_tiled_linear", "lowbit::int35_tiled_dequantize")

@@ -22,19 +22,29 @@ from .nn import QuantLinear, replace_linears
 from .quantize import quantize_weight
 
 
+def _head(bits: float, group_size: int, quantize_lm_head: bool, lm_head_bits, lm_head_group_size):
+    """(whether the output head is quantized, its (bits, group_size)): giving its format quantizes it."""
+    head_format = (formats.check_bits(bits if lm_head_bits is None else lm_head_bits),
+                   formats.check_group_size(group_size if lm_head_group_size is None else lm_head_group_size))
+    return quantize_lm_head or lm_head_bits is not None or lm_head_group_size is not None, head_format
+
+
 def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, method: str = "rtn",
                    calib=None, modules_to_not_convert: list[str] | None = None, quantize_lm_head: bool = False,
-                   inplace: bool = True, integer_zeros: bool = False) -> nn.Module:
+                   inplace: bool = True, integer_zeros: bool = False, lm_head_bits: float | None = None,
+                   lm_head_group_size: int | None = None) -> nn.Module:
     """Replace every nn.Linear of `model` by a QuantLinear (lowbit's LLaMA or transformers' LlamaForCausalLM).
 
     Modules whose qualified name equals or ends with an entry of modules_to_not_convert stay float, and so
-    does the output head (lm_head) unless quantize_lm_head. method "rtn" is round-to-nearest per group;
-    "awq" is activation-aware (lowbit.awq) on calib, token ids [n_samples, seq_len], for the decoder
-    blocks (remaining linears, such as a quantized lm_head, use RTN). integer_zeros: see quantize_weight.
-    The choices are kept in model.quantization (save_quantized writes them to config.json).
+    does the output head (lm_head) unless quantize_lm_head or its own format is given: lm_head_bits and
+    lm_head_group_size (default: bits and group_size; e.g. an int8 head on int4 layers). method "rtn" is
+    round-to-nearest per group; "awq" is activation-aware (lowbit.awq) on calib, token ids [n_samples, seq_len],
+    for the decoder blocks (remaining linears, such as a quantized lm_head, use RTN). integer_zeros: see
+    quantize_weight. The choices are kept in model.quantization (save_quantized writes them to config.json).
     """
     bits = formats.check_bits(bits)
     group_size = formats.check_group_size(group_size)
+    quantize_lm_head, head_format = _head(bits, group_size, quantize_lm_head, lm_head_bits, lm_head_group_size)
     if method not in ("rtn", "awq"):
         raise ValueError(f"method must be 'rtn' or 'awq', got {method!r}")
     if not inplace:
@@ -44,25 +54,35 @@ def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, met
             raise ValueError("modules_to_not_convert is not supported with method='awq'")
         quantize_llama_awq(model, bits, group_size, calib, integer_zeros=integer_zeros)
     keep = list(modules_to_not_convert or []) + ([] if quantize_lm_head else ["lm_head"])
-    replace_linears(model, lambda name, linear: QuantLinear(
-        quantize_weight(linear.weight, bits, group_size, integer_zeros=integer_zeros), linear.bias), skip=keep)
+
+    def layer_format(name: str) -> tuple[float, int]:
+        return head_format if name.rpartition(".")[2] == "lm_head" else (bits, group_size)
+
+    replaced = replace_linears(model, lambda name, linear: QuantLinear(
+        quantize_weight(linear.weight, *layer_format(name), integer_zeros=integer_zeros), linear.bias), skip=keep)
+    other_formats = {name: layer_format(name) for name in replaced if layer_format(name) != (bits, group_size)}
     model.quantization = {"bits": bits, "group_size": group_size, "method": method,
                           "modules_not_converted": [name for name, m in model.named_modules()
-                                                    if isinstance(m, nn.Linear)]}
+                                                    if isinstance(m, nn.Linear)],
+                          "module_formats": {name: {"bits": b, "group_size": g}
+                                             for name, (b, g) in other_formats.items()}}
     return model
 
 
 def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn", calib_file=None,
             align: int | None = None, force: bool = False, integer_zeros: bool = False, quantize_lm_head: bool = False,
-            float_dtype: torch.dtype = torch.float16, progress: bool = True) -> Path:
+            float_dtype: torch.dtype = torch.float16, progress: bool = True, lm_head_bits: float | None = None,
+            lm_head_group_size: int | None = None) -> Path:
     """Quantize an HF float directory or a .gguf file into a lowbit checkpoint; or import an AutoAWQ one.
 
     RTN streams layer by layer (memory: one decoder layer plus one output shard). AWQ needs calibration
-    forward passes through the whole float model, so it loads the model first."""
+    forward passes through the whole float model, so it loads the model first. The head options are
+    quantize_model's."""
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
     bits, group_size = formats.check_bits(bits), formats.check_group_size(group_size)
+    quantize_lm_head, head_format = _head(bits, group_size, quantize_lm_head, lm_head_bits, lm_head_group_size)
     if align is not None and (not isinstance(align, int) or align < 8 or align & (align - 1)):
         raise ValueError(f"align must be a power of two >= 8, got {align!r}")
     if method not in ("rtn", "awq"):
@@ -80,10 +100,10 @@ def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn
         text = Path(calib_file).read_text() if calib_file else None
         calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512, text=text)
         quantize_model(model, bits, group_size, "awq", calib, quantize_lm_head=quantize_lm_head,
-                       integer_zeros=integer_zeros)
+                       integer_zeros=integer_zeros, lm_head_bits=lm_head_bits, lm_head_group_size=lm_head_group_size)
         return save_quantized(model, out, force, align, float_dtype)
     return quantize_checkpoint_rtn(src, out, bits, group_size, align, force, integer_zeros, quantize_lm_head,
-                                   float_dtype, progress)
+                                   float_dtype, progress, lm_head_format=head_format)
 
 
 def load(path, dtype: torch.dtype = torch.float32, device="cpu") -> LlamaForCausalLM:

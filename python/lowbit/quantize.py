@@ -10,8 +10,9 @@ def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128, per
                     clip: torch.Tensor | None = None, integer_zeros: bool = False) -> QuantizedWeight:
     """Min-max round-to-nearest quantization of W [N, K] (nn.Linear layout), per group of input columns.
 
-    Each group's range [min(w, 0), max(w, 0)] maps onto codes 0..15 (4-bit positions) and 0..7 (3-bit
-    positions of int3.5) with a float16 scale and a float16 zero point. perm (int32 [K], optional)
+    bits is 4, 3.5 or 8. Each group's range [min(w, 0), max(w, 0)] maps onto codes 0..15 (int4, and the 4-bit
+    positions of int3.5), 0..7 (3-bit positions of int3.5) or 0..255 (int8) with a float16 scale and a float16
+    zero point. perm (int32 [K], optional)
     reorders the input columns before grouping: stored column j holds input feature perm[j].
     clip ([N, groups] ratios in (0, 1], optional) shrinks each group's range before rounding.
     integer_zeros rounds the zero points to integers (as AutoAWQ stores them, for `lowbit export`).
@@ -36,9 +37,9 @@ def fake_quantize(w: torch.Tensor, bits: float, group_size: int, perm: torch.Ten
                   clip: torch.Tensor | None = None, integer_zeros: bool = False) -> torch.Tensor:
     """quantize_weight(...).dequantize() without packing: W [N, K] as the quantized model will see it.
 
-    bits is 4 or 3.5 (the lowbit formats) or, for reference only, an integer 2..8: uniform `bits`-bit
-    codes with the same grouping, range and float16 scale/zero (no packed format or kernel exists for
-    those; they place 3.5 bits between 3 and 4 in error reports).
+    bits is 3.5 or an integer 2..8: 4 and 8 are lowbit formats; the other integers, for reference only, are
+    uniform `bits`-bit codes with the same grouping, range and float16 scale/zero (no packed format or kernel
+    exists for those; they place 3.5 bits between 3 and 4 in error reports).
     """
     if bits not in (3.5, 2, 3, 4, 5, 6, 7, 8):
         raise ValueError(f"fake_quantize: bits must be 3.5 or an integer 2..8, got {bits!r}")

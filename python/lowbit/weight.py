@@ -1,7 +1,8 @@
 """QuantizedWeight: the tensors of one quantized matrix, with its metadata.
 
 Two layouts of the same codes: "canonical" (docs/FORMAT.md; what is saved, and what the CPU kernels read)
-and "tiled" (the CUDA tile layout of lowbit.tiled, made once when the weight moves to a GPU).
+and "tiled" (the CUDA tile layout of lowbit.tiled, made once when an int4 or int3.5 weight moves to a GPU;
+int8 has no tile layout and stays canonical there).
 """
 
 from dataclasses import dataclass
@@ -14,14 +15,19 @@ from .ops import OPS, TILED_OPS
 LAYOUTS = ("canonical", "tiled")
 
 
+def device_layout(bits: float, device: torch.device) -> str:
+    """The layout a weight of this format holds on `device`: tiled on CUDA where the format has a tile layout."""
+    return "tiled" if device.type == "cuda" and bits in TILED_OPS else "canonical"
+
+
 @dataclass
 class QuantizedWeight:
-    qweight: torch.Tensor        # canonical: uint8 [N, Kp/2] (int4) or [N, Kp/16*7] (int3.5);
+    qweight: torch.Tensor        # canonical: uint8 [N, Kp/2] (int4), [N, Kp/16*7] (int3.5) or [N, Kp] (int8);
                                  # tiled: uint8 [ceil(N/16), Kt/128, 1024 or 896]
     scales: torch.Tensor         # canonical: float16 [N, Kp/group_size]; tiled: [ceil(N/16), Kt/group_size, 16]
     zeros: torch.Tensor          # as scales
     perm: torch.Tensor | None    # int32 [K]: stored column j holds input feature perm[j]
-    bits: float                  # 4 or 3.5
+    bits: float                  # 4, 3.5 or 8
     group_size: int              # 32, 64, 128 or 256
     in_features: int             # K
     layout: str = "canonical"
@@ -41,6 +47,8 @@ class QuantizedWeight:
             shapes = {"qweight": (n, formats.packed_row_bytes(self.bits, kp)), "scales": (n, kp // g),
                       "zeros": (n, kp // g)}
         else:
+            if self.bits not in TILED_OPS:
+                raise ValueError(f"int{self.bits:g} has no tiled layout")
             if self.out_features is None:
                 raise ValueError("the tiled layout needs out_features")
             n = self.out_features
@@ -119,9 +127,10 @@ class QuantizedWeight:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
     def to(self, device) -> "QuantizedWeight":
-        """On `device` in its layout: tiled on CUDA devices (repacked once, on the GPU), canonical elsewhere."""
+        """On `device` in its layout (device_layout): tiled on CUDA devices for int4 and int3.5 (repacked once, on
+        the GPU), canonical elsewhere."""
         device = torch.device(device)
-        layout = "tiled" if device.type == "cuda" else "canonical"
+        layout = device_layout(self.bits, device)
         w = self if layout == "tiled" else self.to_layout("canonical")  # repack on the GPU, never on the host
         moved = QuantizedWeight.from_tensors({name: t.to(device) for name, t in w.layout_tensors().items()},
                                              w.bits, w.group_size, w.in_features, w.layout, w.out_features)

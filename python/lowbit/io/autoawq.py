@@ -138,6 +138,10 @@ def export_awq(src, out, force: bool = False) -> Path:
                          f"int{model.quantization['bits']:g}")
     if "lm_head" not in model.quantization["modules_not_converted"]:
         raise ValueError(f"{src}: the output head is quantized; AutoAWQ checkpoints keep lm_head in float16")
+    if model.quantization["module_formats"]:
+        raise ValueError(f"{src}: layers in other formats than int4 g{group_size} "
+                         f"({', '.join(sorted(model.quantization['module_formats'])[:3])}); AutoAWQ stores one "
+                         f"4-bit format for every layer")
     splits = c.fused_splits()
     state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
     if not c.tie_word_embeddings:

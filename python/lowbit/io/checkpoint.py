@@ -9,6 +9,7 @@ meta device and assigns the memory-mapped tensors; the float model is never buil
 
 import json
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,9 +34,21 @@ FLOAT_LIMIT = 65504.0  # largest float16: float tensors beyond it could not run 
 LAYER_LINEARS = ("attn.wqkv", "attn.wo", "ffn.w_gate_up", "ffn.w_down")
 
 
-def quantization_config(bits: float, group_size: int, method: str, not_converted: list[str]) -> dict:
-    return {"quant_method": "lowbit", "format_version": FORMAT_VERSION, "bits": bits, "group_size": group_size,
-            "method": method, "modules_not_converted": sorted(not_converted)}
+def quantization_config(bits: float, group_size: int, method: str, not_converted: list[str],
+                        module_formats: dict | None = None) -> dict:
+    """module_formats: {module name: {"bits": b, "group_size": g}} for quantized modules in another format
+    than bits / group_size (written only when there are some)."""
+    qc = {"quant_method": "lowbit", "format_version": FORMAT_VERSION, "bits": bits, "group_size": group_size,
+          "method": method, "modules_not_converted": sorted(not_converted)}
+    if module_formats:
+        qc["module_formats"] = {name: dict(module_formats[name]) for name in sorted(module_formats)}
+    return qc
+
+
+def module_format(qc: dict, name: str) -> tuple[float, int]:
+    """(bits, group_size) of the quantized module `name`: its module_formats entry, else the checkpoint's."""
+    entry = qc.get("module_formats", {}).get(name, qc)
+    return float(entry["bits"]), int(entry["group_size"])
 
 
 def checked_quantization_config(config: dict, where: Path) -> dict:
@@ -55,6 +68,20 @@ def checked_quantization_config(config: dict, where: Path) -> dict:
     names = qc.get("modules_not_converted")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{where}: quantization_config.modules_not_converted must be a list of module names")
+    entries = qc.get("module_formats", {})
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{where}: quantization_config.module_formats must map module names to formats")
+    for name, entry in entries.items():
+        key = f"quantization_config.module_formats[{name!r}]"
+        if not isinstance(entry, dict) or set(entry) != {"bits", "group_size"}:
+            raise CheckpointError(f"{where}: {key} must be {{\"bits\": ..., \"group_size\": ...}}, got {entry!r}")
+        try:
+            formats.check_bits(entry["bits"])
+            formats.check_group_size(entry["group_size"])
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {key}: {e}") from e
+        if name in names:
+            raise CheckpointError(f"{where}: {key}: {name} is also in modules_not_converted")
     return qc
 
 
@@ -98,13 +125,13 @@ def save_quantized(model: LlamaForCausalLM, out, force: bool = False, align: int
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("save_quantized: the model has no quantized layers (use lowbit.quantize_model first)")
-    kinds = {(m.bits, m.group_size) for m in layers.values()}
-    if len(kinds) > 1:
-        raise ValueError(f"save_quantized: one bits/group_size per model is supported, found {sorted(kinds)}")
-    (bits, group_size), = kinds
+    # The most common format is the checkpoint's; the layers in another one are listed in module_formats.
+    (bits, group_size), _ = Counter((m.bits, m.group_size) for m in layers.values()).most_common(1)[0]
+    module_formats = {name: {"bits": m.bits, "group_size": m.group_size} for name, m in layers.items()
+                      if (m.bits, m.group_size) != (bits, group_size)}
     method = getattr(model, "quantization", {}).get("method", "rtn")
     not_converted = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    qconfig = quantization_config(bits, group_size, method, not_converted)
+    qconfig = quantization_config(bits, group_size, method, not_converted, module_formats)
     tied = model.config.tie_word_embeddings and model.lm_head.weight is model.embed.weight
 
     def tensors():
@@ -156,14 +183,13 @@ def load_quantized(path, dtype: torch.dtype = torch.float32, device="cpu", verif
     st = SafetensorsDir(path)
     if verify:
         verify_checksums(st, path)
-    bits, group_size = float(qc["bits"]), int(qc["group_size"])
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     not_converted = set(qc["modules_not_converted"])
     expected = set()
 
     def quant_linear(name: str, linear: nn.Linear) -> QuantLinear:
-        weight = quantized_weight(st, name, bits, group_size, linear.in_features)
+        weight = quantized_weight(st, name, *module_format(qc, name), linear.in_features)
         if weight.out_features != linear.out_features:
             raise CheckpointError(f"{st.file_of(name + '.qweight')}: {name} has {weight.out_features} rows, the config "
                                   f"needs {linear.out_features}")
@@ -178,6 +204,10 @@ def load_quantized(path, dtype: torch.dtype = torch.float32, device="cpu", verif
         return QuantLinear(weight, bias)
 
     replaced = set(replace_linears(model, quant_linear, skip=[n for n in not_converted if n]))
+    unknown = sorted(set(qc.get("module_formats", {})) - replaced)
+    if unknown:
+        raise CheckpointError(f"{path}: quantization_config.module_formats names {unknown[:5]}, which are not "
+                              f"quantized linear layers of this model")
     for name, module in list(model.named_modules()):
         if name in replaced:
             continue
@@ -198,6 +228,7 @@ def load_quantized(path, dtype: torch.dtype = torch.float32, device="cpu", verif
         model.lm_head.weight = model.embed.weight
     model.inv_freq = rope_inv_freq(config)
     model.quantization = {k: qc[k] for k in ("bits", "group_size", "method", "modules_not_converted")}
+    model.quantization["module_formats"] = qc.get("module_formats", {})
     model.tokenizer = Tokenizer.from_dir_if_present(path)
     return model.to(device).eval()
 
@@ -219,16 +250,22 @@ def _float(st, name: str, dtype: torch.dtype) -> torch.Tensor:
 
 def quantize_checkpoint_rtn(src: Path, out: Path, bits: float, group_size: int, align: int | None = None,
                             force: bool = False, integer_zeros: bool = False, quantize_lm_head: bool = False,
-                            float_dtype: torch.dtype = torch.float16, progress: bool = True) -> Path:
+                            float_dtype: torch.dtype = torch.float16, progress: bool = True,
+                            lm_head_format: tuple[float, int] | None = None) -> Path:
     """An HF float directory or a .gguf file -> a lowbit RTN checkpoint, streamed layer by layer (memory: one
-    decoder layer plus one output shard)."""
+    decoder layer plus one output shard). lm_head_format: (bits, group_size) of a quantized head (default: the
+    layers')."""
     open_source, config, tokenizer = _open_float(src)
     names = [f"layers.{i}.{lin}" for i in range(config.num_hidden_layers) for lin in LAYER_LINEARS]
     not_converted = [] if quantize_lm_head else ["lm_head"]
-    qconfig = quantization_config(bits, group_size, "rtn", not_converted)
+    head_format = lm_head_format or (bits, group_size)
+    module_formats = {"lm_head": {"bits": head_format[0], "group_size": head_format[1]}} \
+        if quantize_lm_head and head_format != (bits, group_size) else None
+    qconfig = quantization_config(bits, group_size, "rtn", not_converted, module_formats)
 
     def linear_tensors(name, weight, bias):
-        qw = quantize_weight(weight, bits, group_size, integer_zeros=integer_zeros)
+        layer_bits, layer_group_size = head_format if name == "lm_head" else (bits, group_size)
+        qw = quantize_weight(weight, layer_bits, layer_group_size, integer_zeros=integer_zeros)
         yield from {f"{name}.{k}": t for k, t in qw.tensors().items()}.items()
         if bias is not None:
             yield f"{name}.bias", bias.to(float_dtype, copy=True)

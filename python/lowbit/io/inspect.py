@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..models.llama import LlamaForCausalLM
-from .checkpoint import QUANT_TENSORS, checked_quantization_config, load_quantized, quantized_weight
+from .checkpoint import QUANT_TENSORS, checked_quantization_config, load_quantized, module_format, quantized_weight
 from .hf import CheckpointError, SafetensorsDir, read_config
 from .safetensors_io import PAD_PREFIX
 
@@ -25,7 +25,6 @@ def inspect_checkpoint(path, out=None) -> bool:
     except CheckpointError as e:
         print(f"FAILED: {e}", file=out)
         return False
-    bits, group_size = float(qc["bits"]), int(qc["group_size"])
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     not_converted = set(qc["modules_not_converted"])
@@ -38,6 +37,7 @@ def inspect_checkpoint(path, out=None) -> bool:
         n_logical = sum(p.numel() for p in params.values())
         if isinstance(module, nn.Linear) and name not in not_converted:
             names = [f"{name}.{k}" for k in (*QUANT_TENSORS, "perm", "bias") if f"{name}.{k}" in st]
+            bits, group_size = module_format(qc, name)
             try:
                 w = quantized_weight(st, name, bits, group_size, module.in_features)
                 if w.shape != shape:
@@ -81,8 +81,10 @@ def inspect_checkpoint(path, out=None) -> bool:
     if extra:
         problems.append(f"{path}: {len(extra)} unexpected tensors, e.g. {extra[:3]}")
     n_tensors = sum(1 for k in st.keys() if not k.startswith(PAD_PREFIX))
-    print(f"{path}: lowbit format v{qc['format_version']}, int{bits:g}, group size {group_size}, method "
-          f"{qc.get('method')}, {config.num_hidden_layers} layers", file=out)
+    others = "".join(f"; {name}: int{b:g} g{g}" for name, (b, g) in
+                     ((name, module_format(qc, name)) for name in qc.get("module_formats", {})))
+    print(f"{path}: lowbit format v{qc['format_version']}, int{qc['bits']:g}, group size {qc['group_size']}{others}, "
+          f"method {qc.get('method')}, {config.num_hidden_layers} layers", file=out)
     print(f"{'module':<28} {'format':<14} {'shape':>12} {'params':>11} {'bytes':>11} {'bits/w':>7}", file=out)
     for name, fmt, shape, n, nbytes in rows:
         print(f"{name:<28} {fmt:<14} {shape:>12} {n:>11} {nbytes:>11} {8 * nbytes / n:>7.2f}", file=out)
