@@ -153,3 +153,19 @@ def test_fused_prefill_matches_the_forward(isa, bits):
         scale = k.abs().max().item()
         assert (layer.attn.kv_cache.k - k).abs().max().item() < tolerance * scale
         assert (layer.attn.kv_cache.v - v).abs().max().item() < tolerance * v.abs().max().item()
+
+
+def test_cli_defaults_to_an_int8_head_and_the_fused_step(smollm2_dir, capsys):
+    from lowbit.cli import build_parser, head_format, main
+    parse = build_parser().parse_args
+    assert head_format(parse(["generate", "m", "--bits", "4"]), default="8") == {
+        "quantize_lm_head": True, "lm_head_bits": 8.0, "lm_head_group_size": None}
+    assert head_format(parse(["generate", "m", "--bits", "4", "--lm-head-bits", "none"]), default="8") == {
+        "quantize_lm_head": False}
+    assert head_format(parse(["generate", "m", "--bits", "3.5", "--quantize-lm-head"]))["lm_head_bits"] == 3.5
+    assert head_format(parse(["convert", "a", "b"])) == {"quantize_lm_head": False}  # checkpoints: float by default
+    with pytest.raises(ValueError, match="needs a quantized head"):
+        head_format(parse(["generate", "m", "--lm-head-bits", "none", "--lm-head-group-size", "64"]))
+    for flags, path in (([], "(fused)"), (["--no-fused"], "(eager)")):
+        assert main(["generate", str(smollm2_dir), "--bits", "4", "--prompt", "Hi", "--max-new-tokens", "3", *flags]) == 0
+        assert path in capsys.readouterr().err

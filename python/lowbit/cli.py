@@ -17,11 +17,23 @@ def add_quantization_args(p: argparse.ArgumentParser, bits_default: float | None
                    help="weight format" + ("" if bits_default else " (quantize the linear layers first)"))
     p.add_argument("--group-size", type=int, default=GROUP_SIZE, choices=GROUP_SIZES)
     p.add_argument("--method", default="rtn", choices=["rtn", "awq"], help="awq: calibrates (minutes on a CPU)")
-    p.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output head")
-    p.add_argument("--lm-head-bits", type=float, choices=BITS,
-                   help="quantize the output head in this format (default with --quantize-lm-head: --bits)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output head (in --bits)")
+    p.add_argument("--lm-head-bits", choices=[f"{b:g}" for b in BITS] + ["none"],
+                   help="the output head's format, none: float (default: --bits with --quantize-lm-head; "
+                        "generate on the CPU: 8, where it pays: a float32 head is the largest tensor a small "
+                        "model reads per token; otherwise none)")
     p.add_argument("--lm-head-group-size", type=int, choices=GROUP_SIZES,
                    help="the output head's group size (default: --group-size); quantizes the head")
+
+
+def head_format(args, default: str = "none") -> dict:
+    """quantize_model's output-head arguments from --quantize-lm-head, --lm-head-bits, --lm-head-group-size."""
+    bits = args.lm_head_bits or (f"{args.bits:g}" if args.quantize_lm_head else default)
+    if bits == "none":
+        if args.lm_head_group_size is not None:
+            raise ValueError("--lm-head-group-size needs a quantized head (--lm-head-bits)")
+        return {"quantize_lm_head": False}
+    return {"quantize_lm_head": True, "lm_head_bits": float(bits), "lm_head_group_size": args.lm_head_group_size}
 
 
 def load_for_cli(args):
@@ -33,8 +45,7 @@ def load_for_cli(args):
     if args.bits is not None:
         calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512) if args.method == "awq" else None
         quantize_model(model, args.bits, args.group_size, method=args.method, calib=calib,
-                       quantize_lm_head=args.quantize_lm_head, lm_head_bits=args.lm_head_bits,
-                       lm_head_group_size=args.lm_head_group_size)
+                       **head_format(args, default="8" if args.device == "cpu" else "none"))
     return model.to(args.device, DTYPES[args.dtype])
 
 
@@ -88,8 +99,7 @@ def cmd_convert(args) -> int:
     from .pipeline import convert
     out = convert(args.src, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
                   calib_file=args.calib_file, align=args.align, force=args.force, integer_zeros=args.integer_zeros,
-                  quantize_lm_head=args.quantize_lm_head, float_dtype=getattr(torch, args.float_dtype),
-                  lm_head_bits=args.lm_head_bits, lm_head_group_size=args.lm_head_group_size)
+                  float_dtype=getattr(torch, args.float_dtype), **head_format(args))
     print(out)
     return 0
 
