@@ -89,17 +89,30 @@ def test_bad_requests_name_the_problem(tmp_path):
 
 
 def llama_cpp_source_or_skip() -> Path:
-    pytest.importorskip("llama_cpp")
+    """$LLAMA_CPP_SOURCE, or the source llama_cpp_peer.py extracted for the installed llama-cpp-python."""
     if "LLAMA_CPP_SOURCE" in os.environ:
         return peer.llama_cpp_source(Path("."))
+    pytest.importorskip("llama_cpp")
     cached = peer.cache_dir() / "llama_cpp" / f"llama.cpp-{peer.import_llama_cpp().__version__}"
     if not (cached / peer.CONVERTER).is_file():
         pytest.skip("llama.cpp's converter is not here: run benchmarks/llama_cpp_peer.py once, or set LLAMA_CPP_SOURCE")
     return cached
 
 
+def test_llama_tokenizer_encodes_llama_cpp_test_strings(tmp_path):
+    vocab = llama_cpp_source_or_skip() / peer.LLAMA_SPM_VOCAB
+    peer.write_llama_tokenizer(tmp_path, vocab)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    texts = Path(f"{vocab}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    expected = Path(f"{vocab}.out").read_text().split("\n")
+    assert sp.vocab_size() == 32000 and len(texts) > 40
+    for text, ids in zip(texts, expected):
+        assert sp.encode(text) == [int(i) for i in ids.split()], text
+
+
 @pytest.mark.slow
 def test_llama_cpp_computes_what_lowbit_computes(tmp_path):
+    pytest.importorskip("llama_cpp")
     source = llama_cpp_source_or_skip()
     model_dir = peer.random_llama_dir(tmp_path / "model", source / peer.LLAMA_SPM_VOCAB,
                                       SMALL_SHAPE | {"vocab_size": 32000}, std=0.1)
