@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 import lowbit
 from lowbit.io.atomic import atomic_directory
 from lowbit.io.fetch import cache_dir
+from lowbit.tokenizer import Tokenizer
 
 FLOAT_TYPES = ("f32", "f16")                                          # written by the converter
 QUANT_FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k_m": 15}        # llama_ftype values of llama.h
@@ -308,8 +309,9 @@ def llama_cpp_decode(gguf_path, prompt_ids: list[int], new_tokens: int, threads:
     """Prefill and decode tokens/s of llama.cpp on the given prompt ids, every one of new_tokens forced: the best
     prefill and the best decode over `repeats` runs after a 4-token warm-up generation (as bench_generate.py's
     measure), with load and warm-up seconds apart and the tokens it produced."""
-    if new_tokens < 2:
-        raise ValueError(f"new_tokens must be at least 2 (the first comes from the prefill), got {new_tokens}")
+    if new_tokens < 2 or repeats < 1:
+        raise ValueError(f"new_tokens must be at least 2 (the first comes from the prefill) and repeats at least 1, "
+                         f"got {new_tokens} and {repeats}")
     llm, load_seconds = load(gguf_path, threads, context_length(len(prompt_ids) + new_tokens),
                              flash_attn=flash_attn)
     try:
@@ -330,6 +332,8 @@ def llama_cpp_decode(gguf_path, prompt_ids: list[int], new_tokens: int, threads:
 
 def llama_cpp_prefill(gguf_path, ids: list[int], threads: int, repeats: int = 1, flash_attn: bool = False) -> dict:
     """Tokens/s of evaluating ids (e.g. 512 of them) from an empty cache, best of `repeats` after one warm-up."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     llm, load_seconds = load(gguf_path, threads, context_length(len(ids)), flash_attn=flash_attn)
     try:
         ids = check_ids(ids, llm.n_vocab(), "ids")
@@ -369,7 +373,7 @@ def model_and_prompts(name: str, cache: Path, source: Path, prefill_tokens: int,
     """(float directory, prompt ids, prefill ids, evaluation ids or None) for --model."""
     if name == "smollm2":
         model_dir = lowbit.fetch("smollm2")
-        tok = lowbit.LlamaForCausalLM.from_pretrained(model_dir).tokenizer
+        tok = Tokenizer.from_dir(model_dir)
         prompt = tok.encode("Explain, in a few paragraphs, why the sky is blue and why sunsets are red. " * 2)
         stream = lowbit.data.evaluation_tokens(tok)[0].tolist()
         return model_dir, prompt, stream[:prefill_tokens], stream[:eval_tokens + 1] if eval_tokens else None

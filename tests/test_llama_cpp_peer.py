@@ -86,6 +86,8 @@ def test_bad_requests_name_the_problem(tmp_path):
         peer.gguf_file(tmp_path, "f32", tmp_path)
     with pytest.raises(ValueError, match=r"token ids must be a non-empty list in \[0, 10\)"):
         peer.check_ids([3, 10], 10, "prompt_ids")
+    with pytest.raises(ValueError, match="new_tokens must be at least 2"):
+        peer.llama_cpp_decode(tmp_path / "x.gguf", [1, 2], 1, threads=1)
 
 
 def llama_cpp_source_or_skip() -> Path:
