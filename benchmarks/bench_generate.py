@@ -41,7 +41,7 @@ from bench_kernels import random_tiled_weight  # the same random tile-layout wei
 # Rows: (name, `lowbit generate` flags after the model). The first is what a user gets with only --bits and
 # --group-size; the others change one thing each.
 SMOLLM2_VARIANTS = [
-    ("lowbit generate --bits 4 --group-size 64 (default path)", ["--bits", "4", "--group-size", "64"]),
+    ("lowbit generate --bits 4 --group-size 64 (defaults: int8 head, fused step)", ["--bits", "4", "--group-size", "64"]),
     ("int4 g64, float32 head", ["--bits", "4", "--group-size", "64", "--lm-head-bits", "none"]),
     ("int4 g64, int4 head", ["--bits", "4", "--group-size", "64", "--lm-head-bits", "4"]),
     ("int3.5 g64", ["--bits", "3.5", "--group-size", "64"]),
@@ -49,7 +49,7 @@ SMOLLM2_VARIANTS = [
     ("float32", []),
 ]
 TINYLLAMA_VARIANTS = [
-    ("lowbit generate --bits 4 (default path)", ["--bits", "4"]),
+    ("lowbit generate --bits 4 (defaults: g128, int8 head, fused step)", ["--bits", "4"]),
     ("int4 g128, int4 head", ["--bits", "4", "--lm-head-bits", "4"]),
     ("int3.5 g128", ["--bits", "3.5"]),
     ("int3.5 g128, int3.5 head", ["--bits", "3.5", "--lm-head-bits", "3.5"]),
@@ -154,7 +154,7 @@ def run_cpu(args):
     ggufs = {}
     if peer:
         source = llama_cpp_peer.llama_cpp_source(cache)
-        for t in (LLAMA_CPP_TYPES[args.model] if not args.quick else ["q4_0"]):
+        for t in args.llama_cpp_types or (LLAMA_CPP_TYPES[args.model] if not args.quick else ["q4_0"]):
             ggufs[t] = llama_cpp_peer.gguf_file(model_dir, t, cache, source)
     peer_runs = {t: {"decode": [], "prefill": []} for t in ggufs}
     for i in range(rounds):  # interleaved: every engine and variant once per round
@@ -311,6 +311,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even when importable")
+    parser.add_argument("--llama-cpp-types", nargs="+", choices=llama_cpp_peer.TYPES,
+                        help="llama.cpp GGUF types to run (default: Q4_0, Q4_K_M and a float file; Q4_1 for SmolLM2)")
     parser.add_argument("--variants", nargs="+", help="only these variants (names as in the table)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
