@@ -169,3 +169,15 @@ def test_cli_defaults_to_an_int8_head_and_the_fused_step(smollm2_dir, capsys):
     for flags, path in (([], "(fused)"), (["--no-fused"], "(eager)")):
         assert main(["generate", str(smollm2_dir), "--bits", "4", "--prompt", "Hi", "--max-new-tokens", "3", *flags]) == 0
         assert path in capsys.readouterr().err
+
+
+@torch.inference_mode()
+def test_a_sequences_logits_do_not_depend_on_the_batch(isa):
+    # 40 sequences in one step (more rows than any kernel block) give each row exactly what it gives alone.
+    model = tiny_model(4, 8)
+    model.setup_cache(40, 16)
+    step = FusedDecoder(model)
+    tokens, positions, slots = torch.randint(0, 300, (40,)), torch.randint(0, 16, (40,)), torch.randperm(40)
+    together = step(tokens, positions, slots)
+    for i in (0, 17, 39):
+        assert torch.equal(step(tokens[i:i + 1], positions[i:i + 1], slots[i:i + 1])[0], together[i])

@@ -52,7 +52,9 @@ class LlamaDecoder : public torch::CustomClassHolder {
 
  private:
   void check_complete();
-  void linear(const DecoderLinear& l, const float* x, int64_t n, float* y);
+  // prompt: the rows are one sequence's tokens (then many rows may take the bfloat16 GEMM path; rows of
+  // different sequences always take the int8 path, row by row, so that none depends on the others).
+  void linear(const DecoderLinear& l, const float* x, int64_t n, bool prompt, float* y);
   void rms_norm(const float* x, const at::Tensor& weight, int64_t n, float* out) const;
   void attention(const DecoderLayer& layer, const float* qkv, int64_t n, const int64_t* pos, const int64_t* slot,
                  float* att);
