@@ -134,6 +134,16 @@ def test_quantize_model_exclusions_and_tied_head(tmp_path):
     assert isinstance(model.layers[0].attn.wqkv, torch.nn.Linear)  # inplace=False left the original alone
     head = lowbit.quantize_model(model, 3.5, 32, quantize_lm_head=True, inplace=False)
     assert isinstance(head.lm_head, lowbit.QuantLinear) and torch.equal(head.embed.weight, embed_before)
+    # The head in its own format (giving it quantizes the head), after RTN or AWQ layers.
+    calib = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    for method in ("rtn", "awq"):
+        head8 = lowbit.quantize_model(model, 4, 32, method, calib, lm_head_bits=8, lm_head_group_size=128,
+                                      inplace=False)
+        assert (head8.lm_head.bits, head8.lm_head.group_size, head8.layers[1].ffn.w_down.bits) == (8, 128, 4)
+        assert torch.equal(head8.embed.weight, embed_before)
+        assert head8.quantization["module_formats"] == {"lm_head": {"bits": 8, "group_size": 128}}
+    with pytest.raises(ValueError, match="bits must be one of"):
+        lowbit.quantize_model(model, 4, 32, lm_head_bits=5)
     with pytest.raises(ValueError, match="bits must be"):
         lowbit.quantize_model(model, 3, 32)
     with pytest.raises(ValueError, match="group_size must be"):

@@ -23,7 +23,8 @@ def test_bench_unknown_name(capsys):
 def test_bench_kernels_quick(tmp_path, capsys):
     assert cli(["bench", "kernels", "--out-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "kernels_cpu.json").read_text())
-    assert {(r["M"], r["format"]) for r in result["rows"]} == {(m, f) for m in (1, 16, 512) for f in ("int4", "int3.5")}
+    formats = ("int4", "int3.5", "int8")
+    assert {(r["M"], r["format"]) for r in result["rows"]} == {(m, f) for m in (1, 16, 512) for f in formats}
     assert all(r["time_ms"] > 0 and r["speedup_vs_fp32"] > 0 for r in result["rows"])
     assert result["machine"]["copy_bandwidth_GB_per_s"] > 0
     table = (tmp_path / "kernels_cpu.md").read_text()

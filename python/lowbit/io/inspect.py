@@ -81,8 +81,8 @@ def inspect_checkpoint(path, out=None) -> bool:
     if extra:
         problems.append(f"{path}: {len(extra)} unexpected tensors, e.g. {extra[:3]}")
     n_tensors = sum(1 for k in st.keys() if not k.startswith(PAD_PREFIX))
-    others = "".join(f"; {name}: int{b:g} g{g}" for name, (b, g) in
-                     ((name, module_format(qc, name)) for name in qc.get("module_formats", {})))
+    others = "".join("; {}: int{:g} g{}".format(name, *module_format(qc, name))
+                     for name in qc.get("module_formats", {}))
     print(f"{path}: lowbit format v{qc['format_version']}, int{qc['bits']:g}, group size {qc['group_size']}{others}, "
           f"method {qc.get('method')}, {config.num_hidden_layers} layers", file=out)
     print(f"{'module':<28} {'format':<14} {'shape':>12} {'params':>11} {'bytes':>11} {'bits/w':>7}", file=out)
