@@ -135,3 +135,54 @@ def test_quantized_smollm2_is_coherent_and_close(smollm2, bits, group_size, min_
     answer = lowbit.generate(q, [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
                              max_new_tokens=24)
     assert "Paris" in answer
+
+
+def test_batched_slots_decode_matches_each_sequence_alone(tmp_path):
+    # Serving form: sequences of different lengths in scattered cache rows, each at its own position, decoded
+    # together; each must produce the tokens (and logits) it produces alone.
+    tiny_hf_llama(tmp_path)
+    model = lowbit.quantize_model(LlamaForCausalLM.from_pretrained(tmp_path), 4, 128)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=gen) for n in (5, 11, 3, 8)]
+    n_new = 10
+    alone = [[int(t[0]) for t in generate_tokens(model, p[None], lowbit.Sampling(max_new_tokens=n_new,
+                                                                                 ignore_eos=True))]
+             for p in prompts]
+    slots = torch.tensor([4, 0, 2, 5])
+    with torch.inference_mode():
+        model.setup_cache(6, 64)
+        tokens = [[int(model(p[None], torch.arange(len(p)), slots=slots[i:i + 1])[0, -1].argmax())]
+                  for i, p in enumerate(prompts)]
+        for _ in range(n_new - 1):
+            last = torch.tensor([[t[-1]] for t in tokens])
+            positions = torch.tensor([[len(p) + len(t) - 1] for p, t in zip(prompts, tokens)])
+            logits = model(last, positions, slots=slots)[:, -1]
+            for i, (p, t) in enumerate(zip(prompts, tokens)):
+                reference = model(torch.cat([p, torch.tensor(t)])[None])[0, -1]  # stateless, the sequence alone
+                assert (logits[i] - reference).abs().max().item() < 1e-3
+                t.append(int(logits[i].argmax()))
+        assert tokens == alone
+        # Without slots, input_pos [B, T] uses rows 0..B-1; positions [T] are shared by every row.
+        same = torch.stack([prompts[0][:3], prompts[2][:3]])
+        per_row = model(same, torch.arange(3).expand(2, 3))
+        shared = model(same, torch.arange(3))
+        assert torch.equal(per_row, shared)
+
+
+def test_bad_slots_and_positions():
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    model.setup_cache(3, 16)
+    x = torch.zeros(2, 1, dtype=torch.long)
+    pos = torch.zeros(2, 1, dtype=torch.long)
+    for slots, match in ((torch.tensor([1, 1]), "distinct"), (torch.tensor([0, 3]), "distinct cache rows"),
+                         (torch.tensor([0]), "slots must be an int64 tensor of 2"),
+                         (torch.tensor([0.0, 1.0]), "slots must be an int64")):
+        with pytest.raises(ValueError, match=match):
+            model(x, pos, slots=slots)
+    with pytest.raises(ValueError, match="input_pos must be"):
+        model(x, torch.zeros(3, 1, dtype=torch.long), slots=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="outside the cache"):
+        model(x, torch.full((2, 1), 16), slots=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="cache has 3 rows"):
+        model(torch.zeros(4, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))

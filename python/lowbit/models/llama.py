@@ -3,7 +3,8 @@
 Plain modules, fused q/k/v and gate/up projections (one matmul each per step), and a static KV cache:
 `forward(tokens, input_pos)` writes keys and values at the positions in the tensor `input_pos` and attends over
 the whole cache through a mask, so a decode step has the same shapes at every position (one torch.compile,
-one CUDA graph). Any nn.Linear is swappable for a lowbit.QuantLinear.
+one CUDA graph). `forward(tokens, input_pos, slots)` is the batched serving form: each row is a sequence in its
+own row (slot) of the cache at its own positions. Any nn.Linear is swappable for a lowbit.QuantLinear.
 """
 
 import math
@@ -191,6 +192,15 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
 
+    def update_slots(self, slots: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H, T, D] at (slots [B], input_pos [B, T]); return the first `length` positions of
+        those rows [B, H, length, D] (a copy: the rows need not be contiguous)."""
+        rows = slots[:, None]
+        self.k[rows, :, input_pos] = k.transpose(1, 2)  # indexed dims first: [B, T, H, D]
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k[:, :, :length].index_select(0, slots), self.v[:, :, :length].index_select(0, slots)
+
 
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
@@ -203,8 +213,9 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                input_pos: torch.Tensor | None) -> torch.Tensor:
-        """x [B, T, dim]; cos, sin [T, D]; with input_pos [T]: mask [1, 1, T, max_seq_len] over the cache."""
+                input_pos: torch.Tensor | None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, dim]; cos, sin [T, D]; with input_pos [T]: mask [1, 1, T, max_seq_len] over the cache.
+        With slots [B]: input_pos [B, T], cos, sin [B, 1, T, D], mask [B, 1, T, L] over the first L positions."""
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).split(self.qkv_split, dim=-1)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)      # [B, H, T, D]
@@ -214,6 +225,9 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if input_pos is None:  # stateless: the sequence alone, causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+        elif slots is not None:
+            k, v = self.kv_cache.update_slots(slots, input_pos, k, v, mask.shape[-1])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -241,8 +255,8 @@ class Block(nn.Module):
         self.ffn = FeedForward(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                input_pos: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+                input_pos: torch.Tensor | None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, slots)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -299,38 +313,64 @@ class LlamaForCausalLM(nn.Module):
         self.rope_cos = self.rope_sin = self.causal_mask = None
         self.max_seq_len = 0
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab] (float32).
 
         input_pos=None: a stateless forward over the whole sequence (the KV cache is neither read nor written).
         input_pos [T] (int64, on the model's device): the tokens sit at these positions; their keys and values
         go into the cache (setup_cache) and attention sees every cached position up to each token's own.
+        Batched serving: with slots [B] (int64: rows of the cache, distinct) or input_pos [B, T] (each row its own
+        positions), row i is the sequence in cache row slots[i] (default: row i) and attends over that row up to
+        its own positions. This form reads only the cached positions below the largest of input_pos (its shapes
+        follow the positions: meant for eager decoding of many sequences, not for compiling).
         """
         b, t = tokens.shape
         if input_pos is None:
             cos, sin = rope_tables(self.inv_freq, torch.arange(t, device=tokens.device))
             mask = None
-        else:
-            self._check_input_pos(input_pos, t)
+        elif self._check_input_pos(input_pos, b, t, slots):  # the static form: one position list, every cache row
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
             mask = self.causal_mask[input_pos][None, None]                              # [1, 1, T, S]
+        else:  # batched serving: rows of the cache named by slots, positions per row
+            slots = torch.arange(b, device=tokens.device) if slots is None else slots
+            input_pos = input_pos.expand(b, t)
+            length = int(input_pos.max()) + 1 if t else 1  # the longest row's cached span
+            cos, sin = self.rope_cos[input_pos][:, None], self.rope_sin[input_pos][:, None]  # [B, 1, T, D]
+            mask = self.causal_mask[input_pos, :length][:, None]                             # [B, 1, T, L]
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            x = layer(x, cos, sin, mask, input_pos, slots)
         return self.lm_head(self.norm(x)).float()
 
-    def _check_input_pos(self, input_pos: torch.Tensor, t: int) -> None:
-        if self.layers[0].attn.kv_cache is None:
+    def _check_input_pos(self, input_pos: torch.Tensor, b: int, t: int, slots: torch.Tensor | None) -> bool:
+        """Checks input_pos and slots; True for the static form (no slots, input_pos [T], B = the cache's rows)."""
+        cache = self.layers[0].attn.kv_cache
+        if cache is None:
             raise ValueError("forward with input_pos needs a KV cache: call setup_cache() first")
-        if not isinstance(input_pos, torch.Tensor) or input_pos.dtype != torch.long or input_pos.shape != (t,):
-            raise ValueError(f"input_pos must be an int64 tensor of {t} positions (one per token), got "
-                             f"{getattr(input_pos, 'dtype', type(input_pos).__name__)} "
+        if (not isinstance(input_pos, torch.Tensor) or input_pos.dtype != torch.long
+                or input_pos.shape not in ((t,), (b, t))):
+            raise ValueError(f"input_pos must be an int64 tensor of {t} positions (one per token) or [{b}, {t}] "
+                             f"(one row per sequence), got {getattr(input_pos, 'dtype', type(input_pos).__name__)} "
                              f"{list(getattr(input_pos, 'shape', []))}")
         if input_pos.device != self.device:
             raise ValueError(f"input_pos is on {input_pos.device} but the model is on {self.device}")
+        rows = cache.k.shape[0]
+        if slots is None and b > rows:
+            raise ValueError(f"{b} sequences but the cache has {rows} rows; call setup_cache() with batch >= {b}")
+        if slots is not None:
+            if not isinstance(slots, torch.Tensor) or slots.dtype != torch.long or slots.shape != (b,):
+                raise ValueError(f"slots must be an int64 tensor of {b} cache rows (one per sequence), got "
+                                 f"{getattr(slots, 'dtype', type(slots).__name__)} {list(getattr(slots, 'shape', []))}")
+            if slots.device != self.device:
+                raise ValueError(f"slots is on {slots.device} but the model is on {self.device}")
         # Values are checked where that costs no device synchronization (CPU tensors, not while compiling).
         if input_pos.device.type == "cpu" and not torch.compiler.is_compiling() and t:
             lo, hi = int(input_pos.min()), int(input_pos.max())
             if lo < 0 or hi >= self.max_seq_len:
                 raise ValueError(f"positions {lo}..{hi} are outside the cache of {self.max_seq_len}; call "
                                  f"setup_cache() with a larger max_seq_len")
+            if slots is not None and (int(slots.min()) < 0 or int(slots.max()) >= rows
+                                      or len(set(slots.tolist())) != b):
+                raise ValueError(f"slots must be distinct cache rows in 0..{rows - 1}, got {slots.tolist()}")
+        return slots is None and input_pos.dim() == 1 and b == rows
