@@ -11,6 +11,7 @@ per row), so a request's tokens do not depend on what else is running.
 """
 
 import collections
+import heapq
 import threading
 from typing import Callable
 
@@ -79,7 +80,7 @@ class Engine:
         self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
         model.setup_cache(max_batch, self.max_seq_len)
         self.eos = set(model.config.eos_token_ids)
-        self.free_slots = list(range(max_batch))[::-1]
+        self.free_slots = list(range(max_batch))               # a heap: the lowest free row first
         self.running: list[Sequence] = []                      # the engine thread's alone
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.lock = threading.Condition()                      # guards waiting and stopping
@@ -149,7 +150,9 @@ class Engine:
                     if not seq.cancelled:
                         self._guarded([seq], self._prefill, seq)
                 if self.running:
-                    seqs = list(self.running)
+                    # In slot order: low rows are taken first, so the rows are often consecutive and the model
+                    # reads them from the cache in place.
+                    seqs = sorted(self.running, key=lambda s: s.slot)
                     self._guarded(seqs, self._decode, seqs)
         for seq in left:
             self._finish(seq, "error", error="the server is shutting down")
@@ -164,7 +167,7 @@ class Engine:
                     self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
 
     def _prefill(self, seq: Sequence) -> None:
-        seq.slot = self.free_slots.pop()
+        seq.slot = heapq.heappop(self.free_slots)
         self.running.append(seq)
         device, n = self.model.device, len(seq.prompt_ids)
         logits = self.model(torch.tensor([seq.prompt_ids], device=device), torch.arange(n, device=device),
@@ -203,7 +206,7 @@ class Engine:
     def _release(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
-            self.free_slots.append(seq.slot)
+            heapq.heappush(self.free_slots, seq.slot)
 
     def _finish(self, seq: Sequence, reason: str, piece: str = "", error: str | None = None) -> None:
         self._release(seq)

@@ -28,6 +28,7 @@ from .generate import Sampling
 from .models.llama import LlamaForCausalLM
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+CANCELLED = "cancelled"  # the client went away
 
 
 class APIError(Exception):
@@ -70,6 +71,7 @@ class GenerationRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0)               # likewise
     stop: str | list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False                                   # as vLLM: always max_tokens (benchmarks)
     n: int = Field(1, ge=1, le=1)                              # one choice per request
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -79,7 +81,8 @@ class GenerationRequest(BaseModel):
         if len(stop) > MAX_STOP_STRINGS or not all(stop):
             raise APIError(400, f"stop: up to {MAX_STOP_STRINGS} non-empty strings", param="stop")
         return Sampling(max_new_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
-                        top_p=self.top_p, repetition_penalty=self.repetition_penalty, stop=stop, seed=self.seed)
+                        top_p=self.top_p, repetition_penalty=self.repetition_penalty, stop=stop, seed=self.seed,
+                        ignore_eos=self.ignore_eos)
 
 
 class ChatRequest(GenerationRequest):
@@ -130,12 +133,16 @@ class Run:
         while (await request.receive())["type"] != "http.disconnect":
             pass
         self.engine.cancel(self.seq)
+        self.events.put_nowait(("", CANCELLED))  # the engine says nothing more about a cancelled request
 
     async def pieces(self):
-        """(text, finish_reason) as they come, up to the one with a finish_reason."""
+        """(text, finish_reason) as they come, up to the one with a finish_reason; nothing more once the client
+        has gone."""
         try:
             while True:
                 text, finish_reason = await self.events.get()
+                if finish_reason == CANCELLED:
+                    return
                 yield text, finish_reason
                 if finish_reason is not None:
                     return
@@ -216,8 +223,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     async def respond(request: Request, body: GenerationRequest, prompt_ids: list[int], max_tokens: int, chat: bool):
         run = Run(engine, request, prompt_ids, body.sampling(max_tokens), "messages" if chat else "prompt")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-                "model": model_name}
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": model_name}
 
         def choice(text: str | None, finish_reason: str | None) -> dict:
             if not chat:
@@ -226,9 +233,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                     "finish_reason": finish_reason}
 
         if not body.stream:
-            parts = []
+            parts, finish_reason = [], None
             async for text, finish_reason in run.pieces():
                 parts.append(text)
+            if finish_reason is None:  # the client went away: nobody reads this answer
+                raise APIError(499, "the client closed the connection")
             if finish_reason == "error":
                 raise run.error()
             text = "".join(parts)

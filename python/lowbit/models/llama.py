@@ -194,11 +194,17 @@ class KVCache(nn.Module):
 
     def update_slots(self, slots: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, H, T, D] at (slots [B], input_pos [B, T]); return the first `length` positions of
-        those rows [B, H, length, D] (a copy: the rows need not be contiguous)."""
-        rows = slots[:, None]
-        self.k[rows, :, input_pos] = k.transpose(1, 2)  # indexed dims first: [B, T, H, D]
-        self.v[rows, :, input_pos] = v.transpose(1, 2)
+        """Write k, v [B, H, T, D] at (slots [B], input_pos [B, T]); return the first `length` positions of those
+        rows [B, H, length, D]: a view when the slots are consecutive rows in order, else a copy."""
+        b, h, t, d = k.shape
+        # Each (slot, head, position) is one row of the cache seen as [rows * H * max_seq_len, D].
+        heads = torch.arange(h, device=k.device)[None, :, None]
+        index = ((slots[:, None, None] * h + heads) * self.k.shape[2] + input_pos[:, None, :]).reshape(-1)
+        self.k.view(-1, d).index_copy_(0, index, k.reshape(-1, d))
+        self.v.view(-1, d).index_copy_(0, index, v.reshape(-1, d))
+        first = int(slots[0])
+        if torch.equal(slots, torch.arange(first, first + b, device=slots.device)):
+            return self.k[first:first + b, :, :length], self.v[first:first + b, :, :length]
         return self.k[:, :, :length].index_select(0, slots), self.v[:, :, :length].index_select(0, slots)
 
 
