@@ -40,14 +40,14 @@ NAME = "tiny"
 
 @pytest.fixture(scope="module")
 def tiny(smollm2_dir):
-    """Random int4 weights, SmolLM2's vocabulary, tokenizer and chat template."""
+    """Random int4 weights (the output head too), SmolLM2's vocabulary, tokenizer and chat template."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(config)
     model.tokenizer = Tokenizer.from_dir(smollm2_dir)
-    return lowbit.quantize_model(model, 4, 128)
+    return lowbit.quantize_model(model, 4, 128, quantize_lm_head=True)
 
 
 @contextlib.contextmanager
