@@ -358,3 +358,16 @@ def test_chat_page_in_a_headless_browser(smollm2):
             assert driver.save_screenshot(str(SCREENSHOT))
         finally:
             driver.quit()
+
+
+@pytest.mark.slow
+def test_bench_serve_quick(tmp_path):
+    out = tmp_path / "serve"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--quick", "--clients", "1", "3",
+                    "--max-batch", "2", "--out", str(out)], check=True, timeout=600, capture_output=True)
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [level["clients"] for level in result["levels"]] == [1, 3]
+    for level in result["levels"]:
+        assert level["failed"] == 0 and level["tokens"] == 16 * level["clients"] and level["tokens_per_s"] > 0
+        assert 0 < level["ttft_p50_s"] <= level["ttft_p99_s"] and 0 < level["itl_p50_ms"] <= level["itl_p99_ms"]
+    assert "| 3 | 3 | 0 |" in out.with_suffix(".md").read_text()
