@@ -163,14 +163,14 @@ def test_batched_slots_decode_matches_each_sequence_alone(tmp_path):
     tiny_hf_llama(tmp_path)
     model = lowbit.quantize_model(LlamaForCausalLM.from_pretrained(tmp_path), 4, 128, quantize_lm_head=True)
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 512, (n,), generator=gen) for n in (5, 11, 3, 40)]  # spans 32 and 64
+    prompts = [torch.randint(0, 512, (n,), generator=gen) for n in (5, 11, 3, 130)]  # spans 128 and 256
     n_new = 10
     expected = [[int(t[0]) for t in generate_tokens(model, p[None], lowbit.Sampling(max_new_tokens=n_new,
                                                                                     ignore_eos=True))]
                 for p in prompts]
     slots = torch.tensor([4, 0, 2, 5])
     with torch.inference_mode():
-        model.setup_cache(6, 64)
+        model.setup_cache(6, 256)
         tokens, logits = serving_decode(model, prompts, slots, n_new)
         assert tokens == expected
         for i, p in enumerate(prompts):
@@ -201,5 +201,7 @@ def test_bad_slots_and_positions():
         model(x, torch.zeros(3, 1, dtype=torch.long), slots=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="outside the cache"):
         model(x, torch.full((2, 1), 16), slots=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="at least one token"):
+        model(torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long), slots=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="cache has 3 rows"):
         model(torch.zeros(4, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))

@@ -219,7 +219,7 @@ class ServingStep:
     only, so its attention, and its output, are the same whatever other rows run in the step (attending over a
     longer padded span would change the rounding of the softmax sums, and int8 activations amplify that).
     """
-    MIN_SPAN = 32
+    MIN_SPAN = 128  # short sequences share one span: fewer groups, and consecutive rows read in place
     slots: torch.Tensor                                          # [B] cache rows
     input_pos: torch.Tensor                                      # [B, T]
     groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (rows [n], their slots [n], mask [n, 1, T, span])
@@ -395,6 +395,8 @@ class LlamaForCausalLM(nn.Module):
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
             mask = self.causal_mask[input_pos][None, None]                              # [1, 1, T, S]
         else:  # batched serving: rows of the cache named by slots, positions per row
+            if t == 0:
+                raise ValueError("a forward with slots needs at least one token per sequence")
             slots = torch.arange(b, device=tokens.device) if slots is None else slots
             input_pos = input_pos.expand(b, t)
             cos, sin = self.rope_cos[input_pos][:, None], self.rope_sin[input_pos][:, None]  # [B, 1, T, D]
