@@ -11,17 +11,21 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lowbit-installed
 SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc python -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: demo test bench install clean cuda-check
+.PHONY: demo test bench install clean cuda-check browser
 
 demo: $(STAMP)
 	$(PY) -m lowbit.demo
 
-test: $(STAMP) cuda-check
+test: $(STAMP) cuda-check browser
 	$(PY) -m pytest -q tests
 
 # Compiles the CUDA kernels (skipped without nvcc): CI has no GPU, this keeps them building.
 cuda-check:
 	bash .ci/cuda_compile_check.sh
+
+# Chromium + chromedriver from apt when missing (the chat page's browser test; it skips where none can be had).
+browser:
+	bash .ci/browser.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
@@ -38,7 +42,8 @@ $(STAMP): $(SOURCES)
 	  $(PY) -m pip install --retries 1 --timeout 20 "$(TORCH_SPEC)" --index-url $(TORCH_INDEX) || \
 	  $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install numpy safetensors tokenizers jinja2 gguf tqdm transformers sentencepiece pybind11 pytest \
-	  nbclient nbformat ipykernel matplotlib "scikit-build-core>=0.10" ninja cmake
+	  nbclient nbformat ipykernel matplotlib "scikit-build-core>=0.10" ninja cmake \
+	  fastapi uvicorn httpx openai selenium
 	$(PY) -m pip install --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -10,7 +10,7 @@ from lowbit.cli import main as cli
 def test_bench_list(capsys):
     assert cli(["bench", "--list"]) == 0
     listed = capsys.readouterr().out
-    for name in ("kernels", "generate", "quality", "convert"):
+    for name in ("kernels", "generate", "quality", "convert", "serve"):
         assert f"{name} " in listed
 
 

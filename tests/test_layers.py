@@ -20,8 +20,8 @@ LAYERS = [  # lowest first
     ["awq", "cpu_decode"],                    # AWQ runs the model's blocks; the fused CPU decode step
     ["io", "io.hf", "io.safetensors_io", "io.atomic", "io.gguf", "io.checkpoint", "io.autoawq", "io.inspect",
      "io.loading", "io.fetch"],
-    ["pipeline", "eval", "generate"],         # orchestration
-    ["bench", "cli", "demo", "__init__"],     # entry points
+    ["pipeline", "eval", "generate", "engine"],  # orchestration; engine: continuous batching over generate
+    ["bench", "cli", "demo", "server", "__init__"],  # entry points; server: the HTTP API of `lowbit serve`
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 

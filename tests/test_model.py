@@ -135,3 +135,73 @@ def test_quantized_smollm2_is_coherent_and_close(smollm2, bits, group_size, min_
     answer = lowbit.generate(q, [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
                              max_new_tokens=24)
     assert "Paris" in answer
+
+
+def serving_decode(model, prompts, slots, n_new):
+    """Greedy decoding of prompts in the given cache rows, all together (the serving form): tokens and the
+    logits of every step, per sequence."""
+    tokens = [[] for _ in prompts]
+    logits = [[] for _ in prompts]
+    for i, p in enumerate(prompts):
+        out = model(p[None], torch.arange(len(p)), slots=slots[i:i + 1])[0, -1]
+        tokens[i].append(int(out.argmax()))
+    for _ in range(n_new - 1):
+        last = torch.tensor([[t[-1]] for t in tokens])
+        positions = torch.tensor([[len(p) + len(t) - 1] for p, t in zip(prompts, tokens)])
+        out = model(last, positions, slots=slots)[:, -1]
+        for i, t in enumerate(tokens):
+            logits[i].append(out[i])
+            t.append(int(out[i].argmax()))
+    return tokens, logits
+
+
+def test_batched_slots_decode_matches_each_sequence_alone(tmp_path):
+    # Serving form: sequences of different lengths in scattered cache rows, each at its own position, decoded
+    # together. Each produces exactly the logits it produces decoding alone (every layer, the output head
+    # included, is quantized: the int8 kernels and the decode attention compute each row on its own), the tokens
+    # of generate, and logits close to a stateless forward.
+    tiny_hf_llama(tmp_path)
+    model = lowbit.quantize_model(LlamaForCausalLM.from_pretrained(tmp_path), 4, 128, quantize_lm_head=True)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=gen) for n in (5, 11, 3, 130)]  # spans 128 and 256
+    n_new = 10
+    expected = [[int(t[0]) for t in generate_tokens(model, p[None], lowbit.Sampling(max_new_tokens=n_new,
+                                                                                    ignore_eos=True))]
+                for p in prompts]
+    slots = torch.tensor([4, 0, 2, 5])
+    with torch.inference_mode():
+        model.setup_cache(6, 256)
+        tokens, logits = serving_decode(model, prompts, slots, n_new)
+        assert tokens == expected
+        for i, p in enumerate(prompts):
+            alone_tokens, alone_logits = serving_decode(model, [p], slots[i:i + 1], n_new)
+            assert alone_tokens[0] == tokens[i]
+            assert all(torch.equal(a, b) for a, b in zip(alone_logits[0], logits[i]))
+            for step, out in enumerate(logits[i]):
+                reference = model(torch.cat([p, torch.tensor(tokens[i][:step + 1])])[None])[0, -1]  # stateless
+                # Loose: the int8 activations of the quantized layers turn float rounding into whole steps.
+                assert (out - reference).abs().max().item() < 1e-2
+        # Without slots, input_pos [B, T] uses rows 0..B-1; positions [T] are shared by every row.
+        same = torch.stack([prompts[0][:3], prompts[2][:3]])
+        assert torch.equal(model(same, torch.arange(3).expand(2, 3)), model(same, torch.arange(3)))
+
+
+def test_bad_slots_and_positions():
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    model.setup_cache(3, 16)
+    x = torch.zeros(2, 1, dtype=torch.long)
+    pos = torch.zeros(2, 1, dtype=torch.long)
+    for slots, match in ((torch.tensor([1, 1]), "distinct"), (torch.tensor([0, 3]), "distinct cache rows"),
+                         (torch.tensor([0]), "slots must be an int64 tensor of 2"),
+                         (torch.tensor([0.0, 1.0]), "slots must be an int64")):
+        with pytest.raises(ValueError, match=match):
+            model(x, pos, slots=slots)
+    with pytest.raises(ValueError, match="input_pos must be"):
+        model(x, torch.zeros(3, 1, dtype=torch.long), slots=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="outside the cache"):
+        model(x, torch.full((2, 1), 16), slots=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="at least one token"):
+        model(torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long), slots=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="cache has 3 rows"):
+        model(torch.zeros(4, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))

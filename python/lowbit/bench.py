@@ -23,6 +23,8 @@ BENCHMARKS = {
                 ["--quick"], "quality_smollm2"),
     "convert": ("bench_convert.py", "converter time and peak memory on a LLaMA-7B-shaped checkpoint",
                 ["--layers", "2"], "convert_cpu"),
+    "serve": ("bench_serve.py", "lowbit serve with SmolLM2 int4 under 1-32 concurrent streaming clients (minutes)",
+              ["--quick"], "serve_cpu"),
 }
 DEFAULT = ["kernels", "generate"]
 

@@ -1,7 +1,9 @@
-"""The `lowbit` command line: fetch, generate, convert, export, inspect, bench."""
+"""The `lowbit` command line: fetch, generate, serve, convert, export, inspect, bench."""
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -95,6 +97,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .server import serve
+    except ImportError as e:
+        print(f"lowbit serve: needs FastAPI and uvicorn (pip install 'lowbit[serve]'): {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("lowbit serve: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    model = load_for_cli(args)
+    serve(model, args.model_name or Path(str(args.model)).name, host=args.host, port=args.port,
+          max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue, api_key=args.api_key,
+          shutdown_timeout=args.shutdown_timeout)
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .pipeline import convert
     out = convert(args.src, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
@@ -144,6 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fused", dest="fused", action="store_false",
                    help="on the CPU, run the model's PyTorch forward per token instead of the fused C++ step")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with batched decoding and a chat page")
+    p.add_argument("model", help="HF directory, lowbit checkpoint, .gguf file, or a bundled model name (smollm2)")
+    add_quantization_args(p, None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="of the float parts and activations")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache rows)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="tokens per sequence, prompt and reply")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (more get 429)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: $LOWBIT_API_KEY)",
+                   default=os.environ.get("LOWBIT_API_KEY"))
+    p.add_argument("--model-name", help="the model's id in the API (default: the MODEL argument's last part)")
+    p.add_argument("--shutdown-timeout", type=float, default=60.0,
+                   help="seconds open requests get to finish after SIGTERM or Ctrl-C")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="quantize an HF directory or .gguf file (or import an AutoAWQ checkpoint) "
                                        "into a lowbit checkpoint")

@@ -10,17 +10,11 @@ import torch
 
 import lowbit
 from lowbit import data
-from lowbit.eval import model_bytes, perplexity
+from lowbit.eval import linear_stats, model_bytes, perplexity
 
 PROMPT = "Give me three short tips for staying focused while studying."
 FORMATS = [("int4", 4, 64), ("int3.5", 3.5, 64)]  # (name, bits, group size): no padding at K = 576
 EVAL_TOKENS = 2048
-
-
-def linear_stats(model) -> tuple[int, int]:
-    """(weights, bytes) over the quantized linear layers."""
-    layers = [m for m in model.modules() if isinstance(m, lowbit.QuantLinear)]
-    return sum(m.in_features * m.out_features for m in layers), sum(m.weight.nbytes for m in layers)
 
 
 def main():

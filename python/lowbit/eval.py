@@ -39,6 +39,12 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
+def linear_stats(model: nn.Module) -> tuple[int, int]:
+    """(weights, bytes) over the quantized linear layers: 8 * bytes / weights is their bits per weight."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    return sum(m.in_features * m.out_features for m in layers), sum(m.weight.nbytes for m in layers)
+
+
 def model_params(model: nn.Module) -> int:
     """Parameters of a float model, counting tied ones once."""
     return sum(p.numel() for p in {p.untyped_storage().data_ptr(): p for p in model.parameters()}.values())

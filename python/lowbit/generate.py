@@ -223,6 +223,37 @@ def prompt_ids(model: LlamaForCausalLM, prompt: str | list[dict]) -> list[int]:
     return tok.encode(tok.apply_chat_template(prompt, add_generation_prompt=True), add_special_tokens=False)
 
 
+class StopText:
+    """Token ids -> text pieces, never splitting a character, and holding back text that may still become the
+    start of a stop string; once a stop string appears, the text before it is the last piece and .stopped is set."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.decoder = tokenizer.stream()
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.pending += self.decoder.push(token)
+        return self._release(self.hold)
+
+    def flush(self) -> str:
+        """The text still held back, at the end of generation."""
+        self.pending += self.decoder.flush()
+        return self._release(0)
+
+    def _release(self, hold: int) -> str:
+        cut = min((self.pending.find(s) for s in self.stop if s in self.pending), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            piece, self.pending = self.pending[:cut], ""
+            return piece
+        piece = self.pending[:max(len(self.pending) - hold, 0)]
+        self.pending = self.pending[len(piece):]
+        return piece
+
+
 class TextStream:
     """Iterates over the text pieces of one generation as they are produced; .stats after the end."""
 
@@ -234,11 +265,7 @@ class TextStream:
         self.tokens: list[int] = []
 
     def __iter__(self) -> Iterator[str]:
-        tok = self.model.tokenizer
-        decoder = tok.stream()
-        stops = self.sampling.stop
-        hold = max((len(s) for s in stops), default=1) - 1   # text that may still become a stop string
-        pending = ""
+        text = StopText(self.model.tokenizer, self.sampling.stop)
         eos = set(self.model.config.eos_token_ids)
         prompt = torch.tensor([self.ids], device=self.model.device)
         for nxt in generate_tokens(self.model, prompt, self.sampling, self.stats, self.compile, self.fused):
@@ -246,21 +273,14 @@ class TextStream:
             if token in eos and not self.sampling.ignore_eos:
                 break
             self.tokens.append(token)
-            pending += decoder.push(token)
-            cut = min((pending.find(s) for s in stops if s in pending), default=-1)
-            if cut >= 0:
-                if pending[:cut]:
-                    yield pending[:cut]
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
                 return
-            if len(pending) > hold:
-                yield pending[:len(pending) - hold]
-                pending = pending[len(pending) - hold:]
-        pending += decoder.flush()
-        cut = min((pending.find(s) for s in stops if s in pending), default=-1)
-        if cut >= 0:
-            pending = pending[:cut]
-        if pending:
-            yield pending
+        piece = text.flush()
+        if piece:
+            yield piece
 
 
 def stream(model: LlamaForCausalLM, prompt: str | list[dict], compile: bool = False, fused: bool = True,

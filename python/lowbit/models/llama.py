@@ -3,7 +3,8 @@
 Plain modules, fused q/k/v and gate/up projections (one matmul each per step), and a static KV cache:
 `forward(tokens, input_pos)` writes keys and values at the positions in the tensor `input_pos` and attends over
 the whole cache through a mask, so a decode step has the same shapes at every position (one torch.compile,
-one CUDA graph). Any nn.Linear is swappable for a lowbit.QuantLinear.
+one CUDA graph). `forward(tokens, input_pos, slots)` is the batched serving form: each row is a sequence in its
+own row (slot) of the cache at its own positions. Any nn.Linear is swappable for a lowbit.QuantLinear.
 """
 
 import math
@@ -191,6 +192,76 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
 
+    def write(self, slots: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [B, H, T, D] at (slots [B], input_pos [B, T])."""
+        b, h, t, d = k.shape
+        # Each (slot, head, position) is one row of the cache seen as [rows * H * max_seq_len, D].
+        heads = torch.arange(h, device=k.device)[None, :, None]
+        index = ((slots[:, None, None] * h + heads) * self.k.shape[2] + input_pos[:, None, :]).reshape(-1)
+        self.k.view(-1, d).index_copy_(0, index, k.reshape(-1, d))
+        self.v.view(-1, d).index_copy_(0, index, v.reshape(-1, d))
+
+    def read(self, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` positions of cache rows slots [n]: k, v [n, H, length, D], a view when the rows are
+        consecutive and in order, else a copy."""
+        first, n = int(slots[0]), slots.shape[0]
+        if torch.equal(slots, torch.arange(first, first + n, device=slots.device)):
+            return self.k[first:first + n, :, :length], self.v[first:first + n, :, :length]
+        return self.k[:, :, :length].index_select(0, slots), self.v[:, :, :length].index_select(0, slots)
+
+
+@dataclass
+class ServingStep:
+    """A batched serving forward (slots given): where each row's keys and values go, and what its attention reads.
+
+    Rows are grouped by span, the number of cached positions they attend over: the power of two (at least
+    MIN_SPAN, at most the cache length) above the row's last position. A row's span depends on its own position
+    only, so its attention, and its output, are the same whatever other rows run in the step (attending over a
+    longer padded span would change the rounding of the softmax sums, and int8 activations amplify that).
+    """
+    MIN_SPAN = 128  # short sequences share one span: fewer groups, and consecutive rows read in place
+    slots: torch.Tensor                                          # [B] cache rows
+    input_pos: torch.Tensor                                      # [B, T]
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (rows [n], their slots [n], mask [n, 1, T, span])
+
+    @classmethod
+    def make(cls, slots: torch.Tensor, input_pos: torch.Tensor, causal_mask: torch.Tensor) -> "ServingStep":
+        by_span: dict[int, list[int]] = {}
+        for row, last in enumerate(input_pos.max(dim=1).values.tolist()):
+            span = min(max(cls.MIN_SPAN, 1 << last.bit_length()), causal_mask.shape[0])
+            by_span.setdefault(span, []).append(row)
+        groups = []
+        for span, rows in sorted(by_span.items()):
+            rows = torch.tensor(rows, device=slots.device)
+            groups.append((rows, slots[rows], causal_mask[input_pos[rows], :span][:, None]))
+        return cls(slots, input_pos, groups)
+
+    def attend(self, q: torch.Tensor, cache: KVCache, gqa: bool) -> torch.Tensor:
+        """q [B, H, T, D] -> attention over each row's cache row [B, H, T, D]. Decode rows (T = 1) use
+        rowwise_attention; longer inputs (a prompt, which the engine prefills alone) the fused kernel."""
+        def attention(q, k, v, mask):
+            if q.shape[2] == 1:
+                return rowwise_attention(q, k, v, mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+        if len(self.groups) == 1:  # rows 0..B-1 in order
+            _, slots, mask = self.groups[0]
+            return attention(q, *cache.read(slots, mask.shape[-1]), mask)
+        y = torch.empty_like(q)
+        for rows, slots, mask in self.groups:
+            y[rows] = attention(q[rows], *cache.read(slots, mask.shape[-1]), mask)
+        return y
+
+
+def rowwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row, q [B, H, 1, D] over k, v [B, H_kv, L, D] with mask [B, 1, 1, L], in plain
+    matmuls and a softmax: each row's result is the same in any batch (the CPU kernel of
+    F.scaled_dot_product_attention divides its work by the batch size, which changes the rounding)."""
+    b, h, _, d = q.shape
+    grouped = q.reshape(b, k.shape[1], h // k.shape[1], d)  # the query heads that share a key/value head
+    scores = (grouped @ k.transpose(-1, -2)) * d ** -0.5
+    return (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v).reshape(b, h, 1, d)
+
 
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
@@ -203,8 +274,9 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                input_pos: torch.Tensor | None) -> torch.Tensor:
-        """x [B, T, dim]; cos, sin [T, D]; with input_pos [T]: mask [1, 1, T, max_seq_len] over the cache."""
+                input_pos: torch.Tensor | None, serving: ServingStep | None = None) -> torch.Tensor:
+        """x [B, T, dim]; cos, sin [T, D]; with input_pos [T]: mask [1, 1, T, max_seq_len] over the cache.
+        Serving: cos, sin [B, 1, T, D], the cache rows and masks in `serving`."""
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).split(self.qkv_split, dim=-1)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)      # [B, H, T, D]
@@ -214,6 +286,9 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if input_pos is None:  # stateless: the sequence alone, causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+        elif serving is not None:
+            self.kv_cache.write(serving.slots, serving.input_pos, k, v)
+            y = serving.attend(q, self.kv_cache, gqa)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -241,8 +316,8 @@ class Block(nn.Module):
         self.ffn = FeedForward(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                input_pos: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+                input_pos: torch.Tensor | None, serving: ServingStep | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, serving)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -299,38 +374,66 @@ class LlamaForCausalLM(nn.Module):
         self.rope_cos = self.rope_sin = self.causal_mask = None
         self.max_seq_len = 0
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab] (float32).
 
         input_pos=None: a stateless forward over the whole sequence (the KV cache is neither read nor written).
         input_pos [T] (int64, on the model's device): the tokens sit at these positions; their keys and values
         go into the cache (setup_cache) and attention sees every cached position up to each token's own.
+        Batched serving: with slots [B] (int64: rows of the cache, distinct) or input_pos [B, T] (each row its own
+        positions), row i is the sequence in cache row slots[i] (default: row i) and attends over that row up to
+        its own positions; its result does not depend on the other rows (ServingStep). This form's shapes follow
+        the positions: it is meant for eager decoding of many sequences, not for compiling.
         """
         b, t = tokens.shape
+        serving = None
         if input_pos is None:
             cos, sin = rope_tables(self.inv_freq, torch.arange(t, device=tokens.device))
             mask = None
-        else:
-            self._check_input_pos(input_pos, t)
+        elif self._check_input_pos(input_pos, b, t, slots):  # the static form: one position list, every cache row
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
             mask = self.causal_mask[input_pos][None, None]                              # [1, 1, T, S]
+        else:  # batched serving: rows of the cache named by slots, positions per row
+            if t == 0:
+                raise ValueError("a forward with slots needs at least one token per sequence")
+            slots = torch.arange(b, device=tokens.device) if slots is None else slots
+            input_pos = input_pos.expand(b, t)
+            cos, sin = self.rope_cos[input_pos][:, None], self.rope_sin[input_pos][:, None]  # [B, 1, T, D]
+            mask, serving = None, ServingStep.make(slots, input_pos, self.causal_mask)
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            x = layer(x, cos, sin, mask, input_pos, serving)
         return self.lm_head(self.norm(x)).float()
 
-    def _check_input_pos(self, input_pos: torch.Tensor, t: int) -> None:
-        if self.layers[0].attn.kv_cache is None:
+    def _check_input_pos(self, input_pos: torch.Tensor, b: int, t: int, slots: torch.Tensor | None) -> bool:
+        """Checks input_pos and slots; True for the static form (no slots, input_pos [T], B = the cache's rows)."""
+        cache = self.layers[0].attn.kv_cache
+        if cache is None:
             raise ValueError("forward with input_pos needs a KV cache: call setup_cache() first")
-        if not isinstance(input_pos, torch.Tensor) or input_pos.dtype != torch.long or input_pos.shape != (t,):
-            raise ValueError(f"input_pos must be an int64 tensor of {t} positions (one per token), got "
-                             f"{getattr(input_pos, 'dtype', type(input_pos).__name__)} "
+        if (not isinstance(input_pos, torch.Tensor) or input_pos.dtype != torch.long
+                or input_pos.shape not in ((t,), (b, t))):
+            raise ValueError(f"input_pos must be an int64 tensor of {t} positions (one per token) or [{b}, {t}] "
+                             f"(one row per sequence), got {getattr(input_pos, 'dtype', type(input_pos).__name__)} "
                              f"{list(getattr(input_pos, 'shape', []))}")
         if input_pos.device != self.device:
             raise ValueError(f"input_pos is on {input_pos.device} but the model is on {self.device}")
+        rows = cache.k.shape[0]
+        if slots is None and b > rows:
+            raise ValueError(f"{b} sequences but the cache has {rows} rows; call setup_cache() with batch >= {b}")
+        if slots is not None:
+            if not isinstance(slots, torch.Tensor) or slots.dtype != torch.long or slots.shape != (b,):
+                raise ValueError(f"slots must be an int64 tensor of {b} cache rows (one per sequence), got "
+                                 f"{getattr(slots, 'dtype', type(slots).__name__)} {list(getattr(slots, 'shape', []))}")
+            if slots.device != self.device:
+                raise ValueError(f"slots is on {slots.device} but the model is on {self.device}")
         # Values are checked where that costs no device synchronization (CPU tensors, not while compiling).
         if input_pos.device.type == "cpu" and not torch.compiler.is_compiling() and t:
             lo, hi = int(input_pos.min()), int(input_pos.max())
             if lo < 0 or hi >= self.max_seq_len:
                 raise ValueError(f"positions {lo}..{hi} are outside the cache of {self.max_seq_len}; call "
                                  f"setup_cache() with a larger max_seq_len")
+            if slots is not None and (int(slots.min()) < 0 or int(slots.max()) >= rows
+                                      or len(set(slots.tolist())) != b):
+                raise ValueError(f"slots must be distinct cache rows in 0..{rows - 1}, got {slots.tolist()}")
+        return slots is None and input_pos.dim() == 1 and b == rows

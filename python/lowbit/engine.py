@@ -1,0 +1,214 @@
+"""Continuous batching: concurrent generations share the model's decode steps.
+
+The model's static KV cache has max_batch rows (slots); each running sequence holds one of them at its own
+position. A background thread loops: take waiting requests into free slots (prefilling each prompt on its own
+and sampling its first token), then run one decode step for every running sequence at once (decode_logits),
+sample each row with that request's own settings and random generator, and hand out the new text. Requests
+join and leave between steps; a cancelled one gives its slot back before the next step.
+
+Rows do not mix in the model (attention reads each sequence's own cache row, the kernels quantize activations
+per row), so a request's tokens do not depend on what else is running.
+"""
+
+import collections
+import heapq
+import threading
+from typing import Callable
+
+import torch
+
+from .generate import Sampling, StopText, next_token
+from .models.llama import LlamaForCausalLM
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the engine's queue holds."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine no longer takes requests (shutting down)."""
+
+
+def decode_logits(model: LlamaForCausalLM, tokens: torch.Tensor, positions: torch.Tensor,
+                  slots: torch.Tensor) -> torch.Tensor:
+    """One batched decode step, the engine's only call into the model while decoding: tokens [n] at positions
+    [n] in cache rows slots [n] (int64, on the model's device) -> logits [n, vocab] of each one's next token."""
+    return model(tokens[:, None], positions[:, None], slots=slots)[:, 0]
+
+
+# emit(text, finish_reason): a new piece of text (maybe ""), and finish_reason once at the end: "stop" (EOS or a
+# stop string), "length" (max_new_tokens), "error" (Sequence.error says why). Called from the engine's thread;
+# it must not raise.
+Emit = Callable[[str, str | None], None]
+
+
+class Sequence:
+    """One request: its prompt, its sampling, its progress in the engine."""
+
+    def __init__(self, prompt_ids: list[int], sampling: Sampling, emit: Emit, tokenizer, device: torch.device):
+        self.prompt_ids, self.sampling, self.emit = prompt_ids, sampling, emit
+        self.tokens: list[int] = []  # generated so far (without a final EOS)
+        self.text = StopText(tokenizer, sampling.stop)
+        self.generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
+        self.slot: int | None = None
+        self.cancelled = False
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+
+    @property
+    def position(self) -> int:
+        """Where the last sampled token goes in the cache."""
+        return len(self.prompt_ids) + len(self.tokens) - 1
+
+
+class Engine:
+    """Runs requests (prompt token ids + Sampling) in continuous batches on one model, in a background thread.
+
+    max_batch: rows of the KV cache (sequences decoded together); max_seq_len: tokens per sequence, prompt
+    and completion (capped at the model's max_position_embeddings); max_queue: requests that may wait for a
+    slot before submit raises QueueFull.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, max_batch: int = 8, max_seq_len: int = 2048, max_queue: int = 64):
+        if model.tokenizer is None:
+            raise ValueError("the model has no tokenizer")
+        for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("max_queue", max_queue)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.model = model
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
+        model.setup_cache(max_batch, self.max_seq_len)
+        self.eos = set(model.config.eos_token_ids)
+        self.free_slots = list(range(max_batch))               # a heap: the lowest free row first
+        self.running: list[Sequence] = []                      # the engine thread's alone
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.lock = threading.Condition()                      # guards waiting and stopping
+        self.stopping = False
+        self.steps = 0                                         # decode steps run (for tests and stats)
+        self.thread = threading.Thread(target=self._loop, name="lowbit-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt_ids: list[int], sampling: Sampling, emit: Emit) -> Sequence:
+        """Queue a request; its text comes through emit. Raises ValueError for a prompt that does not fit,
+        QueueFull when the queue is full, EngineStopped after stop()."""
+        n, m = len(prompt_ids), sampling.max_new_tokens
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if m < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {m}")
+        if n + m > self.max_seq_len:
+            raise ValueError(f"the prompt ({n} tokens) plus max_tokens ({m}) is {n + m} tokens, beyond this "
+                             f"server's context of {self.max_seq_len} tokens")
+        if max(prompt_ids) >= self.model.config.vocab_size or min(prompt_ids) < 0:
+            raise ValueError(f"token ids must be in 0..{self.model.config.vocab_size - 1}")
+        seq = Sequence(list(prompt_ids), sampling, emit, self.model.tokenizer, self.model.device)
+        with self.lock:
+            if self.stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (the queue holds "
+                                f"{self.max_queue}); retry later")
+            self.waiting.append(seq)
+            self.lock.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Drop a request (its client went away): out of the queue now, out of its slot before the next step."""
+        with self.lock:
+            seq.cancelled = True
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self.lock.notify()
+
+    def load(self) -> dict:
+        with self.lock:
+            return {"running": len(self.running), "waiting": len(self.waiting), "max_batch": self.max_batch,
+                    "max_queue": self.max_queue, "decode_steps": self.steps}
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Take no more requests, end the ones still waiting or running (finish_reason "error"), join the thread."""
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        self.thread.join(timeout)
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                for seq in [s for s in self.running if s.cancelled]:
+                    self._release(seq)
+                with self.lock:
+                    while not self.stopping and not self.waiting and not self.running:
+                        self.lock.wait()
+                    if self.stopping:
+                        left = list(self.waiting) + self.running
+                        self.waiting.clear()
+                        break
+                    admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.free_slots)))]
+                for seq in admitted:
+                    if not seq.cancelled:
+                        self._guarded([seq], self._prefill, seq)
+                if self.running:
+                    # In slot order: low rows are taken first, so the rows are often consecutive and the model
+                    # reads them from the cache in place.
+                    seqs = sorted(self.running, key=lambda s: s.slot)
+                    self._guarded(seqs, self._decode, seqs)
+        for seq in left:
+            self._finish(seq, "error", error="the server is shutting down")
+
+    def _guarded(self, seqs: list[Sequence], step, *args) -> None:
+        """Run a prefill or decode step; an exception ends those sequences with an error, not the engine."""
+        try:
+            step(*args)
+        except Exception as e:  # noqa: BLE001 (reported to the requests concerned)
+            for seq in seqs:
+                if seq.finish_reason is None:
+                    self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+
+    def _prefill(self, seq: Sequence) -> None:
+        seq.slot = heapq.heappop(self.free_slots)
+        self.running.append(seq)
+        device, n = self.model.device, len(seq.prompt_ids)
+        logits = self.model(torch.tensor([seq.prompt_ids], device=device), torch.arange(n, device=device),
+                            slots=torch.tensor([seq.slot], device=device))[:, -1]
+        self._advance(seq, logits)
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        device = self.model.device
+        tokens = torch.tensor([s.tokens[-1] for s in seqs], device=device)
+        positions = torch.tensor([s.position for s in seqs], device=device)
+        slots = torch.tensor([s.slot for s in seqs], device=device)
+        logits = decode_logits(self.model, tokens, positions, slots)
+        self.steps += 1
+        for i, seq in enumerate(seqs):
+            self._advance(seq, logits[i:i + 1])
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Sample seq's next token from logits [1, vocab] and pass on its text; finish it when it is done."""
+        s = seq.sampling
+        # The history matters only to the repetition penalty: built only then.
+        history = (torch.tensor([seq.prompt_ids + seq.tokens], device=logits.device)
+                   if s.repetition_penalty != 1.0 else None)
+        token = int(next_token(logits, history, s, seq.generator)[0])
+        if token in self.eos and not s.ignore_eos:
+            self._finish(seq, "stop", seq.text.flush())
+            return
+        seq.tokens.append(token)
+        piece = seq.text.push(token)
+        if seq.text.stopped:
+            self._finish(seq, "stop", piece)
+        elif len(seq.tokens) == s.max_new_tokens:
+            self._finish(seq, "length", piece + seq.text.flush())
+        elif piece:
+            seq.emit(piece, None)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+            heapq.heappush(self.free_slots, seq.slot)
+
+    def _finish(self, seq: Sequence, reason: str, piece: str = "", error: str | None = None) -> None:
+        self._release(seq)
+        seq.finish_reason, seq.error = reason, error
+        seq.emit(piece, reason)
