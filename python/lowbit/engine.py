@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from .cpu_decode import FusedDecoder, unsupported
 from .generate import Sampling, StopText, next_token
 from .models.llama import LlamaForCausalLM
 
@@ -30,9 +31,13 @@ class EngineStopped(RuntimeError):
 
 
 def decode_logits(model: LlamaForCausalLM, tokens: torch.Tensor, positions: torch.Tensor,
-                  slots: torch.Tensor) -> torch.Tensor:
+                  slots: torch.Tensor, fused: FusedDecoder | None = None) -> torch.Tensor:
     """One batched decode step, the engine's only call into the model while decoding: tokens [n] at positions
-    [n] in cache rows slots [n] (int64, on the model's device) -> logits [n, vocab] of each one's next token."""
+    [n] in cache rows slots [n] (int64, on the model's device) -> logits [n, vocab] of each one's next token.
+    Through the fused CPU step when there is one (it runs each row independently of the others, as the model's
+    forward does)."""
+    if fused is not None:
+        return fused(tokens, positions, slots)
     return model(tokens[:, None], positions[:, None], slots=slots)[:, 0]
 
 
@@ -79,6 +84,8 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
         model.setup_cache(max_batch, self.max_seq_len)
+        # The fused C++ step where the model allows it (lowbit.cpu_decode), else the model's forward.
+        self.fused = FusedDecoder(model) if unsupported(model) is None else None
         self.eos = set(model.config.eos_token_ids)
         self.free_slots = list(range(max_batch))               # a heap: the lowest free row first
         self.running: list[Sequence] = []                      # the engine thread's alone
@@ -170,8 +177,12 @@ class Engine:
         seq.slot = heapq.heappop(self.free_slots)
         self.running.append(seq)
         device, n = self.model.device, len(seq.prompt_ids)
-        logits = self.model(torch.tensor([seq.prompt_ids], device=device), torch.arange(n, device=device),
-                            slots=torch.tensor([seq.slot], device=device))[:, -1]
+        prompt = torch.tensor([seq.prompt_ids], device=device)
+        if self.fused is not None:
+            logits = self.fused(prompt[0], torch.arange(n), torch.full((n,), seq.slot), torch.tensor([n - 1]))
+        else:
+            logits = self.model(prompt, torch.arange(n, device=device),
+                                slots=torch.tensor([seq.slot], device=device))[:, -1]
         self._advance(seq, logits)
 
     def _decode(self, seqs: list[Sequence]) -> None:
@@ -179,7 +190,7 @@ class Engine:
         tokens = torch.tensor([s.tokens[-1] for s in seqs], device=device)
         positions = torch.tensor([s.position for s in seqs], device=device)
         slots = torch.tensor([s.slot for s in seqs], device=device)
-        logits = decode_logits(self.model, tokens, positions, slots)
+        logits = decode_logits(self.model, tokens, positions, slots, self.fused)
         self.steps += 1
         for i, seq in enumerate(seqs):
             self._advance(seq, logits[i:i + 1])
