@@ -18,6 +18,7 @@ LAYERS = [  # lowest first
     ["nn"],                                   # QuantLinear, the module swap
     ["tokenizer", "models", "models.llama"],  # the model
     ["awq"],                                  # AWQ runs the model's blocks
+    ["gptq"],                                 # GPTQ, on AWQ's block views (and after AWQ's scales)
     ["io", "io.hf", "io.safetensors_io", "io.atomic", "io.gguf", "io.checkpoint", "io.autoawq", "io.inspect",
      "io.loading", "io.fetch"],
     ["pipeline", "eval", "generate"],         # orchestration
