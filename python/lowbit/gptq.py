@@ -12,7 +12,7 @@ exactly lowbit's formats: checkpoints and kernels are the same as for round-to-n
 Column order: groups are contiguous in the stored column order, so any processing order other than left to
 right is expressed through the format's input permutation `perm`. int3.5 uses AWQ's saliency order (the most
 salient channels on the 4-bit positions, roughly in decreasing saliency); `act_order=True` orders int4's
-columns by decreasing diag(H) (costs 4 bytes per input feature for the stored permutation).
+columns by decreasing diag(H) (costs 4 bytes per input feature for the stored permutation; off by default).
 
 quantize_llama_gptq runs the decoder blocks one after another (memory: one block plus the calibration
 activations). Within a block the linears are quantized in the order the data flows (q/k/v, o, gate/up,
@@ -146,8 +146,9 @@ def quantize_llama_gptq(model, bits: float, group_size: int, calib: torch.Tensor
     """GPTQ (awq=True: AWQ scales and clipping, then GPTQ) of every decoder block's linears, in place, for
     lowbit's or transformers' LlamaForCausalLM.
 
-    calib: token ids [n_samples, seq_len]. damp, block_size: see gptq_quantize. act_order: int4 columns in
-    decreasing diag(H) order (a stored permutation). saliency_order: int3.5's channel order (lowbit.awq).
+    calib: token ids [n_samples, seq_len]. damp, block_size: see gptq_quantize. act_order: columns in
+    decreasing diag(H) order (a stored permutation; int3.5 takes the saliency order instead unless
+    saliency_order=False). saliency_order: int3.5's channel order (lowbit.awq).
     clip, n_grid, n_search: AWQ's clipping search and scale search (awq=True only)."""
     bits = formats.check_bits(bits)
     group_size = formats.check_group_size(group_size)
