@@ -95,7 +95,7 @@ def test_awq_rejects_bad_calibration_and_models(tmp_path):
     with pytest.raises(TypeError, match="lowbit.LlamaForCausalLM"):
         quantize_llama_awq(torch.nn.Sequential(torch.nn.Linear(4, 4)), 4, 32, torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="method must be"):
-        lowbit.quantize_model(model, 4, 32, method="gptq")
+        lowbit.quantize_model(model, 4, 32, method="squeezellm")
 
 
 @pytest.mark.slow

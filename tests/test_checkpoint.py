@@ -39,11 +39,11 @@ def logits(model):
         return model(IDS)
 
 
-@pytest.mark.parametrize("bits,method", [(4, "rtn"), (3.5, "awq")])
+@pytest.mark.parametrize("bits,method", [(4, "rtn"), (3.5, "awq"), (4, "gptq"), (3.5, "awq+gptq")])
 def test_save_load_round_trip(hf_dir, tmp_path, bits, method):
     model = LlamaForCausalLM.from_pretrained(hf_dir)
     calib = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
-    q = lowbit.quantize_model(model, bits, 32, method=method, calib=calib if method == "awq" else None)
+    q = lowbit.quantize_model(model, bits, 32, method=method, calib=calib if method != "rtn" else None)
     out = lowbit.save_quantized(q, tmp_path / "ckpt")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc == {"quant_method": "lowbit", "format_version": 1, "bits": bits, "group_size": 32, "method": method,

@@ -269,6 +269,35 @@ def quantize_block(view: BlockView, inputs: dict, bits: float, group_size: int, 
         view.block.set_submodule(name, qlinear)
 
 
+def block_inputs(model: nn.Module, calib: torch.Tensor, method: str = "AWQ"):
+    """Calibration set-up shared by the block-by-block quantizers (AWQ here, GPTQ in lowbit.gptq).
+
+    Returns (x, layers, views): x [n_samples, seq_len, H], the activations entering the first decoder block,
+    the model's decoder blocks, and views(block), its BlockView."""
+    is_hf = type(model).__name__ == "LlamaForCausalLM" and hasattr(model, "model")  # transformers
+    if not (isinstance(model, LlamaForCausalLM) or is_hf):
+        raise TypeError(f"{method} works on lowbit.LlamaForCausalLM and transformers.LlamaForCausalLM, "
+                        f"got {type(model).__name__}")
+    if calib is None or calib.dim() != 2 or calib.numel() == 0:
+        raise ValueError(f"{method} needs calibration tokens [n_samples, seq_len] (see lowbit.data.calibration_tokens)")
+    ids = calib.to(model.device)
+    positions = torch.arange(calib.shape[1], device=model.device)
+    if isinstance(model, LlamaForCausalLM):
+        x = model.embed(ids)                      # [n, T, H]: the activations entering block 0
+        cos, sin = rope_tables(model.inv_freq, positions)
+        return x, model.layers, lambda block: lowbit_block_view(block, cos, sin)
+    x = model.model.embed_tokens(ids)
+    cos, sin = model.model.rotary_emb(x, positions.unsqueeze(0))
+    t = calib.shape[1]
+    mask = torch.full((t, t), float("-inf"), dtype=x.dtype, device=x.device).triu(1)[None, None]
+    return x, model.model.layers, lambda layer: hf_block_view(layer, cos, sin, mask)
+
+
+def run_block(view: BlockView, x: torch.Tensor) -> torch.Tensor:
+    """The block's output on x [n, T, H], eight sequences at a time (bounded attention memory)."""
+    return torch.cat([view.forward(x[i:i + 8]) for i in range(0, len(x), 8)])
+
+
 def quantize_llama_awq(model: nn.Module, bits: float, group_size: int, calib: torch.Tensor,
                        n_grid: int = 20, clip: bool = True, saliency_order: bool = True, n_search: int = 2,
                        integer_zeros: bool = False, progress: bool = True) -> nn.Module:
@@ -277,28 +306,11 @@ def quantize_llama_awq(model: nn.Module, bits: float, group_size: int, calib: to
     calib: token ids [n_samples, seq_len]. Activation statistics (scales, saliency order, the clipping
     search's sample tokens) come from every sequence; the scale search's loss, whose CPU time grows with
     them, from the first n_search."""
-    is_hf = type(model).__name__ == "LlamaForCausalLM" and hasattr(model, "model")  # transformers
-    if not (isinstance(model, LlamaForCausalLM) or is_hf):
-        raise TypeError(f"AWQ works on lowbit.LlamaForCausalLM and transformers.LlamaForCausalLM, "
-                        f"got {type(model).__name__}")
-    if calib is None or calib.dim() != 2 or calib.numel() == 0:
-        raise ValueError("AWQ needs calibration tokens [n_samples, seq_len] (see lowbit.data.calibration_tokens)")
     with torch.inference_mode():
-        ids = calib.to(model.device)
-        positions = torch.arange(calib.shape[1], device=model.device)
-        if isinstance(model, LlamaForCausalLM):
-            x = model.embed(ids)                      # [n, T, H]: the activations entering block 0
-            cos, sin = rope_tables(model.inv_freq, positions)
-            layers, views = model.layers, lambda block: lowbit_block_view(block, cos, sin)
-        else:
-            x = model.model.embed_tokens(ids)
-            cos, sin = model.model.rotary_emb(x, positions.unsqueeze(0))
-            t = calib.shape[1]
-            mask = torch.full((t, t), float("-inf"), dtype=x.dtype, device=x.device).triu(1)[None, None]
-            layers, views = model.model.layers, lambda layer: hf_block_view(layer, cos, sin, mask)
+        x, layers, views = block_inputs(model, calib)
         for block in tqdm(layers, desc=f"AWQ int{bits:g}", disable=not progress):
             view = views(block)
             inputs = scale_block(view, x, bits, group_size, n_grid, n_search, integer_zeros)
             quantize_block(view, inputs, bits, group_size, clip, saliency_order, integer_zeros)
-            x = torch.cat([view.forward(x[i:i + 8]) for i in range(0, len(x), 8)])
+            x = run_block(view, x)
     return model

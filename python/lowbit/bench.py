@@ -19,7 +19,8 @@ BENCHMARKS = {
                 ["--quick"], "kernels_cpu"),
     "generate": ("bench_generate.py", "SmolLM2 prefill/decode tokens/s, float32 vs int4 vs int3.5 (a few minutes)",
                  ["--quick"], "generate_cpu"),
-    "quality": ("bench_quality.py", "SmolLM2 perplexity and error, RTN vs AWQ (long: three AWQ runs)",
+    "quality": ("bench_quality.py", "SmolLM2 perplexity and error, RTN vs AWQ vs GPTQ vs AWQ+GPTQ (long: six "
+                "calibrated runs)",
                 ["--quick"], "quality_smollm2"),
     "convert": ("bench_convert.py", "converter time and peak memory on a LLaMA-7B-shaped checkpoint",
                 ["--layers", "2"], "convert_cpu"),

@@ -14,11 +14,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_quantization_args(p: argparse.ArgumentParser, bits_default: float | None) -> None:
-    from .formats import BITS, GROUP_SIZES
+    from .formats import BITS, GROUP_SIZES, METHODS
     p.add_argument("--bits", type=float, default=bits_default, choices=BITS,
                    help="weight format" + ("" if bits_default else " (quantize the linear layers first)"))
     p.add_argument("--group-size", type=int, default=GROUP_SIZE, choices=GROUP_SIZES)
-    p.add_argument("--method", default="rtn", choices=["rtn", "awq"], help="awq: calibrates (minutes on a CPU)")
+    p.add_argument("--method", default="rtn", choices=list(METHODS),
+                   help="awq, gptq, awq+gptq: calibrate (minutes on a CPU)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output head (in --bits)")
     p.add_argument("--lm-head-bits", choices=[f"{b:g}" for b in BITS] + ["none"],
                    help="the output head's format, none: float (default: --bits with --quantize-lm-head; "
@@ -45,7 +46,7 @@ def load_for_cli(args):
     path = fetch(args.model) if args.model in MODELS else args.model
     model = LlamaForCausalLM.from_pretrained(path)
     if args.bits is not None:
-        calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512) if args.method == "awq" else None
+        calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512) if args.method != "rtn" else None
         quantize_model(model, args.bits, args.group_size, method=args.method, calib=calib,
                        **head_format(args, default="8" if args.device == "cpu" else "none"))
     return model.to(args.device, DTYPES[args.dtype])
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="HF float directory, .gguf file, or AutoAWQ GEMM directory")
     p.add_argument("out", help="output directory (written atomically)")
     add_quantization_args(p, 4)
-    p.add_argument("--calib-file", help="text file to calibrate AWQ on (default: lowbit.data)")
+    p.add_argument("--calib-file", help="text file to calibrate AWQ/GPTQ on (default: lowbit.data)")
     p.add_argument("--align", type=int, help="start every tensor's data on this byte boundary (e.g. 1024)")
     p.add_argument("--integer-zeros", action="store_true", help="integer zero points (needed by export --format awq)")
     p.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"],

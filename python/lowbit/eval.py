@@ -102,7 +102,7 @@ def rmse_report(ref: nn.Module, quantized: nn.Module, tokens: torch.Tensor, base
     qlayers = {name: m for name, m in quantized.named_modules() if isinstance(m, QuantLinear)}
     if not qlayers:
         raise ValueError("rmse_report: the quantized model has no QuantLinear layers")
-    if (getattr(quantized, "quantization", {}).get("method") == "awq"
+    if (getattr(quantized, "quantization", {}).get("method") in ("awq", "awq+gptq")
             and all(q.awq_scales is None for q in qlayers.values())):
         raise ValueError("rmse_report: AWQ folded per-channel scales into the norms and the layers before each "
                          "quantized one; checkpoints do not keep them, so a loaded AWQ model's layers cannot be "

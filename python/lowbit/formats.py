@@ -17,6 +17,8 @@ import torch
 GROUP_SIZES = (32, 64, 128, 256)
 BITS = (4, 3.5, 8)
 STEP3 = 15.0 / 7.0  # int3.5: a 3-bit step spans 15/7 four-bit steps, so both cover the same range
+# How the codes were chosen (a checkpoint's quantization_config.method); every method writes the same format.
+METHODS = ("rtn", "awq", "gptq", "awq+gptq")
 
 
 def check_bits(bits) -> float:

@@ -21,11 +21,11 @@ def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128, per
     bits = formats.check_bits(bits)
     group_size = formats.check_group_size(group_size)
     n, k = w.shape if isinstance(w, torch.Tensor) and w.dim() == 2 else (0, 0)
-    _check_clip(clip, n, -(-k // group_size))
+    check_clip(clip, n, -(-k // group_size))
     rows = max(1, (1 << 22) // max(k, 1))
     parts = []
     for start in range(0, max(n, 1), rows):
-        chunk, perm = _checked(w[start:start + rows] if n else w, perm)
+        chunk, perm = checked_weight(w[start:start + rows] if n else w, perm)
         ratio = None if clip is None else clip[start:start + rows]
         codes, scales, zeros = _round_to_nearest(_grouped(chunk, perm, group_size), bits, ratio, integer_zeros)
         parts.append((formats.pack(codes.view(chunk.shape[0], -1).to(torch.int32), bits), scales, zeros))
@@ -44,11 +44,9 @@ def fake_quantize(w: torch.Tensor, bits: float, group_size: int, perm: torch.Ten
     if bits not in (3.5, 2, 3, 4, 5, 6, 7, 8):
         raise ValueError(f"fake_quantize: bits must be 3.5 or an integer 2..8, got {bits!r}")
     n, k = w.shape
-    _check_clip(clip, n, -(-k // group_size))
+    check_clip(clip, n, -(-k // group_size))
     codes, scales, zeros = _round_to_nearest(_grouped(w.float(), perm, group_size), bits, clip, integer_zeros)
-    if bits == 3.5:
-        codes[..., 1::2] *= formats.STEP3
-    stored = ((codes - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).view(n, -1)[:, :k]
+    stored = grid_values(codes, scales, zeros, bits).view(n, -1)[:, :k]
     if perm is None:
         return stored
     out = torch.empty_like(stored)
@@ -56,7 +54,8 @@ def fake_quantize(w: torch.Tensor, bits: float, group_size: int, perm: torch.Ten
     return out
 
 
-def _checked(w, perm):
+def checked_weight(w, perm):
+    """(W as float32, perm as int32 or None), after checking both; a clear ValueError otherwise."""
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"w must be a 2-D floating-point tensor [out_features, in_features], got "
                          f"{getattr(w, 'dtype', type(w))} {list(getattr(w, 'shape', []))}")
@@ -84,7 +83,7 @@ def _grouped(w: torch.Tensor, perm, group_size: int) -> torch.Tensor:
     return torch.nn.functional.pad(w, (0, kp - k)).view(n, kp // group_size, group_size)
 
 
-def _check_clip(clip, n: int, groups: int) -> None:
+def check_clip(clip, n: int, groups: int) -> None:
     if clip is None:
         return
     if not isinstance(clip, torch.Tensor) or tuple(clip.shape) != (n, groups):
@@ -96,7 +95,22 @@ def _check_clip(clip, n: int, groups: int) -> None:
 
 def _round_to_nearest(groups: torch.Tensor, bits: float, clip=None, integer_zeros: bool = False):
     """groups [N, G, group_size] -> (codes float [N, G, group_size], scales fp16 [N, G], zeros fp16 [N, G])."""
-    top = 15 if bits == 3.5 else 2 ** int(bits) - 1  # int3.5 counts in 4-bit steps (see STEP3)
+    scales, zeros = group_grid(groups, bits, clip, integer_zeros)
+    return round_to_grid(groups, scales, zeros, bits), scales, zeros
+
+
+# The per-format grid, in three functions that also serve error-compensating quantizers (lowbit.gptq), which
+# fix a group's grid when they reach it and then round its columns one at a time.
+
+def _top_code(bits: float) -> int:
+    return 15 if bits == 3.5 else 2 ** int(bits) - 1  # int3.5 counts in 4-bit steps (see STEP3)
+
+
+def group_grid(groups: torch.Tensor, bits: float, clip=None, integer_zeros: bool = False):
+    """Min-max grid of each group: groups [..., group_size] -> (scales fp16 [...], zeros fp16 [...]).
+
+    clip ([...] ratios, optional) shrinks each group's range first."""
+    top = _top_code(bits)
     lo = groups.amin(-1).clamp(max=0)
     hi = groups.amax(-1).clamp(min=0)
     if clip is not None:
@@ -108,9 +122,27 @@ def _round_to_nearest(groups: torch.Tensor, bits: float, clip=None, integer_zero
     scales = scales.clamp(min=torch.finfo(torch.float16).smallest_normal * 2 ** -10)
     zeros = -lo / scales.float()
     zeros = (zeros.round().clamp(0, top) if integer_zeros else zeros).to(torch.float16)
+    return scales, zeros
+
+
+def round_to_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: float,
+                  first_column: int = 0) -> torch.Tensor:
+    """Codes (float) of w [..., c], stored columns first_column .. first_column + c - 1 of one group, on the
+    grid scales, zeros [...]; int3.5's odd stored columns take 3-bit codes."""
+    top = _top_code(bits)
     # Quantize with the stored float16 values so codes match what decoders will compute.
-    t = groups / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)  # position in steps
+    t = w / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)  # position in steps
     codes = t.round().clamp(0, top)
     if bits == 3.5:
-        codes[..., 1::2] = (t[..., 1::2] / formats.STEP3).round().clamp(0, 7)
-    return codes, scales, zeros
+        odd = slice(1 - first_column % 2, None, 2)
+        codes[..., odd] = (t[..., odd] / formats.STEP3).round().clamp(0, 7)
+    return codes
+
+
+def grid_values(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: float,
+                first_column: int = 0) -> torch.Tensor:
+    """The weights that codes [..., c] (as round_to_grid numbers them) stand for: float32."""
+    steps = codes.to(torch.float32, copy=True)
+    if bits == 3.5:
+        steps[..., 1 - first_column % 2::2] *= formats.STEP3
+    return (steps - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)

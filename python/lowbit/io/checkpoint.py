@@ -63,8 +63,9 @@ def checked_quantization_config(config: dict, where: Path) -> dict:
         formats.check_group_size(qc.get("group_size"))
     except ValueError as e:
         raise CheckpointError(f"{where}: quantization_config: {e}") from e
-    if qc.get("method") not in ("rtn", "awq"):
-        raise CheckpointError(f"{where}: quantization_config.method must be 'rtn' or 'awq', got {qc.get('method')!r}")
+    if qc.get("method") not in formats.METHODS:
+        raise CheckpointError(f"{where}: quantization_config.method must be one of {formats.METHODS}, "
+                              f"got {qc.get('method')!r}")
     names = qc.get("modules_not_converted")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{where}: quantization_config.modules_not_converted must be a list of module names")

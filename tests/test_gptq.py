@@ -1,0 +1,158 @@
+"""GPTQ: round-to-nearest when inputs are uncorrelated, a smaller output error than RTN when they are correlated,
+deterministic, the same format (pipeline, CLI, checkpoints), clear errors."""
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lowbit
+from conftest import tiny_hf_llama
+from lowbit.cli import main as cli
+from lowbit.gptq import act_order_perm, gptq_quantize, hessian, quantize_llama_gptq
+from lowbit.models.llama import LlamaForCausalLM
+from lowbit.quantize import quantize_weight
+
+
+def correlated_inputs(n_tokens: int, k: int, seed: int) -> torch.Tensor:
+    """Samples (seeded) of one distribution of activations with strongly correlated channels of uneven size."""
+    g = torch.Generator().manual_seed(0)
+    mix, size = torch.randn(k // 8, k, generator=g), torch.rand(k, generator=g) + 0.2
+    t = torch.Generator().manual_seed(seed)
+    return (torch.randn(n_tokens, k // 8, generator=t) @ mix + 0.1 * torch.randn(n_tokens, k, generator=t)) * size
+
+
+def output_error(w, qw, x) -> float:
+    ref = x @ w.T
+    return ((x @ qw.dequantize().T - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("bits", [4, 3.5])
+def test_diagonal_hessian_gives_round_to_nearest(bits):
+    """With uncorrelated inputs no error is spread: GPTQ's codes, scales and zeros are RTN's, bit for bit
+    (K = 200 also checks the padding columns; perm and clip as quantize_weight takes them)."""
+    w = torch.randn(48, 200)
+    perm = torch.randperm(200).to(torch.int32)
+    clip = torch.rand(48, 4) * 0.5 + 0.5
+    h = torch.diag(torch.rand(200) + 0.1)
+    for p, c in ((None, None), (perm, clip)):
+        ours = gptq_quantize(w, h, bits, 64, perm=p, clip=c).tensors()
+        ref = quantize_weight(w, bits, 64, perm=p, clip=c).tensors()
+        assert ours.keys() == ref.keys()
+        for name in ref:
+            assert torch.equal(ours[name], ref[name]), name
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 128), (3.5, 64), (3.5, 256)])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size):
+    """Output error of a synthetic layer on held-out inputs from the same distribution as the calibration."""
+    k = 256
+    w = torch.randn(96, k)
+    calib, held_out = correlated_inputs(2048, k, seed=1), correlated_inputs(512, k, seed=2)
+    perm = act_order_perm(hessian(calib))
+    rtn = output_error(w, quantize_weight(w, bits, group_size), held_out)
+    gptq = output_error(w, gptq_quantize(w, hessian(calib), bits, group_size), held_out)
+    ordered = output_error(w, gptq_quantize(w, hessian(calib), bits, group_size, perm=perm), held_out)
+    assert gptq < 0.7 * rtn, (gptq, rtn)
+    assert ordered < 0.7 * rtn, (ordered, rtn)
+
+
+def test_gptq_is_deterministic_and_block_size_invariant():
+    w, x = torch.randn(64, 192), correlated_inputs(512, 192, seed=2)
+    a = gptq_quantize(w, hessian(x), 3.5, 32, block_size=128).tensors()
+    b = gptq_quantize(w, hessian(x), 3.5, 32, block_size=128).tensors()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    # Lazy batch updates change only the order of the additions: codes agree up to a few rounding ties.
+    c = gptq_quantize(w, hessian(x), 3.5, 32, block_size=32).tensors()
+    assert (lowbit.formats.unpack(a["qweight"], 3.5) != lowbit.formats.unpack(c["qweight"], 3.5)).float().mean() < 0.01
+
+
+def test_gptq_rejects_bad_input():
+    w = torch.randn(8, 64)
+    with pytest.raises(ValueError, match=r"Hessian must be a finite \[64, 64\]"):
+        gptq_quantize(w, torch.eye(32))
+    with pytest.raises(ValueError, match="Hessian must be a finite"):
+        gptq_quantize(w, torch.full((64, 64), float("nan")))
+    with pytest.raises(ValueError, match="damp must be a positive number"):
+        gptq_quantize(w, torch.eye(64), damp=0)
+    with pytest.raises(ValueError, match="not positive definite"):
+        gptq_quantize(w, -torch.eye(64) * 10, damp=0.01)
+    with pytest.raises(ValueError, match="non-finite"):
+        gptq_quantize(w.masked_fill(w > 1, float("inf")), torch.eye(64))
+    with pytest.raises(ValueError, match="bits must be"):
+        gptq_quantize(w, torch.eye(64), bits=3)
+    with pytest.raises(TypeError, match="GPTQ works on lowbit.LlamaForCausalLM"):
+        quantize_llama_gptq(torch.nn.Module(), 4, 32, torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_gptq_on_transformers_llama(tmp_path, method):
+    """quantize_model(method=...) on transformers' LlamaForCausalLM: every linear but lm_head quantized,
+    logits closer to float than round-to-nearest (and, with AWQ first, than AWQ alone)."""
+    model = tiny_hf_llama(tmp_path)
+    calib = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(2))
+    baseline = "awq" if method == "awq+gptq" else "rtn"
+    quantized = {m: lowbit.quantize_model(model, 3.5, 32, method=m, calib=calib, inplace=False)
+                 for m in (method, baseline)}
+    names = [n for n, m in quantized[method].named_modules() if isinstance(m, lowbit.QuantLinear)]
+    assert len(names) == 7 * 3 and isinstance(quantized[method].lm_head, torch.nn.Linear)
+    with torch.no_grad():
+        ref = model(ids).logits
+        err = {k: ((m(ids).logits - ref).norm() / ref.norm()).item() for k, m in quantized.items()}
+    assert err[method] < err[baseline], err
+
+
+def test_quantize_llama_gptq_is_deterministic(tmp_path):
+    tiny_hf_llama(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path)
+    calib = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    a = quantize_llama_gptq(copy.deepcopy(model), 4, 32, calib, awq=True, n_grid=5, progress=False)
+    b = quantize_llama_gptq(copy.deepcopy(model), 4, 32, calib, awq=True, n_grid=5, progress=False)
+    for (name, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(ta, tb), name
+    with pytest.raises(ValueError, match=r"AWQ\+GPTQ needs calibration tokens"):
+        lowbit.quantize_model(model, 4, 32, method="awq+gptq", calib=None)
+
+
+def test_convert_cli_with_gptq(tmp_path, smollm2_dir):
+    """`lowbit convert --method gptq` on a tiny model with SmolLM2's tokenizer (calibration from lowbit.data):
+    the checkpoint holds exactly what quantize_model computes, passes inspect and loads as the same model."""
+    hf = tmp_path / "hf"
+    tiny_hf_llama(hf, vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, hf / name)
+    out = tmp_path / "q"
+    assert cli(["convert", str(hf), str(out), "--bits", "3.5", "--group-size", "32", "--method", "gptq",
+                "--float-dtype", "float32"]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["method"] == "gptq"
+    assert cli(["inspect", str(out)]) == 0
+    model = LlamaForCausalLM.from_pretrained(hf)
+    calib = lowbit.data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512)
+    expected = lowbit.quantize_model(model, 3.5, 32, method="gptq", calib=calib)
+    saved = load_file(str(out / "model.safetensors"))
+    for name, t in expected.state_dict().items():
+        if name != "lm_head.weight":
+            assert torch.equal(saved[name], t), name
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(lowbit.load_quantized(out)(ids), expected(ids))
+
+
+@pytest.mark.slow
+def test_gptq_beats_rtn_on_smollm2(smollm2):
+    """On real activations and held-out text, GPTQ's logits are closer to float than RTN's (int3.5, group size 64,
+    a small calibration). AWQ+GPTQ against AWQ is not asserted here: with this calibration (2 x 256 tokens) it
+    measured 0.223 against AWQ's 0.203; with the benchmark's 8 x 512 its perplexity is lower (bench_quality)."""
+    tok = smollm2.tokenizer
+    calib = lowbit.data.calibration_tokens(tok, n_samples=2, seq_len=256)
+    ids = lowbit.data.evaluation_tokens(tok, max_tokens=512)
+    models = {m: lowbit.quantize_model(smollm2, 3.5, 64, method=m, calib=calib, inplace=False)
+              for m in ("rtn", "gptq")}
+    with torch.no_grad():
+        ref = smollm2(ids)
+        err = {m: ((q(ids) - ref).norm() / ref.norm()).item() for m, q in models.items()}
+    assert err["gptq"] < 0.8 * err["rtn"], err
