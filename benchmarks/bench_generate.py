@@ -30,6 +30,7 @@ import torch
 
 import lowbit
 from lowbit.cli import build_parser, load_for_cli
+from lowbit.eval import linear_stats
 from lowbit.generate import Sampling, Stats, generate_tokens
 from lowbit.io.fetch import cache_dir
 from lowbit.models.llama import rope_inv_freq
@@ -81,15 +82,11 @@ def measure(model, prompt_ids, new_tokens, repeats, compile=False):
 def linear_bits_per_weight(model) -> float:
     """Bits per weight of the decoder linears and the head, scales and zeros included (the head counted as
     stored: float32 when not quantized)."""
-    bits = weights = 0
+    weights, nbytes = linear_stats(model)
     for m in model.modules():
-        if isinstance(m, QuantLinear):
-            bits += 8 * sum(t.numel() * t.element_size() for t in m.weight.tensors().values() if t is not None)
-            weights += m.in_features * m.out_features
-        elif isinstance(m, torch.nn.Linear):
-            bits += 8 * m.weight.numel() * m.weight.element_size()
-            weights += m.weight.numel()
-    return bits / weights
+        if type(m) is torch.nn.Linear:
+            weights, nbytes = weights + m.weight.numel(), nbytes + m.weight.numel() * m.weight.element_size()
+    return 8 * nbytes / weights
 
 
 class LowbitRow:

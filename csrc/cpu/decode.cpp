@@ -176,7 +176,7 @@ void LlamaDecoder::rms_norm(const float* x, const at::Tensor& weight, int64_t n,
 
 // RoPE on q and k, k and v into the cache at (slot, position), then every (row, head) attends.
 void LlamaDecoder::attention(const DecoderLayer& layer, const float* qkv, int64_t n, const int64_t* pos,
-                             const int64_t* slot, float* att) {
+                             const int64_t* lengths, const int64_t* slot, float* att) {
   const int64_t q_rows = H_ * Dh_, kv_rows = Hkv_ * Dh_, qkv_rows = q_rows + 2 * kv_rows, half = Dh_ / 2;
   const float* cos_table = rope_cos_.data_ptr<float>();
   const float* sin_table = rope_sin_.data_ptr<float>();
@@ -204,14 +204,11 @@ void LlamaDecoder::attention(const DecoderLayer& layer, const float* qkv, int64_
       }
     }
   });
-  int64_t max_length = 0;
-  for (int64_t r = 0; r < n; ++r) max_length = std::max(max_length, pos[r] + 1);
-  std::vector<int64_t> lengths(n);
-  for (int64_t r = 0; r < n; ++r) lengths[r] = pos[r] + 1;
+  const int64_t max_length = *std::max_element(lengths, lengths + n);
   const KernelTable& kernels = active_kernels();
   at::parallel_for(0, n * H_, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(max_length);
-    const AttendArgs args{q, k_cache, v_cache, slot, lengths.data(), scores.data(), att,
+    const AttendArgs args{q, k_cache, v_cache, slot, lengths, scores.data(), att,
                           H_, Hkv_, S_, Dh_, 1.0f / std::sqrt(static_cast<float>(Dh_))};
     kernels.attend(args, begin, end);
   });
@@ -231,6 +228,8 @@ at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positi
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slot = slots.data_ptr<int64_t>();
   const bool prompt = std::all_of(slot, slot + n, [&](int64_t s) { return s == slot[0]; });
+  std::vector<int64_t> lengths(n);  // positions each row attends over
+  for (int64_t r = 0; r < n; ++r) lengths[r] = pos[r] + 1;
 
   const int64_t qkv_rows = linears_[0].N, q_rows = H_ * Dh_, I = linears_[2].N / 2;
   float* x = sized(x_, n * D_);
@@ -252,7 +251,7 @@ at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positi
     const DecoderLinear* lin = &linears_[4 * l];
     rms_norm(x, layers_[l].attn_norm, n, h);
     linear(lin[0], h, n, prompt, qkv);
-    attention(layers_[l], qkv, n, pos, slot, att);
+    attention(layers_[l], qkv, n, pos, lengths.data(), slot, att);
     linear(lin[1], att, n, prompt, tmp);
     add_to_x();
     rms_norm(x, layers_[l].ffn_norm, n, h);

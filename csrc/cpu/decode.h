@@ -56,8 +56,8 @@ class LlamaDecoder : public torch::CustomClassHolder {
   // different sequences always take the int8 path, row by row, so that none depends on the others).
   void linear(const DecoderLinear& l, const float* x, int64_t n, bool prompt, float* y);
   void rms_norm(const float* x, const at::Tensor& weight, int64_t n, float* out) const;
-  void attention(const DecoderLayer& layer, const float* qkv, int64_t n, const int64_t* pos, const int64_t* slot,
-                 float* att);
+  void attention(const DecoderLayer& layer, const float* qkv, int64_t n, const int64_t* pos, const int64_t* lengths,
+                 const int64_t* slot, float* att);
 
   int64_t H_, Hkv_, Dh_, D_, V_, S_ = 0, B_ = 0;
   float eps_;
