@@ -56,12 +56,14 @@ def test_folding_scales_leaves_transformers_block_unchanged(tmp_path, kv_heads):
 
 def test_awq_on_transformers_llama(tmp_path):
     """quantize_model(method="awq") on transformers' LlamaForCausalLM: every linear but lm_head quantized,
-    and the logits closer to float than round-to-nearest."""
+    and the logits closer to float than round-to-nearest on the min-max grid AWQ starts from (on these random
+    weights without outlier channels, the default searched grid alone comes closer than AWQ; on SmolLM2's real
+    activations AWQ wins: test_awq_beats_rtn_on_real_activations)."""
     model = tiny_hf_llama(tmp_path)
     calib = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(2))
     awq = lowbit.quantize_model(model, 3.5, 32, method="awq", calib=calib, inplace=False)
-    rtn = lowbit.quantize_model(model, 3.5, 32, inplace=False)
+    rtn = lowbit.quantize_model(model, 3.5, 32, inplace=False, grid="minmax")
     names = [n for n, m in awq.named_modules() if isinstance(m, lowbit.QuantLinear)]
     assert len(names) == 7 * 3 and isinstance(awq.lm_head, torch.nn.Linear)
     with torch.no_grad():

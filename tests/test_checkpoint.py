@@ -83,6 +83,19 @@ def test_convert_streams_the_same_quantization(hf_dir, saved, tmp_path):
     assert (tmp_path / "conv" / "model.safetensors").read_bytes() == before
 
 
+def test_convert_grid_option(hf_dir, tmp_path):
+    """--grid minmax gives quantize_model(grid="minmax")'s tensors, which differ from the default searched grid."""
+    model = lowbit.quantize_model(LlamaForCausalLM.from_pretrained(hf_dir), 4, 32, grid="minmax")
+    ref = lowbit.save_quantized(model, tmp_path / "minmax-ref")
+    assert cli(["convert", str(hf_dir), str(tmp_path / "conv"), "--bits", "4", "--group-size", "32",
+                "--grid", "minmax"]) == 0
+    ours, ref = load_file(str(tmp_path / "conv" / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+    name = "layers.0.attn.wqkv.scales"
+    assert name in ours and torch.equal(ours[name], ref[name])
+    searched = lowbit.quantize_model(LlamaForCausalLM.from_pretrained(hf_dir), 4, 32)
+    assert not torch.equal(searched.layers[0].attn.wqkv.scales, model.layers[0].attn.wqkv.scales)
+
+
 def test_failed_conversion_leaves_nothing(hf_dir, tmp_path):
     shard = hf_dir / "model.safetensors"
     tensors = load_file(str(shard))

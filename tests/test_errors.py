@@ -152,3 +152,8 @@ def test_int8_op_checks_its_packed_width():
         torch.ops.lowbit.int8_linear(torch.randn(1, 128), *q4.op_args(), None, 64, 128)
     with pytest.raises(ValueError, match=r"lowbit.int8_dequantize: qweight must be \[32, 128\]"):
         torch.ops.lowbit.int8_dequantize(*q4.op_args(), 64, 128)
+
+
+def test_unknown_grid_is_named():
+    with pytest.raises(ValueError, match="grid must be one of \\('mse', 'minmax'\\), got 'best'"):
+        lowbit.quantize_weight(torch.randn(8, 64), 4, 32, grid="best")

@@ -86,7 +86,8 @@ def search_scales(linears, x: torch.Tensor, inspect, bits: float, group_size: in
         ratio = i / n_grid
         s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        trial = [fake_quantize(lin.weight.data.float() * s, bits, group_size, integer_zeros=integer_zeros) / s
+        trial = [fake_quantize(lin.weight.data.float() * s, bits, group_size, integer_zeros=integer_zeros,
+                               grid="minmax") / s
                  for lin in linears]
         with _Swap(linears, trial):
             loss = (inspect(x) - reference).float().pow(2).mean().item()

@@ -20,6 +20,9 @@ def add_quantization_args(p: argparse.ArgumentParser, bits_default: float | None
     p.add_argument("--group-size", type=int, default=GROUP_SIZE, choices=GROUP_SIZES)
     p.add_argument("--method", default="rtn", choices=list(METHODS),
                    help="awq, gptq, awq+gptq: calibrate (minutes on a CPU)")
+    p.add_argument("--grid", default="mse", choices=["mse", "minmax"],
+                   help="how round to nearest picks each group's scale and zero point: mse searches for the least "
+                        "squared error (default), minmax takes the group's range (about 10x faster)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output head (in --bits)")
     p.add_argument("--lm-head-bits", choices=[f"{b:g}" for b in BITS] + ["none"],
                    help="the output head's format, none: float (default: --bits with --quantize-lm-head; "
@@ -47,7 +50,7 @@ def load_for_cli(args):
     model = LlamaForCausalLM.from_pretrained(path)
     if args.bits is not None:
         calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512) if args.method != "rtn" else None
-        quantize_model(model, args.bits, args.group_size, method=args.method, calib=calib,
+        quantize_model(model, args.bits, args.group_size, method=args.method, calib=calib, grid=args.grid,
                        **head_format(args, default="8" if args.device == "cpu" else "none"))
     return model.to(args.device, DTYPES[args.dtype])
 
@@ -119,6 +122,7 @@ def cmd_convert(args) -> int:
     from .pipeline import convert
     out = convert(args.src, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
                   calib_file=args.calib_file, align=args.align, force=args.force, integer_zeros=args.integer_zeros,
+                  grid=args.grid,
                   float_dtype=getattr(torch, args.float_dtype), **head_format(args))
     print(out)
     return 0

@@ -33,7 +33,7 @@ def _head(bits: float, group_size: int, quantize_lm_head: bool, lm_head_bits, lm
 def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, method: str = "rtn",
                    calib=None, modules_to_not_convert: list[str] | None = None, quantize_lm_head: bool = False,
                    inplace: bool = True, integer_zeros: bool = False, lm_head_bits: float | None = None,
-                   lm_head_group_size: int | None = None) -> nn.Module:
+                   lm_head_group_size: int | None = None, grid: str = "mse") -> nn.Module:
     """Replace every nn.Linear of `model` by a QuantLinear (lowbit's LLaMA or transformers' LlamaForCausalLM).
 
     Modules whose qualified name equals or ends with an entry of modules_to_not_convert stay float, and so
@@ -42,7 +42,8 @@ def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, met
     round-to-nearest per group; "awq" is activation-aware (lowbit.awq), "gptq" error-compensating rounding
     (lowbit.gptq), "awq+gptq" both (AWQ's scales and clipping, then GPTQ's rounding), each on calib, token ids
     [n_samples, seq_len], for the decoder blocks (remaining linears, such as a quantized lm_head, use RTN).
-    integer_zeros: see quantize_weight. The choices are kept in model.quantization (save_quantized writes them
+    integer_zeros, grid: see quantize_weight (grid: how layers rounded to nearest choose each group's scale and
+    zero point; AWQ's layers keep its clipped ranges). The choices are kept in model.quantization (save_quantized writes them
     to config.json).
     """
     bits = formats.check_bits(bits)
@@ -63,7 +64,8 @@ def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, met
         return head_format if name.rpartition(".")[2] == "lm_head" else (bits, group_size)
 
     replaced = replace_linears(model, lambda name, linear: QuantLinear(
-        quantize_weight(linear.weight, *layer_format(name), integer_zeros=integer_zeros), linear.bias), skip=keep)
+        quantize_weight(linear.weight, *layer_format(name), integer_zeros=integer_zeros, grid=grid), linear.bias),
+        skip=keep)
     other_formats = {name: layer_format(name) for name in replaced if layer_format(name) != (bits, group_size)}
     model.quantization = {"bits": bits, "group_size": group_size, "method": method,
                           "modules_not_converted": [name for name, m in model.named_modules()
@@ -76,12 +78,12 @@ def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, met
 def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn", calib_file=None,
             align: int | None = None, force: bool = False, integer_zeros: bool = False, quantize_lm_head: bool = False,
             float_dtype: torch.dtype = torch.float16, progress: bool = True, lm_head_bits: float | None = None,
-            lm_head_group_size: int | None = None) -> Path:
+            lm_head_group_size: int | None = None, grid: str = "mse") -> Path:
     """Quantize an HF float directory or a .gguf file into a lowbit checkpoint; or import an AutoAWQ one.
 
     RTN streams layer by layer (memory: one decoder layer plus one output shard). AWQ and GPTQ need
-    calibration forward passes through the whole float model, so they load the model first. The head options are
-    quantize_model's."""
+    calibration forward passes through the whole float model, so they load the model first. The head options and
+    grid are quantize_model's."""
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
@@ -103,10 +105,11 @@ def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn
         text = Path(calib_file).read_text() if calib_file else None
         calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512, text=text)
         quantize_model(model, bits, group_size, method, calib, quantize_lm_head=quantize_lm_head,
-                       integer_zeros=integer_zeros, lm_head_bits=lm_head_bits, lm_head_group_size=lm_head_group_size)
+                       integer_zeros=integer_zeros, lm_head_bits=lm_head_bits, lm_head_group_size=lm_head_group_size,
+                       grid=grid)
         return save_quantized(model, out, force, align, float_dtype)
     return quantize_checkpoint_rtn(src, out, bits, group_size, align, force, integer_zeros, quantize_lm_head,
-                                   float_dtype, progress, lm_head_format=head_format)
+                                   float_dtype, progress, lm_head_format=head_format, grid=grid)
 
 
 def check_method(method) -> str:

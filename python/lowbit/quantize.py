@@ -7,19 +7,21 @@ from .weight import QuantizedWeight
 
 
 def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128, perm: torch.Tensor | None = None,
-                    clip: torch.Tensor | None = None, integer_zeros: bool = False) -> QuantizedWeight:
-    """Min-max round-to-nearest quantization of W [N, K] (nn.Linear layout), per group of input columns.
+                    clip: torch.Tensor | None = None, integer_zeros: bool = False, grid: str = "mse") -> QuantizedWeight:
+    """Round-to-nearest quantization of W [N, K] (nn.Linear layout), per group of input columns.
 
-    bits is 4, 3.5 or 8. Each group's range [min(w, 0), max(w, 0)] maps onto codes 0..15 (int4, and the 4-bit
-    positions of int3.5), 0..7 (3-bit positions of int3.5) or 0..255 (int8) with a float16 scale and a float16
-    zero point. perm (int32 [K], optional)
-    reorders the input columns before grouping: stored column j holds input feature perm[j].
-    clip ([N, groups] ratios in (0, 1], optional) shrinks each group's range before rounding.
+    bits is 4, 3.5 or 8. Each group's weights round onto codes 0..15 (int4, and the 4-bit positions of int3.5),
+    0..7 (3-bit positions of int3.5) or 0..255 (int8) of a grid given by a float16 scale and a float16 zero
+    point, chosen by `grid` (see group_grid): "mse" (default) the grid with the least squared error found,
+    "minmax" the group's range [min(w, 0), max(w, 0)]. perm (int32 [K], optional) reorders the input columns
+    before grouping: stored column j holds input feature perm[j]. clip ([N, groups] ratios in (0, 1],
+    optional; AWQ's) fixes each group's range instead: the min-max range shrunk by its ratio.
     integer_zeros rounds the zero points to integers (as AutoAWQ stores them, for `lowbit export`).
-    Rows are quantized in chunks, so memory stays near the size of W in float32.
+    Rows are quantized in chunks, so memory stays near a few times the size of W in float32.
     """
     bits = formats.check_bits(bits)
     group_size = formats.check_group_size(group_size)
+    check_grid(grid)
     n, k = w.shape if isinstance(w, torch.Tensor) and w.dim() == 2 else (0, 0)
     check_clip(clip, n, -(-k // group_size))
     rows = max(1, (1 << 22) // max(k, 1))
@@ -27,14 +29,15 @@ def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128, per
     for start in range(0, max(n, 1), rows):
         chunk, perm = checked_weight(w[start:start + rows] if n else w, perm)
         ratio = None if clip is None else clip[start:start + rows]
-        codes, scales, zeros = _round_to_nearest(_grouped(chunk, perm, group_size), bits, ratio, integer_zeros)
+        codes, scales, zeros = _round_to_nearest(_grouped(chunk, perm, group_size), k, bits, ratio, integer_zeros,
+                                                 grid)
         parts.append((formats.pack(codes.view(chunk.shape[0], -1).to(torch.int32), bits), scales, zeros))
     qweight, scales, zeros = (torch.cat(t) for t in zip(*parts))
     return QuantizedWeight(qweight, scales, zeros, perm, bits, group_size, k)
 
 
 def fake_quantize(w: torch.Tensor, bits: float, group_size: int, perm: torch.Tensor | None = None,
-                  clip: torch.Tensor | None = None, integer_zeros: bool = False) -> torch.Tensor:
+                  clip: torch.Tensor | None = None, integer_zeros: bool = False, grid: str = "mse") -> torch.Tensor:
     """quantize_weight(...).dequantize() without packing: W [N, K] as the quantized model will see it.
 
     bits is 3.5 or an integer 2..8: 4 and 8 are lowbit formats; the other integers, for reference only, are
@@ -43,9 +46,11 @@ def fake_quantize(w: torch.Tensor, bits: float, group_size: int, perm: torch.Ten
     """
     if bits not in (3.5, 2, 3, 4, 5, 6, 7, 8):
         raise ValueError(f"fake_quantize: bits must be 3.5 or an integer 2..8, got {bits!r}")
+    check_grid(grid)
     n, k = w.shape
     check_clip(clip, n, -(-k // group_size))
-    codes, scales, zeros = _round_to_nearest(_grouped(w.float(), perm, group_size), bits, clip, integer_zeros)
+    codes, scales, zeros = _round_to_nearest(_grouped(w.float(), perm, group_size), k, bits, clip, integer_zeros,
+                                             grid)
     stored = grid_values(codes, scales, zeros, bits).view(n, -1)[:, :k]
     if perm is None:
         return stored
@@ -83,6 +88,11 @@ def _grouped(w: torch.Tensor, perm, group_size: int) -> torch.Tensor:
     return torch.nn.functional.pad(w, (0, kp - k)).view(n, kp // group_size, group_size)
 
 
+def check_grid(grid) -> None:
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+
+
 def check_clip(clip, n: int, groups: int) -> None:
     if clip is None:
         return
@@ -93,9 +103,13 @@ def check_clip(clip, n: int, groups: int) -> None:
         raise ValueError("clip ratios must lie in (0, 1]")
 
 
-def _round_to_nearest(groups: torch.Tensor, bits: float, clip=None, integer_zeros: bool = False):
-    """groups [N, G, group_size] -> (codes float [N, G, group_size], scales fp16 [N, G], zeros fp16 [N, G])."""
-    scales, zeros = group_grid(groups, bits, clip, integer_zeros)
+def _round_to_nearest(groups: torch.Tensor, k: int, bits: float, clip=None, integer_zeros: bool = False,
+                      grid: str = "mse"):
+    """groups [N, G, group_size] of k columns and zero padding -> (codes float [N, G, group_size],
+    scales fp16 [N, G], zeros fp16 [N, G])."""
+    n_groups, group_size = groups.shape[1:]
+    columns = (torch.arange(n_groups * group_size, device=groups.device) < k).view(n_groups, group_size)
+    scales, zeros = group_grid(groups, bits, clip, integer_zeros, grid, columns)
     return round_to_grid(groups, scales, zeros, bits), scales, zeros
 
 
@@ -106,10 +120,73 @@ def _top_code(bits: float) -> int:
     return 15 if bits == 3.5 else 2 ** int(bits) - 1  # int3.5 counts in 4-bit steps (see STEP3)
 
 
-def group_grid(groups: torch.Tensor, bits: float, clip=None, integer_zeros: bool = False):
-    """Min-max grid of each group: groups [..., group_size] -> (scales fp16 [...], zeros fp16 [...]).
+GRIDS = ("mse", "minmax")
+# The "mse" grid's candidates: the min-max range shrunk by each ratio, then refit twice. Measured on SmolLM2
+# int4 g64 (perplexity on 4,097 held-out tokens, min-max 21.15): refits alone 20.39, ratios alone 21.10, three
+# ratios x three refits 19.83, these 19.28.
+MSE_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)
+MSE_REFITS = 2
+MSE_SLICE_ELEMENTS = 1 << 20
 
-    clip ([...] ratios, optional) shrinks each group's range first."""
+
+def group_grid(groups: torch.Tensor, bits: float, clip=None, integer_zeros: bool = False, grid: str = "mse",
+               columns: torch.Tensor | None = None):
+    """The grid of each group: groups [..., group_size] -> (scales fp16 [...], zeros fp16 [...]).
+
+    "minmax", or clip ([...] ratios) given: the range [min(w, 0), max(w, 0)], shrunk by clip. "mse": of the
+    candidates MSE_RATIOS (the range shrunk by each), each refined MSE_REFITS times by a least-squares fit of
+    scale and offset to the codes it rounds to (w ~ s * step + c, the codes rounded again after each fit), the
+    one with the least squared error of the group's weights (data-free, like llama.cpp's k-quant searches), or
+    the min-max grid where none is better.
+    columns (bool, broadcasting to groups, optional): the real columns; the search ignores padding.
+    """
+    if grid == "mse" and clip is None:
+        weight = 1.0 if columns is None else columns.float()
+        # Slices of leading rows small enough for the many passes over them to stay in the CPU's caches.
+        rows = max(1, MSE_SLICE_ELEMENTS // max(groups[0].numel(), 1)) if groups.dim() > 1 else len(groups)
+        parts = [_mse_grid(part, bits, integer_zeros, weight) for part in groups.split(rows)]
+        return tuple(torch.cat(t) for t in zip(*parts))
+    return _minmax_grid(groups, bits, clip, integer_zeros)
+
+
+def _mse_grid(groups: torch.Tensor, bits: float, integer_zeros: bool, weight):
+    def error(scales, zeros):
+        diff = grid_values(round_to_grid(groups, scales, zeros, bits), scales, zeros, bits) - groups
+        return (diff.square() * weight).sum(-1)
+
+    scales, zeros = _minmax_grid(groups, bits, None, integer_zeros)
+    best = (error(scales, zeros), scales, zeros)  # the min-max grid itself: never worse than it
+    for ratio in MSE_RATIOS:
+        scales, zeros = _minmax_grid(groups, bits, ratio, integer_zeros)
+        for _ in range(MSE_REFITS):
+            scales, zeros = _refit(groups, weight, grid_steps(round_to_grid(groups, scales, zeros, bits), bits),
+                                   scales, zeros, bits, integer_zeros)
+        err = error(scales, zeros)
+        better = err < best[0]
+        best = tuple(torch.where(better, new, old) for new, old in zip((err, scales, zeros), best))
+    return best[1], best[2]
+
+
+def _refit(groups, weight, steps, scales, zeros, bits, integer_zeros):
+    """Least-squares scale and zero point of w ~ (steps - z) * s over each group's columns (weight: 1 for a
+    column, 0 for padding); groups whose codes are all equal (or whose fit is not a positive float16 scale or a
+    finite float16 zero point) keep theirs."""
+    steps = steps * weight
+    n = torch.broadcast_to(torch.as_tensor(weight, device=groups.device), groups.shape).sum(-1)
+    sum_x, sum_w = steps.sum(-1), groups.sum(-1)  # (padding columns are zeros)
+    det = n * steps.square().sum(-1) - sum_x.square()
+    slope = (n * (steps * groups).sum(-1) - sum_x * sum_w) / torch.where(det > 0, det, 1.0)
+    new_scales = slope.to(torch.float16)
+    new_scales = torch.where((det > 0) & (new_scales > 0) & torch.isfinite(new_scales), new_scales, scales)
+    new_zeros = (sum_x - sum_w / new_scales.float()) / n  # the offset c = -z * s, with the float16 scale
+    if integer_zeros:
+        new_zeros = new_zeros.round().clamp(0, _top_code(bits))
+    new_zeros = new_zeros.to(torch.float16)
+    ok = torch.isfinite(new_zeros)
+    return torch.where(ok, new_scales, scales), torch.where(ok, new_zeros, zeros)
+
+
+def _minmax_grid(groups: torch.Tensor, bits: float, clip, integer_zeros: bool):
     top = _top_code(bits)
     lo = groups.amin(-1).clamp(max=0)
     hi = groups.amax(-1).clamp(min=0)
@@ -142,7 +219,12 @@ def round_to_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bi
 def grid_values(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: float,
                 first_column: int = 0) -> torch.Tensor:
     """The weights that codes [..., c] (as round_to_grid numbers them) stand for: float32."""
+    return (grid_steps(codes, bits, first_column) - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)
+
+
+def grid_steps(codes: torch.Tensor, bits: float, first_column: int = 0) -> torch.Tensor:
+    """Codes [..., c] as positions on the grid in 4-bit steps (int3.5's 3-bit codes are 15/7 steps apart)."""
     steps = codes.to(torch.float32, copy=True)
     if bits == 3.5:
         steps[..., 1 - first_column % 2::2] *= formats.STEP3
-    return (steps - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)
+    return steps

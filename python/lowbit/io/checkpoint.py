@@ -252,10 +252,10 @@ def _float(st, name: str, dtype: torch.dtype) -> torch.Tensor:
 def quantize_checkpoint_rtn(src: Path, out: Path, bits: float, group_size: int, align: int | None = None,
                             force: bool = False, integer_zeros: bool = False, quantize_lm_head: bool = False,
                             float_dtype: torch.dtype = torch.float16, progress: bool = True,
-                            lm_head_format: tuple[float, int] | None = None) -> Path:
+                            lm_head_format: tuple[float, int] | None = None, grid: str = "mse") -> Path:
     """An HF float directory or a .gguf file -> a lowbit RTN checkpoint, streamed layer by layer (memory: one
     decoder layer plus one output shard). lm_head_format: (bits, group_size) of a quantized head (default: the
-    layers')."""
+    layers'). grid: quantize_weight's."""
     open_source, config, tokenizer = _open_float(src)
     names = [f"layers.{i}.{lin}" for i in range(config.num_hidden_layers) for lin in LAYER_LINEARS]
     not_converted = [] if quantize_lm_head else ["lm_head"]
@@ -266,7 +266,7 @@ def quantize_checkpoint_rtn(src: Path, out: Path, bits: float, group_size: int, 
 
     def linear_tensors(name, weight, bias):
         layer_bits, layer_group_size = head_format if name == "lm_head" else (bits, group_size)
-        qw = quantize_weight(weight, layer_bits, layer_group_size, integer_zeros=integer_zeros)
+        qw = quantize_weight(weight, layer_bits, layer_group_size, integer_zeros=integer_zeros, grid=grid)
         yield from {f"{name}.{k}": t for k, t in qw.tensors().items()}.items()
         if bias is not None:
             yield f"{name}.bias", bias.to(float_dtype, copy=True)
