@@ -74,18 +74,36 @@ def test_fused_step_matches_the_forward(isa, bits, lm_head_bits, perm, bias):
 
 
 @torch.inference_mode()
-def test_generation_is_the_same_with_and_without_the_fused_step(smollm2):
-    # SmolLM2 int4 g64 with an int4 head, greedy: 48 tokens equal, the fused step in use.
+def test_generation_with_and_without_the_fused_step(smollm2):
+    # SmolLM2 int4 g64 with an int4 head, greedy, 48 tokens each way. Every path rounds differently (the int8
+    # activation codes turn last-bit differences into whole steps: ~3 % of the largest logit here, the PyTorch
+    # step's own cache included), so greedy runs may part at a near tie. Along the PyTorch run's tokens (teacher
+    # forcing), the fused step must stay as close to a stateless forward as the PyTorch step itself does.
     model = LlamaForCausalLM.from_pretrained(lowbit.fetch("smollm2", quiet=True))
     lowbit.quantize_model(model, 4, 64, quantize_lm_head=True)
-    ids = torch.tensor([model.tokenizer.encode("The three primary colours are")])
+    prompt = torch.tensor(model.tokenizer.encode("The three primary colours are"))
     runs = {}
     for fused in (True, False):
         stats = Stats()
-        runs[fused] = [int(t[0]) for t in generate_tokens(model, ids, Sampling(max_new_tokens=48, ignore_eos=True),
+        runs[fused] = [int(t[0]) for t in generate_tokens(model, prompt[None], Sampling(max_new_tokens=48,
+                                                                                           ignore_eos=True),
                                                           stats, fused=fused)]
         assert stats.decode_path == ("fused" if fused else "eager") and stats.new_tokens == 48
-    assert runs[True] == runs[False]
+    tokens, n = runs[False], len(prompt)
+    reference = model(torch.cat([prompt, torch.tensor(tokens[:-1])])[None])[0, n - 1:]  # stateless forward
+    zeros = torch.zeros(n, dtype=torch.long)
+    model.setup_cache(1, 128)
+    step = FusedDecoder(model)
+    fused = [step(prompt, torch.arange(n), zeros, torch.tensor([n - 1]))[0]]
+    fused += [step(torch.tensor([t]), torch.tensor([n + i]), zeros[:1])[0] for i, t in enumerate(tokens[:-1])]
+    model.setup_cache(1, 128)
+    eager = [model(prompt[None], torch.arange(n))[0, -1]]
+    eager += [model(torch.tensor([[t]]), torch.tensor([n + i]))[0, -1] for i, t in enumerate(tokens[:-1])]
+    deviation = {name: (torch.stack(logits) - reference).abs().max().item()
+                 for name, logits in (("fused", fused), ("eager", eager))}
+    # Measured: fused 1.92, eager 1.34 (largest logit 34.5).
+    assert deviation["fused"] <= 2 * deviation["eager"] and deviation["eager"] < 0.06 * reference.abs().max(), \
+        deviation
 
 
 @torch.inference_mode()

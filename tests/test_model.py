@@ -163,14 +163,14 @@ def test_batched_slots_decode_matches_each_sequence_alone(tmp_path):
     # Serving form: sequences of different lengths in scattered cache rows, each at its own position, decoded
     # together. Each produces exactly the logits it produces decoding alone (every layer, the output head
     # included, is quantized: the int8 kernels and the decode attention compute each row on its own), the tokens
-    # of generate, and logits close to a stateless forward.
+    # of generate on the same (PyTorch forward) path, and logits close to a stateless forward.
     tiny_hf_llama(tmp_path)
     model = lowbit.quantize_model(LlamaForCausalLM.from_pretrained(tmp_path), 4, 128, quantize_lm_head=True)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=gen) for n in (5, 11, 3, 130)]  # spans 128 and 256
     n_new = 10
     expected = [[int(t[0]) for t in generate_tokens(model, p[None], lowbit.Sampling(max_new_tokens=n_new,
-                                                                                    ignore_eos=True))]
+                                                                                    ignore_eos=True), fused=False)]
                 for p in prompts]
     slots = torch.tensor([4, 0, 2, 5])
     with torch.inference_mode():

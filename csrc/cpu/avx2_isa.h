@@ -113,6 +113,7 @@ struct Avx2Isa {
     return _mm_cvtss_f32(s);
   }
   static float acc_sum(Acc v) { return vec_sum(v); }
+  static Acc acc_sub(Acc acc, Vec v) { return _mm256_sub_ps(acc, v); }
 
   static void widen(Codes q, Vec out[kVecs]) {
     const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);

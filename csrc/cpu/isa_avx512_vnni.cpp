@@ -110,6 +110,7 @@ struct Isa : Avx2Isa {
   }
   static Acc acc_fma(Acc a, float s, Acc acc) { return _mm512_fmadd_ps(a, _mm512_set1_ps(s), acc); }
   static float acc_sum(Acc acc) { return _mm512_reduce_add_ps(acc); }
+  static Acc acc_sub(Acc acc, Vec v) { return _mm512_sub_ps(acc, _mm512_zextps256_ps512(v)); }
 };
 
 #include "kernel_body.h"

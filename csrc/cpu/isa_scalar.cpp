@@ -92,6 +92,7 @@ struct Isa {
   static Acc scale_add(IntAcc dot, float s, Acc acc) { return static_cast<float>(dot) * s + acc; }
   static Acc acc_fma(Acc a, float s, Acc acc) { return a * s + acc; }
   static float acc_sum(Acc acc) { return acc; }
+  static Acc acc_sub(Acc acc, Vec v) { return acc - v; }
 
   static void widen(const Codes& q, Vec out[kVecs]) {
     for (int i = 0; i < kChunk; ++i) out[i] = q.v[i];

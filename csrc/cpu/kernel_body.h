@@ -13,6 +13,7 @@
 //   dot_acc_int8, scale_add_int8              the same two for int8 codes (0..255), on the same IntAcc
 //   acc_fma(Acc a, s, Acc)                   Acc += s * a
 //   acc_sum(Acc)                             their total
+//   acc_sub(Acc, Vec)                        Acc - Vec (the Vec's lanes on some of the Acc's)
 //   widen(Codes, Vec[kVecs])                 the codes as floats, x-order
 //   store_bf16(uint16_t*, Vec)               kWidth floats as bfloat16, rounded to nearest even
 //   kOrder[format][32]                       the x-order: chunk column held by each lane position
@@ -123,14 +124,10 @@ void gemv_rows_m(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
         for (int m = 0; m < MB; ++m) total[m] = I::acc_fma(group_total[m], s[g - g0], total[m]);
       }
     }
+    // One reduction per output: the zero-point terms leave the sums as vectors (short rows spend much of their
+    // time here).
     const float b = a.bias ? a.bias[n] : 0.0f;
-    for (int m = 0; m < MB; ++m) {
-      alignas(64) float lanes[I::kWidth];
-      I::store(lanes, zero_term[m]);
-      float zero = zero_tail[m];
-      for (int l = 0; l < I::kWidth; ++l) zero += lanes[l];
-      a.y[m * w.N + n] = I::acc_sum(total[m]) - zero + b;
-    }
+    for (int m = 0; m < MB; ++m) a.y[m * w.N + n] = I::acc_sum(I::acc_sub(total[m], zero_term[m])) - zero_tail[m] + b;
   }
 }
 
