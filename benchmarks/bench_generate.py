@@ -10,6 +10,7 @@ random weights (kernel-bound).
     python benchmarks/bench_generate.py                           # writes benchmarks/results/generate_cpu.{json,md}
     python benchmarks/bench_generate.py --model tinyllama-random  # generate_cpu_tinyllama.{json,md}
     python benchmarks/bench_generate.py --quick
+    python benchmarks/bench_generate.py --perplexity-tokens 4096  # and each row's perplexity (SmolLM2)
 
 On a CUDA GPU (--device cuda): batch-1 decode of a LLaMA-2-7B-shaped model (float16, int4, int3.5) and a
 LLaMA-70B-shaped model (int4, int3.5; when the GPU holds it), random weights (quantized layers made directly as
@@ -30,7 +31,7 @@ import torch
 
 import lowbit
 from lowbit.cli import build_parser, load_for_cli
-from lowbit.eval import linear_stats
+from lowbit.eval import linear_stats, perplexity
 from lowbit.generate import Sampling, Stats, generate_tokens
 from lowbit.io.fetch import cache_dir
 from lowbit.models.llama import rope_inv_freq
@@ -174,6 +175,13 @@ def run_cpu(args):
                         "bits_per_weight": summary["bits_per_weight"], "head_type": summary["head_type"],
                         "new_tokens": peer_runs[t]["new_tokens"], "decode_tok_s": peer_runs[t]["decode"],
                         "prefill_tok_s": peer_runs[t]["prefill"]})
+    if args.perplexity_tokens and args.model == "smollm2":  # after the timing: the same evaluation tokens for all
+        eval_ids = lowbit.data.evaluation_tokens(tok, args.perplexity_tokens + 1)
+        for r, result in zip(rows, results):
+            result["perplexity"] = perplexity(r.model, eval_ids, progress=False)
+        for t, path in ggufs.items():
+            next(x for x in results if x.get("gguf") == str(path))["perplexity"] = \
+                llama_cpp_peer.llama_cpp_perplexity(path, eval_ids[0].tolist(), threads)
     write_cpu_results(args, results, warm_up, threads, len(prompt), len(prefill_ids), new_tokens, rounds)
 
 
@@ -188,14 +196,17 @@ def write_cpu_results(args, results, warm_up, threads, prompt_len, prefill_len, 
              "interleaved rounds (each value in the JSON). lowbit rows are built by the CLI's own parser and loader "
              "(`lowbit generate MODEL <flags>`) and timed through lowbit.generate_tokens.", "",
              "| variant | bits/weight | decode tok/s | tokens | prefill tok/s | decode vs llama.cpp Q4_0 "
-             "| prefill vs Q4_0 | decode path |", "|---|---|---|---|---|---|---|---|"]
+             "| prefill vs Q4_0 | decode path | perplexity |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         d, p = med(r["decode_tok_s"]), med(r["prefill_tok_s"])
         vs = (f"{d / med(base['decode_tok_s']):.2f}x | {p / med(base['prefill_tok_s']):.2f}x" if base else "– | –")
+        ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "–"
         lines.append(f"| {r['variant']} | {r['bits_per_weight']:.2f} | {d:.1f} | {r['new_tokens']} | {p:.1f} | {vs} "
-                     f"| {r.get('decode_path', 'llama.cpp')} |")
+                     f"| {r.get('decode_path', 'llama.cpp')} | {ppl} |")
     lines += ["", "bits/weight: the decoder linears and the output head together, scales and zeros included "
-              "(llama.cpp: its file's, embeddings included). Warm-up (first generation, s): "
+              "(llama.cpp: its file's, embeddings included). perplexity (with --perplexity-tokens): on the first "
+              "N + 1 tokens of lowbit.data's evaluation split, windows of 512, each engine as it runs (SmolLM2's "
+              "float weights are its dequantized Q4_1 GGUF). Warm-up (first generation, s): "
               + ", ".join(f"{k} {v:.2f}" for k, v in warm_up.items())]
     table = "\n".join(lines) + "\n"
     stem = "generate_cpu" if args.model == "smollm2" else "generate_cpu_tinyllama"
@@ -311,6 +322,8 @@ def main():
     parser.add_argument("--llama-cpp-types", nargs="+", choices=llama_cpp_peer.TYPES,
                         help="llama.cpp GGUF types to run (default: Q4_0, Q4_K_M and a float file; Q4_1 for SmolLM2)")
     parser.add_argument("--variants", nargs="+", help="only these variants (names as in the table)")
+    parser.add_argument("--perplexity-tokens", type=int, default=0,
+                        help="smollm2: also each row's perplexity on this many evaluation tokens (e.g. 4096)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
