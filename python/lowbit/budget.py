@@ -21,6 +21,7 @@ import heapq
 from collections import Counter
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import formats
@@ -142,18 +143,25 @@ def choose_for_budget(model, bits_per_weight: float, calib: torch.Tensor, salien
 
     fixed: (weights, bytes) of quantized linears outside the choice (a quantized output head), which count in
     the budget. group_size: only candidates of this group size. ValueError naming the limits when the budget is
-    below the cheapest choice or above the largest."""
+    below the cheapest choice or above every linear in int8 at the smallest group size (the most precise)."""
     if not isinstance(bits_per_weight, (int, float)) or isinstance(bits_per_weight, bool):
         raise ValueError(f"bits_per_weight must be a number, got {bits_per_weight!r}")
     fmts = candidates(group_size)
-    errors, shapes = measure_errors(model, calib, fmts, saliency_order, n_search, progress)
-    nbytes = {n: {f: candidate_bytes(shapes[n], f, saliency_order) for f in fmts} for n in shapes}
+    shapes = {name: tuple(m.weight.shape) for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and name.rpartition(".")[2] != "lm_head"}
+    nbytes = {n: {f: candidate_bytes(shape, f, saliency_order) for f in fmts} for n, shape in shapes.items()}
     weights = fixed[0] + sum(n * k for n, k in shapes.values())
     low = (fixed[1] + sum(min(b.values()) for b in nbytes.values())) * 8 / weights
-    high = (fixed[1] + sum(max(b.values()) for b in nbytes.values())) * 8 / weights
+    most_precise = min(fmts, key=lambda f: (-f[0], f[1]))
+    high = (fixed[1] + sum(b[most_precise] for b in nbytes.values())) * 8 / weights
     if not low <= bits_per_weight <= high:
-        raise ValueError(f"bits_per_weight must lie in [{low:.4f}, {high:.4f}] for this model (the cheapest and the "
-                         f"largest choice of {', '.join(describe(f) for f in fmts)}), got {bits_per_weight}")
+        raise ValueError(f"bits_per_weight must lie in [{low:.4f}, {high:.4f}] for this model (every linear in its "
+                         f"cheapest format of {', '.join(map(describe, fmts))}; every linear in {describe(most_precise)}), "
+                         f"got {bits_per_weight}")
+    errors, measured = measure_errors(model, calib, fmts, saliency_order, n_search, progress)
+    if measured != shapes:
+        raise ValueError(f"the budget chooses formats for the decoder blocks' linears only, but this model has other "
+                         f"linears besides its output head: {sorted(set(shapes) - set(measured))[:3]}")
     return choose_formats(errors, nbytes, int(bits_per_weight * weights / 8) - fixed[1])
 
 
