@@ -45,7 +45,8 @@ def test_folding_scales_leaves_transformers_block_unchanged(tmp_path, kv_heads):
         norm_before = layer.input_layernorm.weight.clone()
         v_before = layer.self_attn.v_proj.weight.clone()
         # Mixed formats, also among the linears sharing an input (as a bits-per-weight budget may choose them).
-        layer_formats = {n: (4, 32) for n in view.linear_names} | {"self_attn.v_proj": (8, 64), "mlp.up_proj": (3.5, 128)}
+        layer_formats = {n: (4, 32) for n in view.linear_names}
+        layer_formats |= {"self_attn.v_proj": (8, 64), "mlp.up_proj": (3.5, 128)}
         inputs = scale_block(view, x, layer_formats, n_grid=10)
         after = view.forward(x)
     assert not torch.equal(layer.input_layernorm.weight, norm_before)

@@ -132,11 +132,13 @@ def test_mixed_formats_save_inspect_load_and_generate(tiny, tmp_path, capsys):
 def test_format_table():
     table = format_table({"layers.0.attn.wo": (4.0, 64), "layers.0.ffn.w_down": (3.5, 128),
                           "layers.1.attn.wo": (4.0, 64), "lm_head": (8.0, 128)})
-    assert "| layers.0 | int4 g64 | int3.5 g128 |  |" in table and "| layers.1 | int4 g64 |  |  |" in table
-    assert table.endswith("int4 g64 x2, int3.5 g128 x1, int8 g128 x1")
+    assert "| layers.0 | int4 g64 | int3.5 g128 |" in table and "| layers.1 | int4 g64 |  |" in table
+    assert "outside the blocks: lm_head int8 g128\n" in table
+    assert table.endswith("linears per format: int4 g64 x2, int3.5 g128 x1, int8 g128 x1")
 
 
-def test_convert_cli_with_a_budget(tmp_path, smollm2_dir, capsys):
+@pytest.mark.slow  # calibrates on 8 x 512 tokens twice, with a 49,152-token vocabulary
+def test_convert_and_generate_cli_with_a_budget(tmp_path, smollm2_dir, capsys):
     """`lowbit convert --bits-per-weight` prints the chosen map; the checkpoint holds it and the budget."""
     hf = tmp_path / "hf"
     tiny_hf_llama(hf, vocab_size=49152)
@@ -150,6 +152,11 @@ def test_convert_cli_with_a_budget(tmp_path, smollm2_dir, capsys):
     assert qc["bits_per_weight"]["target"] == 4.25 and qc["bits_per_weight"]["achieved"] <= 4.25
     assert qc["group_size"] == 64 and all(f["group_size"] == 64 for f in qc.get("module_formats", {}).values())
     assert cli(["inspect", str(out)]) == 0
+    # generate quantizes for the budget itself, then runs the fused step. Its default int8 head on the CPU counts in
+    # the budget: with this model's 49,152 x 128 head, 8 bits per weight is near the cheapest possible.
+    assert cli(["generate", str(hf), "--bits-per-weight", "8.1", "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().err
+    assert "formats for 8.1 bits/weight" in printed and "outside the blocks: lm_head int8 g128" in printed and "(fused)" in printed
 
 
 def test_bad_budgets_raise_clear_errors(tiny, tmp_path, capsys):

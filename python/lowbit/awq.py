@@ -76,9 +76,9 @@ class SwapWeights:
 @torch.inference_mode()
 def search_scales(linears, x: torch.Tensor, inspect, layer_formats: list[tuple[float, int]], n_grid: int,
                   n_search: int | None = None, integer_zeros: bool = False) -> torch.Tensor:
-    """Best per-channel scales for linears that share input x [n, T, K], each in its format (bits, group_size) of
-    `layer_formats`; inspect(x) runs the module they feed. Activation statistics come from all of x, the loss from its
-    first n_search sequences."""
+    """Best per-channel scales for linears that share input x [n, T, K], each in its format (bits, group_size)
+    of layer_formats; inspect(x) runs the module they feed. Activation statistics come from all of x, the loss
+    from its first n_search sequences."""
     x_mean = x_stats(x)
     x = x[:n_search]
     reference = inspect(x)
@@ -266,7 +266,8 @@ def quantize_block(view: BlockView, inputs: dict, layer_formats: dict[str, tuple
                    saliency_order: bool, integer_zeros: bool = False):
     """Steps 2-4: channel order (int3.5), clipping search, and QuantLinear in place of each linear.
 
-    inputs: scale_block's result, {linear name: (its input, (row_scale, col_scale))}; layer_formats: as scale_block's."""
+    inputs: scale_block's result, {linear name: (its input, (row_scale, col_scale))}; layer_formats: as
+    scale_block's."""
     for name, (x_in, awq_scales) in inputs.items():
         linear = view.linear(name)
         bits, group_size = layer_formats[name]

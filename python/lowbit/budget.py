@@ -156,8 +156,8 @@ def choose_for_budget(model, bits_per_weight: float, calib: torch.Tensor, salien
     high = (fixed[1] + sum(b[most_precise] for b in nbytes.values())) * 8 / weights
     if not low <= bits_per_weight <= high:
         raise ValueError(f"bits_per_weight must lie in [{low:.4f}, {high:.4f}] for this model (every linear in its "
-                         f"cheapest format of {', '.join(map(describe, fmts))}; every linear in {describe(most_precise)}), "
-                         f"got {bits_per_weight}")
+                         f"cheapest format of {', '.join(map(describe, fmts))}; every linear in "
+                         f"{describe(most_precise)}), got {bits_per_weight}")
     errors, measured = measure_errors(model, calib, fmts, saliency_order, n_search, progress)
     if measured != shapes:
         raise ValueError(f"the budget chooses formats for the decoder blocks' linears only, but this model has other "
@@ -175,19 +175,23 @@ def describe(fmt: Format) -> str:
 
 
 def format_table(layer_formats: dict[str, Format]) -> str:
-    """A markdown table of per-layer formats: one row per decoder block, one column per linear in the block,
-    then the count of linears per format."""
-    blocks, kinds = {}, []
+    """Per-layer formats as a markdown table, one row per decoder block and one column per linear in a block; then
+    the linears outside the blocks (a quantized head) and the count of linears per format."""
+    blocks, kinds, others = {}, [], []
     for name, fmt in layer_formats.items():
         parts = name.split(".")
         i = next((j for j, p in enumerate(parts) if p.isdigit()), None)
-        block, kind = (".".join(parts[:i + 1]), ".".join(parts[i + 1:])) if i is not None else ("", name)
-        blocks.setdefault(block, {})[kind] = fmt
+        if i is None:
+            others.append(f"{name} {describe(fmt)}")
+            continue
+        kind = ".".join(parts[i + 1:])
+        blocks.setdefault(".".join(parts[:i + 1]), {})[kind] = fmt
         if kind not in kinds:
             kinds.append(kind)
     lines = ["| block | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
-    lines += [f"| {block or '-'} | " + " | ".join(describe(row[k]) if k in row else "" for k in kinds) + " |"
+    lines += [f"| {block} | " + " | ".join(describe(row[k]) if k in row else "" for k in kinds) + " |"
               for block, row in blocks.items()]
+    lines += [""] + (["outside the blocks: " + ", ".join(others)] if others else [])
     counts = Counter(layer_formats.values())
-    return "\n".join(lines) + "\n\nlinears per format: " + ", ".join(
-        f"{describe(f)} x{c}" for f, c in sorted(counts.items(), key=lambda t: (-t[1], t[0])))
+    return "\n".join(lines + ["linears per format: " + ", ".join(
+        f"{describe(f)} x{c}" for f, c in sorted(counts.items(), key=lambda t: (-t[1], t[0])))])

@@ -105,7 +105,8 @@ def quantize_model(model: nn.Module, bits: float | None = None, group_size: int 
                           "modules_not_converted": [name for name, m in model.named_modules()
                                                     if isinstance(m, nn.Linear)],
                           "module_formats": {name: {"bits": m.bits, "group_size": m.group_size}
-                                             for name, m in layers.items() if (m.bits, m.group_size) != (bits, group_size)}}
+                                             for name, m in layers.items()
+                                             if (m.bits, m.group_size) != (bits, group_size)}}
     if bits_per_weight is not None:
         weights, nbytes = linear_stats(model)
         model.quantization["bits_per_weight"] = {"target": float(bits_per_weight), "achieved": 8 * nbytes / weights}
