@@ -57,7 +57,7 @@ def saliency_perm(x_mean: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return perm.to(torch.int32)
 
 
-class SwapWeights:
+class _Swap:
     """Temporarily replace the weights of some linears (for trying a candidate quantization)."""
 
     def __init__(self, linears, weights):
@@ -90,7 +90,7 @@ def search_scales(linears, x: torch.Tensor, inspect, layer_formats: list[tuple[f
         s = s / (s.max() * s.min()).sqrt()
         trial = [fake_quantize(lin.weight.data.float() * s, bits, group_size, integer_zeros=integer_zeros) / s
                  for lin, (bits, group_size) in zip(linears, layer_formats)]
-        with SwapWeights(linears, trial):
+        with _Swap(linears, trial):
             loss = (inspect(x) - reference).float().pow(2).mean().item()
         if loss < best_loss:
             best, best_loss = s, loss

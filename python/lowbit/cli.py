@@ -20,7 +20,8 @@ def add_quantization_args(p: argparse.ArgumentParser, converts: bool) -> None:
                                                                 " (quantize the linear layers first)"))
     p.add_argument("--bits-per-weight", type=float, metavar="X",
                    help="instead of --bits: choose each decoder linear's format and group size (int3.5/int4/int8, "
-                        "32..256) for the least error on calibration text within X bits per weight (real bytes)")
+                        "32..256) for the least error on calibration text within X bits per weight (real bytes; a "
+                        "quantized head counts)")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES,
                    help="default 128; with --bits-per-weight: the only group size to choose from")
     p.add_argument("--method", default="rtn", choices=list(METHODS),

@@ -1,13 +1,12 @@
 """Inspecting a lowbit checkpoint: its tensors, sizes and formats per layer, and its integrity checks."""
 
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..budget import describe
+from ..budget import format_counts
 from ..models.llama import LlamaForCausalLM
 from .checkpoint import QUANT_TENSORS, checked_quantization_config, load_quantized, module_format, quantized_weight
 from .hf import CheckpointError, SafetensorsDir, read_config
@@ -85,10 +84,9 @@ def inspect_checkpoint(path, out=None) -> bool:
     n_tensors = sum(1 for k in st.keys() if not k.startswith(PAD_PREFIX))
     quantized = [name for name, fmt, *_ in rows if fmt.startswith("int")]
     if "bits_per_weight" in qc:  # a budget's choice: the formats counted, the per-layer map is the table below
-        fmts = Counter(module_format(qc, name) for name in quantized)
         budget = qc["bits_per_weight"]
         summary = (f"bits/weight budget {budget['target']:g} ({budget['achieved']:.4f} achieved), linears per format: "
-                   + ", ".join(f"{describe(f)} x{c}" for f, c in sorted(fmts.items(), key=lambda t: (-t[1], t[0]))))
+                   + format_counts(module_format(qc, name) for name in quantized))
     else:
         summary = f"int{qc['bits']:g}, group size {qc['group_size']}" + "".join(
             "; {}: int{:g} g{}".format(name, *module_format(qc, name)) for name in qc.get("module_formats", {}))
