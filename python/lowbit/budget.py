@@ -12,7 +12,8 @@ trace(dW X^T X dW^T) with dW = W - W_q, summed over the linears. Chosen by measu
 on the 4,097-token set; benchmarks/README.md): it beat the squared error of the block's output with only that
 linear quantized (which weighs q/k/v/gate/up/o/down by their effect on the block but, summed over blocks, favours
 the late blocks, whose residual stream is largest): 22.12 against 23.38 at 4.25 bits per weight and 17.81 against
-19.03 at 4.5, and it costs no block forwards per candidate.
+19.03 at 4.5 (at 4.0, near the cheapest choice, 39.83 against 36.61), and it costs no block forwards per
+candidate.
 
 Choice (choose_formats): the multiple-choice knapsack, greedily. Every linear starts in its cheapest candidate;
 the upgrades along each linear's lower convex hull of (bytes, error) are taken in decreasing order of error saved
