@@ -12,6 +12,9 @@ reproduces them exactly; every table says so.
     python benchmarks/bench_quality.py --quick     # group size 64 only, 2048 tokens for the second set
     python benchmarks/bench_quality.py --ablations # GPTQ settings (damping, act-order, block size, calibration
                                                    # size, clipping) -> results/quality_smollm2_gptq_ablations.*
+    python benchmarks/bench_quality.py --budgets 3.75 4 4.25 4.5 --methods rtn
+                                                   # bits-per-weight budgets (lowbit.budget chooses each linear's
+                                                   # format) -> results/quality_smollm2_budget.*
 """
 
 import argparse
@@ -19,12 +22,14 @@ import copy
 import json
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 import lowbit
 from lowbit import data
+from lowbit.budget import describe, format_table, model_formats
 from lowbit.eval import model_bytes, perplexity, rmse_report
 from lowbit.gptq import quantize_llama_gptq
 
@@ -96,6 +101,47 @@ def method_table(rows: list[dict], group_sizes, bits_list, methods, big: str) ->
     return lines
 
 
+def budget_table(rows: list[dict], big: str, uniform: list[dict]) -> list[str]:
+    """The budget rows, each with the uniform group-size-64 rows of its method (from quality_smollm2.json) to
+    compare with, and the formats each budget chose."""
+    float_row, small = rows[0], f"perplexity_{TARGET_TOKENS}"
+    sets = [small] + ([big] if big != small else [])
+    columns = " | ".join(f"perplexity ({k.split('_')[1]})" for k in sets)
+    lines = [f"| variant | group | bits/weight (linears) | {columns} | increase vs float ({big.split('_')[1]}) | "
+             "model MB | out rel. RMSE | quantize s | linears per format |", "|---" * (8 + len(sets)) + "|"]
+    for r in rows:
+        formats = ", ".join(f"{f} x{c}" for f, c in r.get("formats", {}).items())
+        rmse = f"{r['output_rel_rmse']:.4f}" if "output_rel_rmse" in r else ""
+        lines.append(f"| {r['variant']} | {r.get('group_size') or ('chosen' if formats else '')} | "
+                     f"{r['bits_per_weight']:.2f} | " + " | ".join(f"{r[k]:.2f}" for k in sets)
+                     + f" | {r[big] - float_row[big]:+.2f} | {r['model_mb']:.1f} | {rmse} | "
+                     f"{r['quantize_seconds']:.0f} | {formats} |")
+    lines += ["", "bits/weight: as in quality_smollm2.md (real bytes of the quantized linears: codes, float16 scales "
+              "and zeros, int3.5's permutation; the head is float and outside the budget). Budget rows: lowbit.budget "
+              "chose each decoder linear's format and group size from {int3.5, int4, int8} x {32, 64, 128, 256} on "
+              "the calibration tokens; int3.5 uses the saliency channel order with the calibrated methods. "
+              "Uniform rows: quality_smollm2.json (same calibration and evaluation tokens)."]
+    by = {(r["bits"], r["method"]): r for r in uniform if r.get("group_size") == 64}
+    for r in rows[1:]:
+        if r.get("budget") is None:
+            continue
+        line = f"\n{r['variant']}: {r[small]:.2f} at {r['bits_per_weight']:.2f} bits/weight"
+        for bits in (4, 3.5):
+            u = by.get((bits, r["method"]))
+            if u:
+                line += (f"; uniform int{bits:g} g64 {METHODS[r['method']]} {u[small]:.2f} at "
+                         f"{u['bits_per_weight']:.2f} ({r[small] - u[small]:+.2f})")
+        if r["budget"] == 4.25:
+            line += (f"; issue 19's target <= {TARGETS[3.5]}: {'met' if r[small] <= TARGETS[3.5] else 'missed'} by "
+                     f"{abs(r[small] - TARGETS[3.5]):.2f}")
+        lines.append(line + ".")
+    for r in rows[1:]:
+        if "format_map" in r:
+            lines += ["", f"Formats chosen for {r['variant']}:", "",
+                      format_table({n: (f["bits"], f["group_size"]) for n, f in r["format_map"].items()})]
+    return lines
+
+
 def ablation_table(rows: list[dict], big: str) -> list[str]:
     float_row, small = rows[0], f"perplexity_{TARGET_TOKENS}"
     lines = [f"| format | variant | group | calibration | bits/weight | perplexity ({TARGET_TOKENS}) | "
@@ -117,12 +163,15 @@ def main():
     parser.add_argument("--bits", nargs="+", type=float, default=[4, 3.5], choices=[4, 3.5])
     parser.add_argument("--group-sizes", nargs="+", type=int, default=[64, 128], choices=[32, 64, 128, 256])
     parser.add_argument("--ablations", action="store_true", help="GPTQ settings instead of the method table")
+    parser.add_argument("--budgets", nargs="+", type=float, help="bits-per-weight budgets (with each of --methods) "
+                        "instead of the method table")
     parser.add_argument("--out", type=Path, help="output path without extension (default: benchmarks/results/...)")
     args = parser.parse_args()
     group_sizes = [64] if args.quick else args.group_sizes
     eval_tokens = 2048 if args.quick else args.eval_tokens
     results = Path(__file__).parent / "results"
-    out = args.out or results / ("quality_smollm2_gptq_ablations" if args.ablations else "quality_smollm2")
+    out = args.out or results / ("quality_smollm2_gptq_ablations" if args.ablations else
+                                 "quality_smollm2_budget" if args.budgets else "quality_smollm2")
 
     torch.manual_seed(0)
     model = lowbit.LlamaForCausalLM.from_pretrained(lowbit.fetch("smollm2"))
@@ -145,22 +194,32 @@ def main():
         jobs = [(name, bits, 64, n, lambda bits, g, n=n, options=options: quantize_llama_gptq(
                     copy.deepcopy(model), bits, g, calib[n], progress=False, **options), {"options": options})
                 for name, bits, n, options in ABLATIONS]
+    elif args.budgets:  # the budget in the bits column, no group size: each linear's format is chosen
+        jobs = [(f"budget {b:g} {METHODS[m]}", b, None, args.calib_samples, lambda b, _, m=m: lowbit.quantize_model(
+                    model, bits_per_weight=b, method=m, calib=calib[args.calib_samples], inplace=False,
+                    progress=False), {"method": m, "budget": b})
+                for b in args.budgets for m in args.methods]
     else:
         jobs = [(f"int{bits:g} {METHODS[m]}", bits, g, args.calib_samples, lambda bits, g, m=m: lowbit.quantize_model(
                     model, bits, g, method=m, calib=calib[args.calib_samples], inplace=False), {"method": m})
                 for g in group_sizes for bits in args.bits for m in args.methods]
+    uniform = json.loads((results / "quality_smollm2.json").read_text())["rows"] if args.budgets else []
     for name, bits, group_size, n_calib, quantize, extra in jobs:
         start = time.perf_counter()
         q = quantize(bits, group_size)
         seconds = time.perf_counter() - start
         rows.append({"variant": name, "bits": bits, "group_size": group_size, "calib_samples": n_calib,
                      "quantize_seconds": seconds} | extra | evaluate(model, q, sets, rmse_ids))
+        if args.budgets:
+            chosen = model_formats(q)
+            rows[-1] |= {"bits": None, "formats": {describe(f): c for f, c in Counter(chosen.values()).most_common()},
+                         "format_map": {n: {"bits": b, "group_size": g} for n, (b, g) in chosen.items()}}
         r = rows[-1]
         print(f"{name} g{group_size}: perplexity {r[small]:.3f} / {r[big]:.3f}, {r['bits_per_weight']:.3f} "
               f"bits/weight, output rel. RMSE {r['output_rel_rmse']:.4f}, {seconds:.1f} s", flush=True)
         # Written after every row, so that an interrupted run keeps what it measured.
-        table = "\n".join(head + (ablation_table(rows, big) if args.ablations
-                                  else method_table(rows, group_sizes, args.bits, args.methods, big)))
+        table = "\n".join(head + (ablation_table(rows, big) if args.ablations else budget_table(rows, big, uniform)
+                                  if args.budgets else method_table(rows, group_sizes, args.bits, args.methods, big)))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "eval_tokens": eval_tokens,
                                                         "caveat": CAVEAT, "rows": rows}, indent=1))

@@ -25,7 +25,8 @@ def test_folding_scales_leaves_float_output_unchanged(tmp_path, kv_heads):
     with torch.no_grad():
         before = block(x, cos, sin, None, None)
         norm_before = block.attn_norm.weight.clone()
-        scale_block(lowbit_block_view(block, cos, sin), x, bits=3.5, group_size=32, n_grid=10)
+        view = lowbit_block_view(block, cos, sin)
+        scale_block(view, x, {n: (3.5, 32) for n in view.linear_names}, n_grid=10)
         after = block(x, cos, sin, None, None)
     assert not torch.equal(block.attn_norm.weight, norm_before)  # scales really were folded in
     assert ((after - before).norm() / before.norm()).item() < 1e-5
@@ -43,7 +44,10 @@ def test_folding_scales_leaves_transformers_block_unchanged(tmp_path, kv_heads):
         before = view.forward(x)
         norm_before = layer.input_layernorm.weight.clone()
         v_before = layer.self_attn.v_proj.weight.clone()
-        inputs = scale_block(view, x, bits=4, group_size=32, n_grid=10)
+        # Mixed formats, also among the linears sharing an input (as a bits-per-weight budget may choose them).
+        layer_formats = {n: (4, 32) for n in view.linear_names}
+        layer_formats |= {"self_attn.v_proj": (8, 64), "mlp.up_proj": (3.5, 128)}
+        inputs = scale_block(view, x, layer_formats, n_grid=10)
         after = view.forward(x)
     assert not torch.equal(layer.input_layernorm.weight, norm_before)
     assert ((after - before).norm() / before.norm()).item() < 1e-5

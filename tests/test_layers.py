@@ -19,6 +19,7 @@ LAYERS = [  # lowest first
     ["tokenizer", "models", "models.llama"],  # the model
     ["awq", "cpu_decode"],                    # AWQ runs the model's blocks; the fused CPU decode step
     ["gptq"],                                 # GPTQ, on AWQ's block views (and after AWQ's scales)
+    ["budget"],                               # per-layer formats for a bits-per-weight budget, on AWQ's block views
     ["io", "io.hf", "io.safetensors_io", "io.atomic", "io.gguf", "io.checkpoint", "io.autoawq", "io.inspect",
      "io.loading", "io.fetch"],
     ["pipeline", "eval", "generate", "engine"],  # orchestration; engine: continuous batching over generate

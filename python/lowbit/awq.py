@@ -34,15 +34,16 @@ def x_stats(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).abs().float().mean(0)
 
 
-def w_stats(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
-    """Mean over rows of |w| normalised by its group's max |w|, per input channel -> [K]."""
-    w = torch.cat(weights).float()
-    n, k = w.shape
-    g = min(group_size, k)
-    pad = (-k) % g
-    wg = F.pad(w.abs(), (0, pad)).view(n, -1, g)
-    normed = (wg / wg.amax(-1, keepdim=True).clamp(min=1e-8)).view(n, -1)[:, :k]
-    return normed.mean(0)
+def w_stats(weights: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """Mean over the rows of all weights of |w| normalised by its group's max |w|, per input channel -> [K];
+    weights: (W [N, K], its group size) pairs."""
+    normed = []
+    for w, group_size in weights:
+        n, k = w.shape
+        g = min(group_size, k)
+        wg = F.pad(w.abs().float(), (0, (-k) % g)).view(n, -1, g)
+        normed.append((wg / wg.amax(-1, keepdim=True).clamp(min=1e-8)).view(n, -1)[:, :k])
+    return torch.cat(normed).mean(0)
 
 
 def saliency_perm(x_mean: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -73,14 +74,15 @@ class _Swap:
 
 
 @torch.inference_mode()
-def search_scales(linears, x: torch.Tensor, inspect, bits: float, group_size: int, n_grid: int,
+def search_scales(linears, x: torch.Tensor, inspect, layer_formats: list[tuple[float, int]], n_grid: int,
                   n_search: int | None = None, integer_zeros: bool = False) -> torch.Tensor:
-    """Best per-channel scales for linears that share input x [n, T, K]; inspect(x) runs the module they
-    feed. Activation statistics come from all of x, the loss from its first n_search sequences."""
+    """Best per-channel scales for linears that share input x [n, T, K], each in its format (bits, group_size)
+    of layer_formats; inspect(x) runs the module they feed. Activation statistics come from all of x, the loss
+    from its first n_search sequences."""
     x_mean = x_stats(x)
     x = x[:n_search]
     reference = inspect(x)
-    w_mean = w_stats([lin.weight.data for lin in linears], group_size)
+    w_mean = w_stats([(lin.weight.data, group_size) for lin, (_, group_size) in zip(linears, layer_formats)])
     best, best_loss = torch.ones_like(x_mean), float("inf")
     for i in range(n_grid):
         ratio = i / n_grid
@@ -88,7 +90,7 @@ def search_scales(linears, x: torch.Tensor, inspect, bits: float, group_size: in
         s = s / (s.max() * s.min()).sqrt()
         trial = [fake_quantize(lin.weight.data.float() * s, bits, group_size, integer_zeros=integer_zeros,
                                grid="minmax") / s
-                 for lin in linears]
+                 for lin, (bits, group_size) in zip(linears, layer_formats)]
         with _Swap(linears, trial):
             loss = (inspect(x) - reference).float().pow(2).mean().item()
         if loss < best_loss:
@@ -146,6 +148,11 @@ class BlockView:
     def linear(self, name: str) -> nn.Linear:
         return self.block.get_submodule(name)
 
+    @property
+    def linear_names(self) -> list[str]:
+        """Every linear of the block, in data-flow order."""
+        return self.qkv + [self.o] + self.gate_up + [self.down]
+
 
 def lowbit_block_view(block: Block, cos, sin) -> BlockView:
     attn, ffn = block.attn, block.ffn
@@ -196,9 +203,10 @@ def _scale_columns(linear, s):
 
 
 @torch.inference_mode()
-def scale_block(view: BlockView, x: torch.Tensor, bits: float, group_size: int, n_grid: int,
+def scale_block(view: BlockView, x: torch.Tensor, layer_formats: dict[str, tuple[float, int]], n_grid: int,
                 n_search: int | None = None, integer_zeros: bool = False) -> dict:
     """Step 1: search the AWQ scales of one float block and fold them in (its output stays the same).
+    layer_formats: each linear's (bits, group_size) by its name in the block (see block_formats).
 
     Returns, per linear name, the input it now sees (for the clipping search) and how its weight relates
     to the original float one: W_now = diag(row_scale) W diag(col_scale)."""
@@ -215,7 +223,7 @@ def scale_block(view: BlockView, x: torch.Tensor, bits: float, group_size: int, 
         hook.remove()
     resid = x + view.attention(h_attn)   # the MLP's residual input; unchanged by the folding below
 
-    names = view.qkv + [view.o] + view.gate_up + [view.down]
+    names = view.linear_names
     row_scale = {n: torch.ones(lin(n).out_features) for n in names}
     col_scale = {n: torch.ones(lin(n).in_features) for n in names}
 
@@ -232,17 +240,20 @@ def scale_block(view: BlockView, x: torch.Tensor, bits: float, group_size: int, 
             row_scale[name][rows] = 1 / s
         return fold
 
-    search = dict(bits=bits, group_size=group_size, n_grid=n_grid, n_search=n_search, integer_zeros=integer_zeros)
-    s = search_scales([lin(n) for n in view.qkv], h_attn, view.attention, **search)
+    def search(targets, x_in, inspect):
+        return search_scales([lin(n) for n in targets], x_in, inspect, [layer_formats[n] for n in targets], n_grid,
+                             n_search, integer_zeros)
+
+    s = search(view.qkv, h_attn, view.attention)
     apply(view.qkv, s, lambda s: _fold_into_norm(view.attn_norm, s))
     if not view.grouped_query:  # o_proj's input channels are v's output channels
-        s = search_scales([lin(view.o)], captured[view.o], lin(view.o), **search)
+        s = search([view.o], captured[view.o], lin(view.o))
         apply([view.o], s, fold_rows(view.v_rows))
         captured[view.o] = captured[view.o] / s
     h_ffn = view.ffn_norm(resid)
-    s = search_scales([lin(n) for n in view.gate_up], h_ffn, view.mlp, **search)
+    s = search(view.gate_up, h_ffn, view.mlp)
     apply(view.gate_up, s, lambda s: _fold_into_norm(view.ffn_norm, s))
-    s = search_scales([lin(view.down)], captured[view.down], lin(view.down), **search)
+    s = search([view.down], captured[view.down], lin(view.down))
     apply([view.down], s, fold_rows(view.up_rows))
     captured[view.down] = captured[view.down] / s
 
@@ -252,13 +263,15 @@ def scale_block(view: BlockView, x: torch.Tensor, bits: float, group_size: int, 
 
 
 @torch.inference_mode()
-def quantize_block(view: BlockView, inputs: dict, bits: float, group_size: int, clip: bool, saliency_order: bool,
-                   integer_zeros: bool = False):
+def quantize_block(view: BlockView, inputs: dict, layer_formats: dict[str, tuple[float, int]], clip: bool,
+                   saliency_order: bool, integer_zeros: bool = False):
     """Steps 2-4: channel order (int3.5), clipping search, and QuantLinear in place of each linear.
 
-    inputs: scale_block's result, {linear name: (its input, (row_scale, col_scale))}."""
+    inputs: scale_block's result, {linear name: (its input, (row_scale, col_scale))}; layer_formats: as
+    scale_block's."""
     for name, (x_in, awq_scales) in inputs.items():
         linear = view.linear(name)
+        bits, group_size = layer_formats[name]
         perm = saliency_perm(x_stats(x_in), linear.weight.data) if saliency_order and bits == 3.5 else None
         ratio = None
         if clip and name in view.clip_rows:
@@ -273,8 +286,8 @@ def quantize_block(view: BlockView, inputs: dict, bits: float, group_size: int, 
 def block_inputs(model: nn.Module, calib: torch.Tensor, method: str = "AWQ"):
     """Calibration set-up shared by the block-by-block quantizers (AWQ here, GPTQ in lowbit.gptq).
 
-    Returns (x, layers, views): x [n_samples, seq_len, H], the activations entering the first decoder block,
-    the model's decoder blocks, and views(block), its BlockView."""
+    Returns (x, blocks, views): x [n_samples, seq_len, H], the activations entering the first decoder block,
+    the model's decoder blocks as (qualified name, block), and views(block), its BlockView."""
     is_hf = type(model).__name__ == "LlamaForCausalLM" and hasattr(model, "model")  # transformers
     if not (isinstance(model, LlamaForCausalLM) or is_hf):
         raise TypeError(f"{method} works on lowbit.LlamaForCausalLM and transformers.LlamaForCausalLM, "
@@ -286,12 +299,21 @@ def block_inputs(model: nn.Module, calib: torch.Tensor, method: str = "AWQ"):
     if isinstance(model, LlamaForCausalLM):
         x = model.embed(ids)                      # [n, T, H]: the activations entering block 0
         cos, sin = rope_tables(model.inv_freq, positions)
-        return x, model.layers, lambda block: lowbit_block_view(block, cos, sin)
+        return x, [(f"layers.{i}", b) for i, b in enumerate(model.layers)], lambda b: lowbit_block_view(b, cos, sin)
     x = model.model.embed_tokens(ids)
     cos, sin = model.model.rotary_emb(x, positions.unsqueeze(0))
     t = calib.shape[1]
     mask = torch.full((t, t), float("-inf"), dtype=x.dtype, device=x.device).triu(1)[None, None]
-    return x, model.model.layers, lambda layer: hf_block_view(layer, cos, sin, mask)
+    return (x, [(f"model.layers.{i}", b) for i, b in enumerate(model.model.layers)],
+            lambda layer: hf_block_view(layer, cos, sin, mask))
+
+
+def block_formats(view: BlockView, block_name: str, bits: float, group_size: int,
+                  module_formats: dict[str, tuple[float, int]] | None) -> dict[str, tuple[float, int]]:
+    """Each linear's (bits, group_size) by its name in the block: its entry in module_formats (qualified module
+    names, e.g. "layers.3.attn.wo"), else (bits, group_size)."""
+    module_formats = module_formats or {}
+    return {n: tuple(module_formats.get(f"{block_name}.{n}", (bits, group_size))) for n in view.linear_names}
 
 
 def run_block(view: BlockView, x: torch.Tensor) -> torch.Tensor:
@@ -301,17 +323,20 @@ def run_block(view: BlockView, x: torch.Tensor) -> torch.Tensor:
 
 def quantize_llama_awq(model: nn.Module, bits: float, group_size: int, calib: torch.Tensor,
                        n_grid: int = 20, clip: bool = True, saliency_order: bool = True, n_search: int = 2,
-                       integer_zeros: bool = False, progress: bool = True) -> nn.Module:
+                       integer_zeros: bool = False, progress: bool = True,
+                       module_formats: dict[str, tuple[float, int]] | None = None) -> nn.Module:
     """AWQ of every decoder block's linears, in place, for lowbit's or transformers' LlamaForCausalLM.
 
     calib: token ids [n_samples, seq_len]. Activation statistics (scales, saliency order, the clipping
     search's sample tokens) come from every sequence; the scale search's loss, whose CPU time grows with
-    them, from the first n_search."""
+    them, from the first n_search. module_formats: {qualified linear name: (bits, group_size)} for linears in
+    another format than (bits, group_size) (e.g. lowbit.budget's choice)."""
     with torch.inference_mode():
-        x, layers, views = block_inputs(model, calib)
-        for block in tqdm(layers, desc=f"AWQ int{bits:g}", disable=not progress):
+        x, blocks, views = block_inputs(model, calib)
+        for block_name, block in tqdm(blocks, desc=f"AWQ int{bits:g}", disable=not progress):
             view = views(block)
-            inputs = scale_block(view, x, bits, group_size, n_grid, n_search, integer_zeros)
-            quantize_block(view, inputs, bits, group_size, clip, saliency_order, integer_zeros)
+            layer_formats = block_formats(view, block_name, bits, group_size, module_formats)
+            inputs = scale_block(view, x, layer_formats, n_grid, n_search, integer_zeros)
+            quantize_block(view, inputs, layer_formats, clip, saliency_order, integer_zeros)
             x = run_block(view, x)
     return model

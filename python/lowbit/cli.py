@@ -9,15 +9,21 @@ import torch
 
 from .bench import add_parser as add_bench_parser
 
-GROUP_SIZE = 128  # every command's --group-size default; the choices are formats.GROUP_SIZES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_quantization_args(p: argparse.ArgumentParser, bits_default: float | None) -> None:
+def add_quantization_args(p: argparse.ArgumentParser, converts: bool) -> None:
+    """The quantization options; converts: the command always quantizes (default int4), else only when asked."""
     from .formats import BITS, GROUP_SIZES, METHODS
-    p.add_argument("--bits", type=float, default=bits_default, choices=BITS,
-                   help="weight format" + ("" if bits_default else " (quantize the linear layers first)"))
-    p.add_argument("--group-size", type=int, default=GROUP_SIZE, choices=GROUP_SIZES)
+    p.add_argument("--bits", type=float, choices=BITS,
+                   help="weight format of every linear layer" + (" (default 4)" if converts else
+                                                                " (quantize the linear layers first)"))
+    p.add_argument("--bits-per-weight", type=float, metavar="X",
+                   help="instead of --bits: choose each decoder linear's format and group size (int3.5/int4/int8, "
+                        "32..256) for the least error on calibration text within X bits per weight (real bytes; a "
+                        "quantized head counts)")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES,
+                   help="default 128; with --bits-per-weight: the only group size to choose from")
     p.add_argument("--method", default="rtn", choices=list(METHODS),
                    help="awq, gptq, awq+gptq: calibrate (minutes on a CPU)")
     p.add_argument("--grid", default="mse", choices=["mse", "minmax"],
@@ -34,7 +40,7 @@ def add_quantization_args(p: argparse.ArgumentParser, bits_default: float | None
 
 def head_format(args, default: str = "none") -> dict:
     """quantize_model's output-head arguments from --quantize-lm-head, --lm-head-bits, --lm-head-group-size."""
-    bits = args.lm_head_bits or (f"{args.bits:g}" if args.quantize_lm_head else default)
+    bits = args.lm_head_bits or (f"{args.bits or 4:g}" if args.quantize_lm_head else default)
     if bits == "none":
         if args.lm_head_group_size is not None:
             raise ValueError("--lm-head-group-size needs a quantized head (--lm-head-bits)")
@@ -48,11 +54,23 @@ def load_for_cli(args):
     from .models.llama import LlamaForCausalLM
     path = fetch(args.model) if args.model in MODELS else args.model
     model = LlamaForCausalLM.from_pretrained(path)
-    if args.bits is not None:
-        calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512) if args.method != "rtn" else None
+    if args.bits is not None or args.bits_per_weight is not None:
+        calibrates = args.method != "rtn" or args.bits_per_weight is not None
+        calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512) if calibrates else None
         quantize_model(model, args.bits, args.group_size, method=args.method, calib=calib, grid=args.grid,
+                       bits_per_weight=args.bits_per_weight,
                        **head_format(args, default="8" if args.device == "cpu" else "none"))
+        if args.bits_per_weight is not None:
+            print_budget(model)
     return model.to(args.device, DTYPES[args.dtype])
+
+
+def print_budget(model) -> None:
+    """The formats a bits-per-weight budget chose, on stderr."""
+    from .budget import format_table, model_formats
+    achieved = model.quantization["bits_per_weight"]
+    print(f"formats for {achieved['target']:g} bits/weight ({achieved['achieved']:.4f} achieved):\n"
+          f"{format_table(model_formats(model))}", file=sys.stderr)
 
 
 def cmd_fetch(args) -> int:
@@ -122,8 +140,11 @@ def cmd_convert(args) -> int:
     from .pipeline import convert
     out = convert(args.src, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
                   calib_file=args.calib_file, align=args.align, force=args.force, integer_zeros=args.integer_zeros,
-                  grid=args.grid,
-                  float_dtype=getattr(torch, args.float_dtype), **head_format(args))
+                  grid=args.grid, float_dtype=getattr(torch, args.float_dtype), bits_per_weight=args.bits_per_weight,
+                  **head_format(args))
+    if args.bits_per_weight is not None:
+        from .io.checkpoint import load_quantized
+        print_budget(load_quantized(out))
     print(out)
     return 0
 
@@ -152,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt text (with --chat: one user message)")
     p.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, read turns from stdin")
     p.add_argument("--system", help="system message for --chat")
-    add_quantization_args(p, None)
+    add_quantization_args(p, converts=False)
     p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA each decode step is one CUDA graph)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="of the float parts and activations")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -171,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with batched decoding and a chat page")
     p.add_argument("model", help="HF directory, lowbit checkpoint, .gguf file, or a bundled model name (smollm2)")
-    add_quantization_args(p, None)
+    add_quantization_args(p, converts=False)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="of the float parts and activations")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -191,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "into a lowbit checkpoint")
     p.add_argument("src", help="HF float directory, .gguf file, or AutoAWQ GEMM directory")
     p.add_argument("out", help="output directory (written atomically)")
-    add_quantization_args(p, 4)
+    add_quantization_args(p, converts=True)
     p.add_argument("--calib-file", help="text file to calibrate AWQ/GPTQ on (default: lowbit.data)")
     p.add_argument("--align", type=int, help="start every tensor's data on this byte boundary (e.g. 1024)")
     p.add_argument("--integer-zeros", action="store_true", help="integer zero points (needed by export --format awq)")

@@ -41,6 +41,14 @@ def packed_row_bytes(bits: float, padded_features: int) -> int:
     return {4: padded_features // 2, 3.5: padded_features // 16 * 7, 8: padded_features}[bits]
 
 
+def quantized_nbytes(out_features: int, in_features: int, bits: float, group_size: int, has_perm: bool) -> int:
+    """Bytes of one saved quantized weight: codes, float16 scales and zeros, and the int32 permutation if any
+    (what lowbit.eval's bits per weight and the bits-per-weight budget count)."""
+    kp = padded_in_features(in_features, group_size)
+    perm = 4 * in_features if has_perm else 0
+    return out_features * packed_row_bytes(bits, kp) + 2 * 2 * out_features * (kp // group_size) + perm
+
+
 def code_max(bits: float) -> torch.Tensor:
     """Largest code per column position within a pair: int4 (15, 15), int3.5 (15, 7), int8 (255, 255)."""
     return torch.tensor({4: [15, 15], 3.5: [15, 7], 8: [255, 255]}[bits], dtype=torch.int32)

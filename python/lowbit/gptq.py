@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import formats
-from .awq import BlockView, block_inputs, run_block, saliency_perm, scale_block, search_clip, x_stats
+from .awq import BlockView, block_formats, block_inputs, run_block, saliency_perm, scale_block, search_clip, x_stats
 from .nn import QuantLinear
 from .quantize import check_clip, checked_weight, grid_values, group_grid, round_to_grid
 from .weight import QuantizedWeight
@@ -142,25 +142,28 @@ def capture_input(view: BlockView, x: torch.Tensor, name: str) -> torch.Tensor:
 def quantize_llama_gptq(model, bits: float, group_size: int, calib: torch.Tensor, awq: bool = False,
                         damp: float = 0.01, block_size: int = 128, act_order: bool = False,
                         saliency_order: bool = True, clip: bool = True, n_grid: int = 20, n_search: int = 2,
-                        integer_zeros: bool = False, progress: bool = True):
+                        integer_zeros: bool = False, progress: bool = True,
+                        module_formats: dict[str, tuple[float, int]] | None = None):
     """GPTQ (awq=True: AWQ scales and clipping, then GPTQ) of every decoder block's linears, in place, for
     lowbit's or transformers' LlamaForCausalLM.
 
     calib: token ids [n_samples, seq_len]. damp, block_size: see gptq_quantize. act_order: columns in
     decreasing diag(H) order (a stored permutation; int3.5 takes the saliency order instead unless
     saliency_order=False). saliency_order: int3.5's channel order (lowbit.awq).
-    clip, n_grid, n_search: AWQ's clipping search and scale search (awq=True only)."""
+    clip, n_grid, n_search: AWQ's clipping search and scale search (awq=True only). module_formats: as
+    lowbit.awq.quantize_llama_awq's."""
     bits = formats.check_bits(bits)
     group_size = formats.check_group_size(group_size)
     name = "AWQ+GPTQ" if awq else "GPTQ"
     with torch.inference_mode():
-        x, layers, views = block_inputs(model, calib, name)
-        for block in tqdm(layers, desc=f"{name} int{bits:g}", disable=not progress):
+        x, blocks, views = block_inputs(model, calib, name)
+        for block_name, block in tqdm(blocks, desc=f"{name} int{bits:g}", disable=not progress):
             view = views(block)
+            layer_formats = block_formats(view, block_name, bits, group_size, module_formats)
             folded = {}
             if awq:
                 folded = {n: scales for n, (_, scales) in
-                          scale_block(view, x, bits, group_size, n_grid, n_search, integer_zeros).items()}
+                          scale_block(view, x, layer_formats, n_grid, n_search, integer_zeros).items()}
             # Each set of linears sharing an input, in data-flow order, on what the quantized ones before give it.
             for stage in (view.qkv, [view.o], view.gate_up, [view.down]):
                 x_in = capture_input(view, x, stage[0])
@@ -168,16 +171,17 @@ def quantize_llama_gptq(model, bits: float, group_size: int, calib: torch.Tensor
                 for lin_name in stage:
                     linear = view.linear(lin_name)
                     w = linear.weight.data
+                    fmt = layer_formats[lin_name]
                     perm = None
-                    if bits == 3.5 and saliency_order:
+                    if fmt[0] == 3.5 and saliency_order:
                         perm = saliency_perm(x_stats(x_in), w)
                     elif act_order:
                         perm = act_order_perm(h)
                     ratio = None
                     if awq and clip and lin_name in view.clip_rows:
-                        ratio = search_clip(w, x_in, bits, group_size, perm,
+                        ratio = search_clip(w, x_in, *fmt, perm,
                                             rows=view.clip_rows[lin_name], integer_zeros=integer_zeros)
-                    qlinear = QuantLinear(gptq_quantize(w, h, bits, group_size, perm, ratio, damp, block_size,
+                    qlinear = QuantLinear(gptq_quantize(w, h, *fmt, perm, ratio, damp, block_size,
                                                         integer_zeros), linear.bias)
                     qlinear.awq_scales = folded.get(lin_name)
                     view.block.set_submodule(lin_name, qlinear)

@@ -6,6 +6,7 @@ checkpoint readers and writers (lowbit.io); everything it uses sits below it.
 
 import copy
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -13,6 +14,8 @@ from torch import nn
 
 from . import data, formats
 from .awq import quantize_llama_awq
+from .budget import choose_for_budget
+from .eval import linear_stats
 from .gptq import quantize_llama_gptq
 from .io.autoawq import import_awq
 from .io.checkpoint import quantize_checkpoint_rtn, save_quantized
@@ -30,11 +33,22 @@ def _head(bits: float, group_size: int, quantize_lm_head: bool, lm_head_bits, lm
     return quantize_lm_head or lm_head_bits is not None or lm_head_group_size is not None, head_format
 
 
-def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, method: str = "rtn",
+DEFAULT_FORMAT = (4.0, 128)  # (bits, group_size) when neither they nor a bits-per-weight budget are given
+
+
+def quantize_model(model: nn.Module, bits: float | None = None, group_size: int | None = None, method: str = "rtn",
                    calib=None, modules_to_not_convert: list[str] | None = None, quantize_lm_head: bool = False,
                    inplace: bool = True, integer_zeros: bool = False, lm_head_bits: float | None = None,
-                   lm_head_group_size: int | None = None, grid: str = "mse") -> nn.Module:
+                   lm_head_group_size: int | None = None, bits_per_weight: float | None = None,
+                   progress: bool = True, grid: str = "mse") -> nn.Module:
     """Replace every nn.Linear of `model` by a QuantLinear (lowbit's LLaMA or transformers' LlamaForCausalLM).
+
+    Every linear in one format, bits (default 4) and group_size (default 128); or, with bits_per_weight instead
+    of bits, each decoder linear in the format and group size of {int3.5, int4, int8} x {32, 64, 128, 256} that
+    lowbit.budget chooses to minimise the error measured on calib (needed, also for "rtn") within that many bits
+    per weight, counted as lowbit.eval.linear_stats counts them (a quantized head counts, in its own fixed format:
+    lm_head_bits, default 4, and lm_head_group_size, default group_size or 128). A group_size given with
+    bits_per_weight restricts the choice to that group size.
 
     Modules whose qualified name equals or ends with an entry of modules_to_not_convert stay float, and so
     does the output head (lm_head) unless quantize_lm_head or its own format is given: lm_head_bits and
@@ -43,51 +57,82 @@ def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, met
     (lowbit.gptq), "awq+gptq" both (AWQ's scales and clipping, then GPTQ's rounding), each on calib, token ids
     [n_samples, seq_len], for the decoder blocks (remaining linears, such as a quantized lm_head, use RTN).
     integer_zeros, grid: see quantize_weight (grid: how layers rounded to nearest choose each group's scale and
-    zero point; AWQ's layers keep its clipped ranges). The choices are kept in model.quantization (save_quantized writes them
-    to config.json).
+    zero point; AWQ's layers keep its clipped ranges). The choices are kept in model.quantization (save_quantized
+    writes them to config.json): "bits" and "group_size" are the most common format, "module_formats" lists the
+    linears in another one, and with a budget "bits_per_weight" holds {"target": bits_per_weight, "achieved": ...}.
     """
-    bits = formats.check_bits(bits)
-    group_size = formats.check_group_size(group_size)
-    quantize_lm_head, head_format = _head(bits, group_size, quantize_lm_head, lm_head_bits, lm_head_group_size)
     check_method(method)
+    given_group_size = group_size is not None
+    if bits_per_weight is not None:
+        if bits is not None:
+            raise ValueError(f"give bits_per_weight (a budget; each layer's format is chosen) or bits (one format), "
+                             f"not both: got bits_per_weight={bits_per_weight!r}, bits={bits!r}")
+        if modules_to_not_convert:
+            raise ValueError("modules_to_not_convert is not supported with bits_per_weight")
+    bits = formats.check_bits(DEFAULT_FORMAT[0] if bits is None else bits)
+    group_size = formats.check_group_size(DEFAULT_FORMAT[1] if group_size is None else group_size)
+    quantize_lm_head, head_format = _head(bits, group_size, quantize_lm_head, lm_head_bits, lm_head_group_size)
     if method != "rtn" and modules_to_not_convert:
         raise ValueError(f"modules_to_not_convert is not supported with method={method!r}")
     if not inplace:
         model = copy.deepcopy(model)
+    module_formats = {}
+    if bits_per_weight is not None:
+        head = model.get_submodule("lm_head")
+        fixed = (head.weight.numel(), formats.quantized_nbytes(*head.weight.shape, *head_format, has_perm=False)) \
+            if quantize_lm_head else (0, 0)
+        # int3.5 stores AWQ's saliency order (a permutation) with every calibrated method.
+        module_formats = choose_for_budget(model, bits_per_weight, calib, saliency_order=method != "rtn",
+                                           group_size=group_size if given_group_size else None, fixed=fixed,
+                                           progress=progress, grid=grid)
+        (bits, group_size), _ = Counter(module_formats.values()).most_common(1)[0]
     if method == "awq":
-        quantize_llama_awq(model, bits, group_size, calib, integer_zeros=integer_zeros)
+        quantize_llama_awq(model, bits, group_size, calib, integer_zeros=integer_zeros, progress=progress,
+                           module_formats=module_formats)
     elif method in ("gptq", "awq+gptq"):
-        quantize_llama_gptq(model, bits, group_size, calib, awq=method == "awq+gptq", integer_zeros=integer_zeros)
+        quantize_llama_gptq(model, bits, group_size, calib, awq=method == "awq+gptq", integer_zeros=integer_zeros,
+                            progress=progress, module_formats=module_formats)
     keep = list(modules_to_not_convert or []) + ([] if quantize_lm_head else ["lm_head"])
 
     def layer_format(name: str) -> tuple[float, int]:
-        return head_format if name.rpartition(".")[2] == "lm_head" else (bits, group_size)
+        if name.rpartition(".")[2] == "lm_head":
+            return head_format
+        return module_formats.get(name, (bits, group_size))
 
-    replaced = replace_linears(model, lambda name, linear: QuantLinear(
+    replace_linears(model, lambda name, linear: QuantLinear(
         quantize_weight(linear.weight, *layer_format(name), integer_zeros=integer_zeros, grid=grid), linear.bias),
         skip=keep)
-    other_formats = {name: layer_format(name) for name in replaced if layer_format(name) != (bits, group_size)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     model.quantization = {"bits": bits, "group_size": group_size, "method": method,
                           "modules_not_converted": [name for name, m in model.named_modules()
                                                     if isinstance(m, nn.Linear)],
-                          "module_formats": {name: {"bits": b, "group_size": g}
-                                             for name, (b, g) in other_formats.items()}}
+                          "module_formats": {name: {"bits": m.bits, "group_size": m.group_size}
+                                             for name, m in layers.items()
+                                             if (m.bits, m.group_size) != (bits, group_size)}}
+    if bits_per_weight is not None:
+        weights, nbytes = linear_stats(model)
+        model.quantization["bits_per_weight"] = {"target": float(bits_per_weight), "achieved": 8 * nbytes / weights}
     return model
 
 
-def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn", calib_file=None,
+def convert(src, out, bits: float | None = None, group_size: int | None = None, method: str = "rtn", calib_file=None,
             align: int | None = None, force: bool = False, integer_zeros: bool = False, quantize_lm_head: bool = False,
             float_dtype: torch.dtype = torch.float16, progress: bool = True, lm_head_bits: float | None = None,
-            lm_head_group_size: int | None = None, grid: str = "mse") -> Path:
+            lm_head_group_size: int | None = None, bits_per_weight: float | None = None, grid: str = "mse") -> Path:
     """Quantize an HF float directory or a .gguf file into a lowbit checkpoint; or import an AutoAWQ one.
 
-    RTN streams layer by layer (memory: one decoder layer plus one output shard). AWQ and GPTQ need
-    calibration forward passes through the whole float model, so they load the model first. The head options and
-    grid are quantize_model's."""
+    RTN in one format streams layer by layer (memory: one decoder layer plus one output shard). AWQ, GPTQ and a
+    bits-per-weight budget need calibration forward passes through the whole float model, so they load the model
+    first. bits, group_size, bits_per_weight, grid and the head options are quantize_model's."""
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
-    bits, group_size = formats.check_bits(bits), formats.check_group_size(group_size)
+    if bits_per_weight is not None and bits is not None:
+        raise ValueError(f"give bits_per_weight or bits, not both: got bits_per_weight={bits_per_weight!r}, "
+                         f"bits={bits!r}")
+    requested_group_size = group_size  # with a budget: the only group size allowed, if given
+    bits = formats.check_bits(DEFAULT_FORMAT[0] if bits is None else bits)
+    group_size = formats.check_group_size(DEFAULT_FORMAT[1] if group_size is None else group_size)
     quantize_lm_head, head_format = _head(bits, group_size, quantize_lm_head, lm_head_bits, lm_head_group_size)
     if align is not None and (not isinstance(align, int) or align < 8 or align & (align - 1)):
         raise ValueError(f"align must be a power of two >= 8, got {align!r}")
@@ -100,13 +145,15 @@ def convert(src, out, bits: float = 4, group_size: int = 128, method: str = "rtn
         if qm is not None:
             raise CheckpointError(f"{src}: already quantized ({qm}); lowbit converts float checkpoints and "
                                   "AutoAWQ ones")
-    if method != "rtn":
+    if method != "rtn" or bits_per_weight is not None:
         model = load_model(src)
         text = Path(calib_file).read_text() if calib_file else None
         calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512, text=text)
-        quantize_model(model, bits, group_size, method, calib, quantize_lm_head=quantize_lm_head,
+        budget = ({"bits_per_weight": bits_per_weight, "group_size": requested_group_size}
+                  if bits_per_weight is not None else {"bits": bits, "group_size": group_size})
+        quantize_model(model, method=method, calib=calib, quantize_lm_head=quantize_lm_head,
                        integer_zeros=integer_zeros, lm_head_bits=lm_head_bits, lm_head_group_size=lm_head_group_size,
-                       grid=grid)
+                       progress=progress, grid=grid, **budget)
         return save_quantized(model, out, force, align, float_dtype)
     return quantize_checkpoint_rtn(src, out, bits, group_size, align, force, integer_zeros, quantize_lm_head,
                                    float_dtype, progress, lm_head_format=head_format, grid=grid)

@@ -7,7 +7,8 @@ from .weight import QuantizedWeight
 
 
 def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128, perm: torch.Tensor | None = None,
-                    clip: torch.Tensor | None = None, integer_zeros: bool = False, grid: str = "mse") -> QuantizedWeight:
+                    clip: torch.Tensor | None = None, integer_zeros: bool = False,
+                    grid: str = "mse") -> QuantizedWeight:
     """Round-to-nearest quantization of W [N, K] (nn.Linear layout), per group of input columns.
 
     bits is 4, 3.5 or 8. Each group's weights round onto codes 0..15 (int4, and the 4-bit positions of int3.5),

@@ -99,7 +99,9 @@ def model_info(model: LlamaForCausalLM, name: str) -> dict:
     q = getattr(model, "quantization", None)
     weights, nbytes = linear_stats(model)
     return {"name": name,
-            "format": (f"int{q['bits']:g} {q['method'].upper()}, group size {q['group_size']}" if q
+            "format": (f"mixed formats for {q['bits_per_weight']['target']:g} bits/weight, {q['method'].upper()}"
+                       if q and "bits_per_weight" in q else
+                       f"int{q['bits']:g} {q['method'].upper()}, group size {q['group_size']}" if q
                        else f"{str(model.dtype).removeprefix('torch.')} (not quantized)"),
             "bits_per_weight": round(8 * nbytes / weights, 3) if weights else torch.finfo(model.dtype).bits,
             "size_mb": round(model_bytes(model) / 1e6, 1), "device": str(model.device)}

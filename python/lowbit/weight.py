@@ -81,10 +81,7 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes of the saved (canonical) tensors: codes, scales, zeros and the permutation."""
-        n, k = self.shape
-        kp = formats.padded_in_features(k, self.group_size)
-        perm = 0 if self.perm is None else 4 * k
-        return n * formats.packed_row_bytes(self.bits, kp) + 2 * 2 * n * (kp // self.group_size) + perm
+        return formats.quantized_nbytes(*self.shape, self.bits, self.group_size, self.perm is not None)
 
     @property
     def bits_per_weight(self) -> float:

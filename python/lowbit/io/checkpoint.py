@@ -35,13 +35,16 @@ LAYER_LINEARS = ("attn.wqkv", "attn.wo", "ffn.w_gate_up", "ffn.w_down")
 
 
 def quantization_config(bits: float, group_size: int, method: str, not_converted: list[str],
-                        module_formats: dict | None = None) -> dict:
+                        module_formats: dict | None = None, bits_per_weight: dict | None = None) -> dict:
     """module_formats: {module name: {"bits": b, "group_size": g}} for quantized modules in another format
-    than bits / group_size (written only when there are some)."""
+    than bits / group_size (written only when there are some). bits_per_weight: {"target": t, "achieved": a} of a
+    bits-per-weight budget (lowbit.budget), written when the formats were chosen for one."""
     qc = {"quant_method": "lowbit", "format_version": FORMAT_VERSION, "bits": bits, "group_size": group_size,
           "method": method, "modules_not_converted": sorted(not_converted)}
     if module_formats:
         qc["module_formats"] = {name: dict(module_formats[name]) for name in sorted(module_formats)}
+    if bits_per_weight is not None:
+        qc["bits_per_weight"] = dict(bits_per_weight)
     return qc
 
 
@@ -83,6 +86,11 @@ def checked_quantization_config(config: dict, where: Path) -> dict:
             raise CheckpointError(f"{where}: {key}: {e}") from e
         if name in names:
             raise CheckpointError(f"{where}: {key}: {name} is also in modules_not_converted")
+    budget = qc.get("bits_per_weight", {"target": 0.0, "achieved": 0.0})
+    if not (isinstance(budget, dict) and set(budget) == {"target", "achieved"}
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in budget.values())):
+        raise CheckpointError(f"{where}: quantization_config.bits_per_weight must be {{\"target\": number, "
+                              f"\"achieved\": number}}, got {budget!r}")
     return qc
 
 
@@ -132,7 +140,8 @@ def save_quantized(model: LlamaForCausalLM, out, force: bool = False, align: int
                       if (m.bits, m.group_size) != (bits, group_size)}
     method = getattr(model, "quantization", {}).get("method", "rtn")
     not_converted = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    qconfig = quantization_config(bits, group_size, method, not_converted, module_formats)
+    qconfig = quantization_config(bits, group_size, method, not_converted, module_formats,
+                                  getattr(model, "quantization", {}).get("bits_per_weight"))
     tied = model.config.tie_word_embeddings and model.lm_head.weight is model.embed.weight
 
     def tensors():
@@ -230,6 +239,8 @@ def load_quantized(path, dtype: torch.dtype = torch.float32, device="cpu", verif
     model.inv_freq = rope_inv_freq(config)
     model.quantization = {k: qc[k] for k in ("bits", "group_size", "method", "modules_not_converted")}
     model.quantization["module_formats"] = qc.get("module_formats", {})
+    if "bits_per_weight" in qc:
+        model.quantization["bits_per_weight"] = qc["bits_per_weight"]
     model.tokenizer = Tokenizer.from_dir_if_present(path)
     return model.to(device).eval()
 

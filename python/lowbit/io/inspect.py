@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..budget import format_counts
 from ..models.llama import LlamaForCausalLM
 from .checkpoint import QUANT_TENSORS, checked_quantization_config, load_quantized, module_format, quantized_weight
 from .hf import CheckpointError, SafetensorsDir, read_config
@@ -81,10 +82,16 @@ def inspect_checkpoint(path, out=None) -> bool:
     if extra:
         problems.append(f"{path}: {len(extra)} unexpected tensors, e.g. {extra[:3]}")
     n_tensors = sum(1 for k in st.keys() if not k.startswith(PAD_PREFIX))
-    others = "".join("; {}: int{:g} g{}".format(name, *module_format(qc, name))
-                     for name in qc.get("module_formats", {}))
-    print(f"{path}: lowbit format v{qc['format_version']}, int{qc['bits']:g}, group size {qc['group_size']}{others}, "
-          f"method {qc.get('method')}, {config.num_hidden_layers} layers", file=out)
+    quantized = [name for name, fmt, *_ in rows if fmt.startswith("int")]
+    if "bits_per_weight" in qc:  # a budget's choice: the formats counted, the per-layer map is the table below
+        budget = qc["bits_per_weight"]
+        summary = (f"bits/weight budget {budget['target']:g} ({budget['achieved']:.4f} achieved), linears per format: "
+                   + format_counts(module_format(qc, name) for name in quantized))
+    else:
+        summary = f"int{qc['bits']:g}, group size {qc['group_size']}" + "".join(
+            "; {}: int{:g} g{}".format(name, *module_format(qc, name)) for name in qc.get("module_formats", {}))
+    print(f"{path}: lowbit format v{qc['format_version']}, {summary}, method {qc.get('method')}, "
+          f"{config.num_hidden_layers} layers", file=out)
     print(f"{'module':<28} {'format':<14} {'shape':>12} {'params':>11} {'bytes':>11} {'bits/w':>7}", file=out)
     for name, fmt, shape, n, nbytes in rows:
         print(f"{name:<28} {fmt:<14} {shape:>12} {n:>11} {nbytes:>11} {8 * nbytes / n:>7.2f}", file=out)

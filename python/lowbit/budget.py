@@ -1,0 +1,203 @@
+"""A bits-per-weight budget: each decoder linear's format and group size, chosen to minimise the measured error on
+calibration data within a size counted in real bytes.
+
+Candidates: {int3.5, int4, int8} x {32, 64, 128, 256} per linear, each costing the bytes it will be saved in
+(formats.quantized_nbytes: codes with the padding up to whole groups, float16 scales and zeros, int3.5's int32
+channel permutation where the method stores one) - the count lowbit.eval.linear_stats reports as bits per weight.
+
+Error of a candidate (measure_errors): the squared error of the linear's own output on the float model's
+calibration activations X (all calibration tokens, taken decoder block by block) when its weight is
+round-to-nearest quantized in that format (int3.5 in AWQ's saliency channel order where the method uses it):
+trace(dW X^T X dW^T) with dW = W - W_q, summed over the linears. Chosen by measurement on SmolLM2 (RTN, perplexity
+on the 4,097-token set; benchmarks/README.md): it beat the squared error of the block's output with only that
+linear quantized (which weighs q/k/v/gate/up/o/down by their effect on the block but, summed over blocks, favours
+the late blocks, whose residual stream is largest): 22.12 against 23.38 at 4.25 bits per weight and 17.81 against
+19.03 at 4.5 (at 4.0, near the cheapest choice, 39.83 against 36.61), and it costs no block forwards per
+candidate.
+
+Choice (choose_formats): the multiple-choice knapsack, greedily. Every linear starts in its cheapest candidate;
+the upgrades along each linear's lower convex hull of (bytes, error) are taken in decreasing order of error saved
+per byte while they fit; then the bytes left buy the single best further upgrade, again and again, while one fits.
+"""
+
+import heapq
+from collections import Counter
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import formats
+from .awq import block_inputs, run_block, saliency_perm, x_stats
+from .nn import QuantLinear
+from .quantize import fake_quantize
+
+Format = tuple[float, int]  # (bits, group_size)
+CANDIDATES: tuple[Format, ...] = tuple((b, g) for b in formats.BITS for g in formats.GROUP_SIZES)
+
+
+def candidates(group_size: int | None = None) -> list[Format]:
+    """Every (bits, group_size) a linear may take: all of CANDIDATES, or those of one group size."""
+    if group_size is None:
+        return list(CANDIDATES)
+    group_size = formats.check_group_size(group_size)
+    return [f for f in CANDIDATES if f[1] == group_size]
+
+
+def candidate_bytes(shape: tuple[int, int], fmt: Format, saliency_order: bool) -> int:
+    """Saved bytes of a [N, K] linear in fmt; int3.5 stores a channel permutation when saliency_order."""
+    bits, group_size = fmt
+    return formats.quantized_nbytes(*shape, bits, group_size, has_perm=saliency_order and bits == 3.5)
+
+
+@torch.inference_mode()
+def measure_errors(model, calib: torch.Tensor, fmts: list[Format], saliency_order: bool, progress: bool = True,
+                   grid: str = "mse") -> tuple[dict[str, dict[Format, float]], dict[str, tuple[int, int]]]:
+    """({qualified linear name: {format: output squared error}}, {name: weight shape [N, K]}) for every decoder
+    linear of lowbit's or transformers' LlamaForCausalLM (see the module docstring), rounded to nearest on grid
+    (quantize_weight's). calib: token ids [n_samples, seq_len]. Memory: one block plus the calibration
+    activations."""
+    x, blocks, views = block_inputs(model, calib, "the bits-per-weight budget")
+    errors, shapes = {}, {}
+    for block_name, block in tqdm(blocks, desc="budget: measuring", disable=not progress):
+        view = views(block)
+        inputs = {}
+        hooks = [view.linear(n).register_forward_hook(
+                 lambda module, args, output, n=n: inputs.setdefault(n, []).append(args[0]))
+                 for n in view.linear_names]
+        try:
+            x = run_block(view, x)  # the float block: the next block's input
+        finally:
+            for h in hooks:
+                h.remove()
+        for name in view.linear_names:
+            w = view.linear(name).weight.data.float()
+            x_in = torch.cat(inputs.pop(name)).reshape(-1, w.shape[1]).float()
+            h = x_in.T @ x_in
+            perm = saliency_perm(x_stats(x_in), w) if saliency_order else None
+            errs = {}
+            for bits, group_size in fmts:
+                dw = w - fake_quantize(w, bits, group_size, perm if bits == 3.5 else None, grid=grid)
+                errs[bits, group_size] = ((dw @ h) * dw).sum().item()  # ||x_in dw^T||^2
+            errors[f"{block_name}.{name}"], shapes[f"{block_name}.{name}"] = errs, tuple(w.shape)
+    return errors, shapes
+
+
+def _hull(points: list[tuple[int, float, Format]]) -> list[tuple[int, float, Format]]:
+    """The lower convex hull of (bytes, error, format) points with error falling as bytes grow."""
+    front = []
+    for p in sorted(points, key=lambda p: (p[0], p[1])):
+        if not front or p[1] < front[-1][1]:  # drops the points a cheaper one beats
+            front.append(p)
+    hull = []
+    for p in front:
+        # Pop the last point while it lies on or above the segment from the one before it to p.
+        while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])
+                                  >= (p[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0])):
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def choose_formats(errors: dict[str, dict[Format, float]], nbytes: dict[str, dict[Format, int]],
+                   budget_bytes: int) -> dict[str, Format]:
+    """Each layer's format (keys of errors[name]) minimising the summed error with summed bytes <= budget_bytes
+    (see the module docstring). ValueError if even the cheapest choice does not fit."""
+    points = {n: [(nbytes[n][f], e, f) for f, e in errs.items()] for n, errs in errors.items()}
+    hulls = {n: _hull(p) for n, p in points.items()}
+    step = {n: 0 for n in hulls}
+    used = sum(h[0][0] for h in hulls.values())
+    if used > budget_bytes:
+        raise ValueError(f"a budget of {budget_bytes} bytes is below the cheapest choice, {used} bytes")
+
+    def push(heap, n):
+        if step[n] + 1 < len(hulls[n]):
+            (b0, e0, _), (b1, e1, _) = hulls[n][step[n]], hulls[n][step[n] + 1]
+            heapq.heappush(heap, (-(e0 - e1) / (b1 - b0), n))
+
+    heap = []
+    for n in hulls:
+        push(heap, n)
+    while heap:
+        _, n = heapq.heappop(heap)
+        extra = hulls[n][step[n] + 1][0] - hulls[n][step[n]][0]
+        if used + extra <= budget_bytes:  # else this layer's later upgrades cost more still: it stops here
+            used += extra
+            step[n] += 1
+            push(heap, n)
+    choice = {n: hulls[n][step[n]] for n in hulls}
+    while True:  # the bytes left: the best single upgrade that fits, off the hulls too
+        best = max(((c[1] - p[1], n, p) for n, c in choice.items() for p in points[n]
+                    if p[1] < c[1] and p[0] - c[0] <= budget_bytes - used), default=None, key=lambda t: t[0])
+        if best is None:
+            break
+        _, n, p = best
+        used += p[0] - choice[n][0]
+        choice[n] = p
+    return {n: c[2] for n, c in choice.items()}
+
+
+def choose_for_budget(model, bits_per_weight: float, calib: torch.Tensor, saliency_order: bool,
+                      group_size: int | None = None, fixed: tuple[int, int] = (0, 0), progress: bool = True,
+                      grid: str = "mse") -> dict[str, Format]:
+    """{qualified decoder linear name: (bits, group_size)} within bits_per_weight over the quantized linears.
+
+    fixed: (weights, bytes) of quantized linears outside the choice (a quantized output head), which count in
+    the budget. group_size: only candidates of this group size. grid: measure_errors'. ValueError naming the
+    limits when the budget is below the cheapest choice or above every linear in int8 at the smallest group size
+    (the most precise)."""
+    if not isinstance(bits_per_weight, (int, float)) or isinstance(bits_per_weight, bool):
+        raise ValueError(f"bits_per_weight must be a number, got {bits_per_weight!r}")
+    fmts = candidates(group_size)
+    shapes = {name: tuple(m.weight.shape) for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and name.rpartition(".")[2] != "lm_head"}
+    nbytes = {n: {f: candidate_bytes(shape, f, saliency_order) for f in fmts} for n, shape in shapes.items()}
+    weights = fixed[0] + sum(n * k for n, k in shapes.values())
+    low = (fixed[1] + sum(min(b.values()) for b in nbytes.values())) * 8 / weights
+    most_precise = min(fmts, key=lambda f: (-f[0], f[1]))
+    high = (fixed[1] + sum(b[most_precise] for b in nbytes.values())) * 8 / weights
+    if not low <= bits_per_weight <= high:
+        raise ValueError(f"bits_per_weight must lie in [{low:.4f}, {high:.4f}] for this model (every linear in its "
+                         f"cheapest format of {', '.join(map(describe, fmts))}; every linear in "
+                         f"{describe(most_precise)}), got {bits_per_weight}")
+    errors, measured = measure_errors(model, calib, fmts, saliency_order, progress, grid)
+    if measured != shapes:
+        raise ValueError(f"the budget chooses formats for the decoder blocks' linears only, but this model has other "
+                         f"linears besides its output head: {sorted(set(shapes) - set(measured))[:3]}")
+    return choose_formats(errors, nbytes, int(bits_per_weight * weights / 8) - fixed[1])
+
+
+def model_formats(model) -> dict[str, Format]:
+    """{qualified name: (bits, group_size)} of every quantized linear of model."""
+    return {name: (m.bits, m.group_size) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def describe(fmt: Format) -> str:
+    return f"int{fmt[0]:g} g{fmt[1]}"
+
+
+def format_table(layer_formats: dict[str, Format]) -> str:
+    """Per-layer formats as a markdown table, one row per decoder block and one column per linear in a block; then
+    the linears outside the blocks (a quantized head) and the count of linears per format."""
+    blocks, kinds, others = {}, [], []
+    for name, fmt in layer_formats.items():
+        parts = name.split(".")
+        i = next((j for j, p in enumerate(parts) if p.isdigit()), None)
+        if i is None:
+            others.append(f"{name} {describe(fmt)}")
+            continue
+        kind = ".".join(parts[i + 1:])
+        blocks.setdefault(".".join(parts[:i + 1]), {})[kind] = fmt
+        if kind not in kinds:
+            kinds.append(kind)
+    lines = ["| block | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    lines += [f"| {block} | " + " | ".join(describe(row[k]) if k in row else "" for k in kinds) + " |"
+              for block, row in blocks.items()]
+    lines += [""] + (["outside the blocks: " + ", ".join(others)] if others else [])
+    return "\n".join(lines + ["linears per format: " + format_counts(layer_formats.values())])
+
+
+def format_counts(fmts) -> str:
+    """How many linears take each format, the most common first: "int4 g64 x3, int8 g128 x1"."""
+    counts = Counter(fmts)
+    return ", ".join(f"{describe(f)} x{c}" for f, c in sorted(counts.items(), key=lambda t: (-t[1], t[0])))
