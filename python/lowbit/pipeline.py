@@ -84,7 +84,7 @@ def quantize_model(model: nn.Module, bits: float | None = None, group_size: int 
         # int3.5 stores AWQ's saliency order (a permutation) with every calibrated method.
         module_formats = choose_for_budget(model, bits_per_weight, calib, saliency_order=method != "rtn",
                                            group_size=group_size if given_group_size else None, fixed=fixed,
-                                           progress=progress, grid=grid)
+                                           progress=progress)
         (bits, group_size), _ = Counter(module_formats.values()).most_common(1)[0]
     if method == "awq":
         quantize_llama_awq(model, bits, group_size, calib, integer_zeros=integer_zeros, progress=progress,
