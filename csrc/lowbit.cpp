@@ -41,6 +41,12 @@ TORCH_LIBRARY(lowbit, m) {
       .def("add_quantized_linear", &LlamaDecoder::add_quantized_linear)
       .def("add_float_linear", &LlamaDecoder::add_float_linear)
       .def("step", &LlamaDecoder::step);
+  using lowbit::cpu::PreparedLinear;
+  m.class_<PreparedLinear>("PreparedLinear")
+      .def(torch::init<double, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>,
+                       std::optional<at::Tensor>, int64_t, int64_t>())
+      .def("forward", &PreparedLinear::forward)
+      .def("interleaved", &PreparedLinear::interleaved);
 }
 
 namespace py = pybind11;

@@ -199,3 +199,86 @@ def test_non_finite_activations_propagate(isa, bits, dtype, m):
     qw = make_weight(64, 256, bits, 64, with_perm=True)
     x = torch.randn(m, 256).to(dtype)
     check_non_finite_rows(x, qw)
+
+
+# The decode step's linear (torch.classes.lowbit.PreparedLinear): the int8 path on the interleaved layout where
+# the ISA has a kernel for it (AVX-512 VNNI), the canonical GEMV elsewhere.
+def prepared(qw, bias=None):
+    perm = qw.perm
+    return torch.classes.lowbit.PreparedLinear(float(qw.bits), qw.qweight, qw.scales, qw.zeros, perm, bias,
+                                               qw.group_size, qw.in_features)
+
+
+def check_prepared(x, qw, bias=None):
+    lin = prepared(qw, bias)
+    y = lin.forward(x)
+    model = int8_activation_linear(x, qw, bias)
+    exact = reference_linear(x, qw, bias)
+    assert y.shape == exact.shape and y.dtype == torch.float32
+    assert (y.double() - model).abs().max().item() <= 2e-5 * (exact.abs().max().item() + 1e-6)
+    assert ((y.double() - exact).norm() / exact.norm()).item() < 0.02
+    return lin
+
+
+@pytest.mark.parametrize("bits", formats.BITS)
+@pytest.mark.parametrize("group_size", formats.GROUP_SIZES)
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 20])
+def test_prepared_linear_matches_reference(isa, bits, group_size, m):
+    # N = 100: six blocks of 16 rows and a partial one; K = 328 pads up to the group size.
+    lin = check_prepared(torch.randn(m, 328), make_weight(100, 328, bits, group_size, with_perm=False))
+    assert lin.interleaved() == (isa == "avx512_vnni")
+
+
+@pytest.mark.parametrize("bits", formats.BITS)
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 48])
+def test_prepared_linear_bias_perm_and_row_counts(isa, bits, n):
+    qw = make_weight(n, 576, bits, 64, with_perm=True)
+    check_prepared(torch.randn(5, 576), qw, torch.randn(n))
+
+
+@pytest.mark.parametrize("bits", formats.BITS)
+def test_prepared_linear_matches_the_op_and_extreme_codes(isa, bits):
+    # The interleaved kernel sums the same integer products as the canonical GEMV, codes 0 and 2^b - 1 included.
+    w = torch.randn(40, 256)
+    w[:, ::64] = 50.0  # a large weight per group: the others land on low codes, it on the top code
+    w[:, 1::64] = -50.0
+    qw = lowbit.quantize_weight(w, bits, 64, grid="minmax")
+    codes = formats.unpack(qw.qweight, bits)
+    assert codes.min() == 0 and codes.max() == (255 if bits == 8 else 15)
+    x = torch.randn(3, 256)
+    x[:, ::7] = 100.0  # activation codes +-127
+    y = prepared(qw).forward(x)
+    assert (y - lowbit.linear(x, qw)).abs().max().item() <= 1e-5 * y.abs().max().item()
+
+
+def test_prepared_linear_threads_and_bad_input():
+    qw = make_weight(256, 1024, 4, 128, with_perm=False)
+    lin = prepared(qw)
+    x = torch.randn(2, 1024)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = lin.forward(x)
+        torch.set_num_threads(2)
+        y2 = lin.forward(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y1, y2)
+    assert lin.forward(torch.randn(0, 1024)).shape == (0, 256)
+    with pytest.raises(ValueError, match=r"x must be a CPU tensor \[rows, 1024\]"):
+        lin.forward(torch.randn(2, 1000))
+    with pytest.raises(TypeError, match="x must be float32"):
+        lin.forward(torch.randn(2, 1024).double())
+    with pytest.raises(ValueError, match="bits must be 4, 3.5 or 8"):
+        torch.classes.lowbit.PreparedLinear(5.0, qw.qweight, qw.scales, qw.zeros, None, None, 128, 1024)
+
+
+@pytest.mark.parametrize("bits", formats.BITS)
+def test_prepared_linear_non_finite_rows(isa, bits):
+    qw = make_weight(40, 256, bits, 64, with_perm=True)
+    x = torch.randn(4, 256)
+    x[1, 7] = float("nan")
+    x[2, 100] = float("inf")
+    y = prepared(qw).forward(x)
+    assert y[1].isnan().all() and not y[2].isfinite().any()
+    assert torch.equal(y[[0, 3]], prepared(qw).forward(x[[0, 3]]))

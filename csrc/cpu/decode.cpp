@@ -65,28 +65,39 @@ void LlamaDecoder::add_layer(at::Tensor attn_norm, at::Tensor ffn_norm, at::Tens
   checked_ = false;
 }
 
-void LlamaDecoder::add_quantized_linear(double bits, at::Tensor qweight, at::Tensor scales, at::Tensor zeros,
-                                        std::optional<at::Tensor> perm, std::optional<at::Tensor> bias,
-                                        int64_t group_size, int64_t in_features) {
-  TORCH_CHECK_VALUE(bits == 4.0 || bits == 3.5 || bits == 8.0, kOp, ": bits must be 4, 3.5 or 8, got ", bits);
+DecoderLinear prepare_linear(const char* op, double bits, at::Tensor qweight, at::Tensor scales, at::Tensor zeros,
+                             std::optional<at::Tensor> perm, std::optional<at::Tensor> bias, int64_t group_size,
+                             int64_t in_features) {
+  TORCH_CHECK_VALUE(bits == 4.0 || bits == 3.5 || bits == 8.0, op, ": bits must be 4, 3.5 or 8, got ", bits);
   const Format format = bits == 4.0 ? Format::kInt4 : bits == 3.5 ? Format::kInt35 : Format::kInt8;
-  const WeightShape s = check_weight(kOp, format, qweight, scales, zeros, perm, group_size, in_features);
-  TORCH_CHECK_VALUE(qweight.device().is_cpu(), kOp, ": the weights must be on the CPU");
-  check_perm_values(kOp, perm, s.K);
+  const WeightShape s = check_weight(op, format, qweight, scales, zeros, perm, group_size, in_features);
+  TORCH_CHECK_VALUE(qweight.device().is_cpu(), op, ": the weights must be on the CPU");
+  check_perm_values(op, perm, s.K);
   DecoderLinear l;
   l.qweight = qweight, l.scales = scales, l.zeros = zeros;
   if (bias) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.N, kOp, ": bias must be [", s.N, "]");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.N, op, ": bias must be [", s.N, "]");
     l.bias = bias->to(at::kFloat).contiguous();
   }
-  // The kernels of the ISA active now, for the decoder's lifetime: the activation layout depends on them.
+  // The kernels of the ISA active now, for the linear's lifetime: the activation layout depends on them.
   l.kernels = &active_kernels();
   l.w = view_weight(s, qweight, scales, zeros);
+  const int32_t* p = perm ? perm->data_ptr<int32_t>() : nullptr;
   l.src.resize(s.Kp);
-  source_offsets(s.K, s.Kp, perm ? perm->data_ptr<int32_t>() : nullptr, l.kernels->x_order[static_cast<int>(format)],
-                 1, l.src.data());
+  source_offsets(s.K, s.Kp, p, l.kernels->x_order[static_cast<int>(format)], 1, l.src.data());
+  if (l.kernels->interleaved_gemv) {
+    l.interleaved = interleave(l.w);
+    l.interleaved_src.resize(s.Kp);
+    source_offsets(s.K, s.Kp, p, kInterleavedOrder.x_order[static_cast<int>(format)], 1, l.interleaved_src.data());
+  }
   l.N = s.N, l.K = s.K;
-  linears_.push_back(std::move(l));
+  return l;
+}
+
+void LlamaDecoder::add_quantized_linear(double bits, at::Tensor qweight, at::Tensor scales, at::Tensor zeros,
+                                        std::optional<at::Tensor> perm, std::optional<at::Tensor> bias,
+                                        int64_t group_size, int64_t in_features) {
+  linears_.push_back(prepare_linear(kOp, bits, qweight, scales, zeros, perm, bias, group_size, in_features));
   checked_ = false;
 }
 
@@ -125,7 +136,7 @@ void LlamaDecoder::check_complete() {
   checked_ = true;
 }
 
-void LlamaDecoder::linear(const DecoderLinear& l, const float* x, int64_t n, bool prompt, float* y) {
+void run_linear(const DecoderLinear& l, const float* x, int64_t n, bool prompt, float* y, Int8Scratch& scratch) {
   if (!l.kernels) {  // float32 weight: BLAS, one call per row unless the rows are one prompt (BLAS sums a
                      // matrix in another order than a vector, and a sequence must not depend on its batch)
     const int64_t rows = prompt ? n : 1;
@@ -150,10 +161,34 @@ void LlamaDecoder::linear(const DecoderLinear& l, const float* x, int64_t n, boo
     return;
   }
   const int64_t xblock = int8_xblock(l.w);
-  const Int8Buffers buf{sized(xq_, n * l.w.Kp), sized(xscale_, n * l.w.Kp / xblock),
-                        sized(xsum_, n * l.w.Kp / l.w.group_size), y, at::Tensor()};
-  quantize_x<float>(*l.kernels, l.w, l.src.data(), x, l.K, n, buf);
-  int8_gemv(*l.kernels, l.w, n, l.bias.defined() ? l.bias.data_ptr<float>() : nullptr, buf, y);
+  const Int8Buffers buf{sized(scratch.xq, n * l.w.Kp), sized(scratch.xscale, n * l.w.Kp / xblock),
+                        sized(scratch.xsum, n * l.w.Kp / l.w.group_size), y, at::Tensor()};
+  const float* bias = l.bias.defined() ? l.bias.data_ptr<float>() : nullptr;
+  const int f = static_cast<int>(l.w.format);
+  if (l.kernels->interleaved_gemv) {
+    quantize_x<float>(kInterleavedOrder.x_order[f], l.w, l.interleaved_src.data(), x, l.K, n, buf);
+    interleaved_gemv(*l.kernels, l.interleaved.view, n, bias, buf, y);
+    return;
+  }
+  quantize_x<float>(l.kernels->x_order[f], l.w, l.src.data(), x, l.K, n, buf);
+  int8_gemv(*l.kernels, l.w, n, bias, buf, y);
+}
+
+PreparedLinear::PreparedLinear(double bits, at::Tensor qweight, at::Tensor scales, at::Tensor zeros,
+                               std::optional<at::Tensor> perm, std::optional<at::Tensor> bias, int64_t group_size,
+                               int64_t in_features)
+    : linear_(prepare_linear("lowbit.PreparedLinear", bits, qweight, scales, zeros, perm, bias, group_size,
+                             in_features)) {}
+
+at::Tensor PreparedLinear::forward(const at::Tensor& x) {
+  constexpr const char* op = "lowbit.PreparedLinear.forward";
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu() && x.dim() == 2 && x.size(1) == linear_.K, op,
+                    ": x must be a CPU tensor [rows, ", linear_.K, "], got ", x.sizes());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({x.size(0), linear_.N}, at::kFloat);
+  if (x.size(0) > 0) run_linear(linear_, xc.data_ptr<float>(), x.size(0), false, y.data_ptr<float>(), scratch_);
+  return y;
 }
 
 // Rows of the glue (norms, RoPE, SwiGLU, residuals) per thread: a decode step's few rows run inline, a
@@ -250,12 +285,12 @@ at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positi
   for (size_t l = 0; l < layers_.size(); ++l) {
     const DecoderLinear* lin = &linears_[4 * l];
     rms_norm(x, layers_[l].attn_norm, n, h);
-    linear(lin[0], h, n, prompt, qkv);
+    run_linear(lin[0], h, n, prompt, qkv, int8_);
     attention(layers_[l], qkv, n, pos, lengths.data(), slot, att);
-    linear(lin[1], att, n, prompt, tmp);
+    run_linear(lin[1], att, n, prompt, tmp, int8_);
     add_to_x();
     rms_norm(x, layers_[l].ffn_norm, n, h);
-    linear(lin[2], h, n, prompt, gate_up);
+    run_linear(lin[2], h, n, prompt, gate_up, int8_);
     at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
         for (int64_t i = 0; i < I; ++i) {
@@ -263,7 +298,7 @@ at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positi
           act[r * I + i] = g / (1.0f + std::exp(-g)) * gate_up[r * 2 * I + I + i];
         }
     });
-    linear(lin[3], act, n, prompt, tmp);
+    run_linear(lin[3], act, n, prompt, tmp, int8_);
     add_to_x();
   }
   if (logit_rows) {  // only these rows go through the head (a prefill needs its last)
@@ -273,7 +308,7 @@ at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positi
   }
   rms_norm(x, norm_, m, h);
   at::Tensor logits = at::empty({m, V_}, at::kFloat);
-  linear(linears_.back(), h, m, prompt, logits.data_ptr<float>());
+  run_linear(linears_.back(), h, m, prompt, logits.data_ptr<float>(), int8_);
   return logits;
 }
 

@@ -10,6 +10,7 @@
 #include <torch/custom_class.h>
 
 #include "kernels.h"
+#include "linear.h"
 
 namespace lowbit {
 namespace cpu {
@@ -22,8 +23,41 @@ struct DecoderLinear {
   at::Tensor bias;                    // float32 [N], or undefined
   const KernelTable* kernels = nullptr;
   QWeight w{};
-  std::vector<int64_t> src;  // activation layout (linear.h source_offsets) for contiguous rows
+  std::vector<int64_t> src;  // activation layout (linear.h source_offsets) for contiguous rows, w's kernels
+  // The weight in the interleaved layout, where the kernels have a GEMV for it (the int8 path then runs
+  // there): a copy made at load, with its own activation layout.
+  InterleavedWeight interleaved;
+  std::vector<int64_t> interleaved_src;
   int64_t N = 0, K = 0;
+};
+
+// The int8 path's activation buffers, reused from call to call.
+struct Int8Scratch {
+  std::vector<int8_t> xq;
+  std::vector<float> xscale, xsum;
+};
+
+// A quantized linear checked and prepared for the kernels active now (op names the caller in errors).
+DecoderLinear prepare_linear(const char* op, double bits, at::Tensor qweight, at::Tensor scales, at::Tensor zeros,
+                             std::optional<at::Tensor> perm, std::optional<at::Tensor> bias, int64_t group_size,
+                             int64_t in_features);
+// y [n, N] = x [n, K] @ W.T (+ bias). prompt: the rows are one sequence's tokens (then many rows may take the
+// bfloat16 GEMM path; rows of different sequences always take the int8 path, row by row, so that none depends
+// on the others).
+void run_linear(const DecoderLinear& l, const float* x, int64_t n, bool prompt, float* y, Int8Scratch& scratch);
+
+// One quantized linear as the decode step runs it (the int8 path, in the interleaved layout where the kernels
+// have it): for tests and benchmarks of that path. forward: float32 [M, K] -> [M, N].
+class PreparedLinear : public torch::CustomClassHolder {
+ public:
+  PreparedLinear(double bits, at::Tensor qweight, at::Tensor scales, at::Tensor zeros, std::optional<at::Tensor> perm,
+                 std::optional<at::Tensor> bias, int64_t group_size, int64_t in_features);
+  at::Tensor forward(const at::Tensor& x);
+  bool interleaved() const { return linear_.interleaved.codes.defined(); }
+
+ private:
+  DecoderLinear linear_;
+  Int8Scratch scratch_;
 };
 
 // Weights and cache of one transformer block.
@@ -52,9 +86,6 @@ class LlamaDecoder : public torch::CustomClassHolder {
 
  private:
   void check_complete();
-  // prompt: the rows are one sequence's tokens (then many rows may take the bfloat16 GEMM path; rows of
-  // different sequences always take the int8 path, row by row, so that none depends on the others).
-  void linear(const DecoderLinear& l, const float* x, int64_t n, bool prompt, float* y);
   void rms_norm(const float* x, const at::Tensor& weight, int64_t n, float* out) const;
   void attention(const DecoderLayer& layer, const float* qkv, int64_t n, const int64_t* pos, const int64_t* lengths,
                  const int64_t* slot, float* att);
@@ -67,8 +98,7 @@ class LlamaDecoder : public torch::CustomClassHolder {
   bool checked_ = false;
   // Step buffers, reused: activations and the int8 path's inputs.
   std::vector<float> x_, h_, qkv_, q_, att_, gate_up_, act_, tmp_;
-  std::vector<int8_t> xq_;
-  std::vector<float> xscale_, xsum_;
+  Int8Scratch int8_;
 };
 
 }  // namespace cpu

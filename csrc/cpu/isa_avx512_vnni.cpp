@@ -115,10 +115,144 @@ struct Isa : Avx2Isa {
 
 #include "kernel_body.h"
 
+// The GEMV over the interleaved layout (kernels.h): each 32-bit lane of a dot product is one row of the block,
+// x's four columns broadcast to every lane, so one block's 16 outputs come out as one vector.
+
+// Within int3.5's 48 bytes of 3-bit codes (rows r at byte 3r), 64-bit lane q gathers rows 2q and 2q + 1; its
+// bytes then pick 3-bit fields: row 2q + k / 4, odd column k % 4 (first half) or 4 + k % 4 (second half).
+struct Int35OddLanes {
+  uint8_t gather[64];
+  uint8_t first[64], second[64];
+};
+constexpr Int35OddLanes int35_odd_lanes() {
+  Int35OddLanes t{};
+  for (int q = 0; q < 8; ++q)
+    for (int k = 0; k < 8; ++k) {
+      t.gather[8 * q + k] = static_cast<uint8_t>(6 * q + (k < 6 ? k : 5));
+      t.first[8 * q + k] = static_cast<uint8_t>(24 * (k / 4) + 3 * (k % 4));
+      t.second[8 * q + k] = static_cast<uint8_t>(24 * (k / 4) + 3 * (4 + k % 4));
+    }
+  return t;
+}
+alignas(64) constexpr Int35OddLanes kInt35Odd = int35_odd_lanes();
+
+// Four int8 activations, broadcast to every lane.
+inline __m512i x4(const int8_t* x) {
+  int32_t v;
+  __builtin_memcpy(&v, x, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// One block's chunk at p against MB activation rows (row m at x + m * stride): adds into acc[m][0..1].
+template <Format F, int MB>
+inline void interleaved_chunk(const uint8_t* p, const int8_t* x, int64_t stride, __m512i (&acc)[MB][2]) {
+  const __m512i low4 = _mm512_set1_epi8(15);
+  if constexpr (F == Format::kInt8) {
+    for (int j = 0; j < 8; ++j) {
+      __builtin_prefetch(p + 64 * j + kPrefetchBytes);
+      const __m512i q = _mm512_loadu_si512(p + 64 * j);
+      for (int m = 0; m < MB; ++m) acc[m][j % 2] = _mm512_dpbusd_epi32(acc[m][j % 2], q, x4(x + m * stride + 4 * j));
+    }
+  } else if constexpr (F == Format::kInt4) {
+    for (int j = 0; j < 4; ++j) {
+      __builtin_prefetch(p + 64 * j + kPrefetchBytes);
+      const __m512i v = _mm512_loadu_si512(p + 64 * j);
+      const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      for (int m = 0; m < MB; ++m) {
+        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], lo, x4(x + m * stride + 8 * j));
+        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], hi, x4(x + m * stride + 8 * j + 4));
+      }
+    }
+  } else {
+    const __m512i low3 = _mm512_set1_epi8(7);
+    for (int j = 0; j < 2; ++j) {
+      const uint8_t* step = p + 112 * j;
+      __builtin_prefetch(step + kPrefetchBytes);
+      __builtin_prefetch(step + 64 + kPrefetchBytes);
+      const __m512i v = _mm512_loadu_si512(step);
+      const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      const __m512i odd = _mm512_permutexvar_epi8(_mm512_load_si512(kInt35Odd.gather), _mm512_loadu_si512(step + 64));
+      const __m512i first = _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_load_si512(kInt35Odd.first), odd), low3);
+      const __m512i second =
+          _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_load_si512(kInt35Odd.second), odd), low3);
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xm = x + m * stride + 16 * j;
+        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], lo, x4(xm));
+        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], hi, x4(xm + 4));
+        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], first, x4(xm + 8));
+        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], second, x4(xm + 12));
+      }
+    }
+  }
+}
+
+template <Format F, int MB>
+void interleaved_rows(const GemvArgs& a, int64_t b_begin, int64_t b_end) {
+  const QWeight& w = a.w;
+  const int64_t n_groups = w.Kp / w.group_size, n_chunks = w.Kp / kChunk, n_xblocks = w.Kp / a.xblock;
+  const int64_t chunks_per_xblock = a.xblock / kChunk, xblocks_per_group = w.group_size / a.xblock;
+  constexpr int64_t kBlockChunk = interleaved_chunk_bytes(F);
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const uint8_t* codes = w.codes + b * n_chunks * kBlockChunk;
+    __m512 total[MB], zero_term[MB];
+    for (int m = 0; m < MB; ++m) total[m] = zero_term[m] = _mm512_setzero_ps();
+    // Group g adds s * (sum_k q_k x_k - z * sum_k x_k), for the block's 16 rows at once.
+    for (int64_t g = 0; g < n_groups; ++g) {
+      const int64_t offset = (b * n_groups + g) * kInterleave;
+      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scales + offset)));
+      const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.zeros + offset)));
+      const __m512 sz = _mm512_mul_ps(s, z);
+      __m512 group_total[MB];
+      for (int m = 0; m < MB; ++m) group_total[m] = _mm512_setzero_ps();
+      for (int64_t xb = g * xblocks_per_group; xb < (g + 1) * xblocks_per_group; ++xb) {
+        __m512i acc[MB][2];
+        for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+        for (int64_t c = xb * chunks_per_xblock; c < (xb + 1) * chunks_per_xblock; ++c)
+          interleaved_chunk<F, MB>(codes + c * kBlockChunk, a.xq + c * kChunk, w.Kp, acc);
+        for (int m = 0; m < MB; ++m)
+          group_total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[m][0], acc[m][1])),
+                                           _mm512_set1_ps(a.xscale[m * n_xblocks + xb]), group_total[m]);
+      }
+      for (int m = 0; m < MB; ++m) {
+        total[m] = _mm512_fmadd_ps(group_total[m], s, total[m]);
+        zero_term[m] = _mm512_fmadd_ps(sz, _mm512_set1_ps(a.xsum[m * n_groups + g]), zero_term[m]);
+      }
+    }
+    const int64_t n0 = b * kInterleave;
+    const __mmask16 valid = n0 + kInterleave <= w.N ? 0xFFFF : static_cast<__mmask16>((1u << (w.N - n0)) - 1);
+    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(valid, a.bias + n0) : _mm512_setzero_ps();
+    for (int m = 0; m < MB; ++m)
+      _mm512_mask_storeu_ps(a.y + m * w.N + n0, valid, _mm512_add_ps(_mm512_sub_ps(total[m], zero_term[m]), bias));
+  }
+}
+
+template <Format F>
+void interleaved_rows(const GemvArgs& a, int64_t b_begin, int64_t b_end) {
+  switch (a.M) {
+    case 1: return interleaved_rows<F, 1>(a, b_begin, b_end);
+    case 2: return interleaved_rows<F, 2>(a, b_begin, b_end);
+    case 3: return interleaved_rows<F, 3>(a, b_begin, b_end);
+    case 4: return interleaved_rows<F, 4>(a, b_begin, b_end);
+    case 5: return interleaved_rows<F, 5>(a, b_begin, b_end);
+    case 6: return interleaved_rows<F, 6>(a, b_begin, b_end);
+    case 7: return interleaved_rows<F, 7>(a, b_begin, b_end);
+    case 8: return interleaved_rows<F, 8>(a, b_begin, b_end);
+    default: return;  // the op layer never passes M outside [1, kMaxGemvRows]
+  }
+}
+
+void interleaved_gemv(const GemvArgs& a, int64_t b_begin, int64_t b_end) {
+  visit_format(a.w.format, [&](auto format) { interleaved_rows<decltype(format)::value>(a, b_begin, b_end); });
+}
+
 }  // namespace avx512_vnni_isa
 
 const KernelTable& avx512_vnni_kernels() {
-  static const KernelTable table = avx512_vnni_isa::make_table("avx512_vnni");
+  static const KernelTable table = [] {
+    KernelTable t = avx512_vnni_isa::make_table("avx512_vnni");
+    t.interleaved_gemv = avx512_vnni_isa::interleaved_gemv;
+    return t;
+  }();
   return table;
 }
 

@@ -281,7 +281,7 @@ void attend(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
 }
 
 KernelTable make_table(const char* name) {
-  KernelTable t{name, {}, Isa::kInt8MaxRows, Isa::kInt8MaxRowsVsBf16, gemv, dequant, attend};
+  KernelTable t{name, {}, Isa::kInt8MaxRows, Isa::kInt8MaxRowsVsBf16, gemv, dequant, attend, nullptr};
   for (int f = 0; f < kFormats; ++f)
     for (int i = 0; i < kChunk; ++i) t.x_order[f][i] = Isa::kOrder[f][i];
   return t;

@@ -43,6 +43,27 @@ struct GemvArgs {
 constexpr int64_t kMaxGemvRows = 8;
 constexpr int64_t kXBlock = 64;
 
+// The interleaved layout (interleave.h), which ISAs with 16-lane integer dot products run from instead of the
+// canonical one: rows in blocks of kInterleave, so that each 32-bit lane of a dot product belongs to one row and
+// a block's 16 outputs come out as one vector, without a reduction per row. The GEMV over it takes GemvArgs
+// whose QWeight views the interleaved buffers and writes rows [16 b_begin, 16 b_end) (clipped to N).
+//
+// Per block of 16 rows, each 32-column chunk's codes are steps of 64 bytes; 32-bit lane r of a step holds row
+// r's codes of 4 columns (int8), 8 columns (int4: column j in the low nibble of byte j, j + 4 in the high
+// one), or, for int3.5, steps of 16 columns in 112 bytes: 64 bytes of the 8 even columns' 4-bit codes (as
+// int4, columns 0, 2, 4, 6 low and 8 .. 14 high) and 48 of the 8 odd columns' 3-bit codes (row r's 24 bits at
+// byte 3r, odd column 2c + 1 at bit 3c). Scales and zeros: float16 [blocks, groups, 16].
+constexpr int64_t kInterleave = 16;
+// Lane position i of a chunk holds column interleaved_x_order(f, i): in order, but int3.5's evens, then
+// odds, per 16 columns (each 4-column run of x feeds one dot product).
+constexpr int interleaved_x_order(Format f, int i) {
+  return f == Format::kInt35 ? i / 16 * 16 + (i % 16 < 8 ? 2 * (i % 8) : 2 * (i % 8) + 1) : i;
+}
+// Bytes of one block's chunk, and of the buffer past the last block that a kernel may read (int3.5's
+// 48-byte odd part is loaded as 64 bytes).
+constexpr int64_t interleaved_chunk_bytes(Format f) { return kInterleave * chunk_bytes(f); }
+constexpr int64_t kInterleavedTailBytes = 64;
+
 // Dequantized rows for the GEMM path: out[n - n_begin, :] = W[n, :] in x-order, [n_end - n_begin, Kp],
 // as float32 (out) or as bfloat16 rounded to nearest even (out_bf16); the other pointer is null.
 struct DequantArgs {
@@ -78,6 +99,8 @@ struct KernelTable {
   void (*gemv)(const GemvArgs& args, int64_t n_begin, int64_t n_end);
   void (*dequant)(const DequantArgs& args, int64_t n_begin, int64_t n_end);
   void (*attend)(const AttendArgs& args, int64_t item_begin, int64_t item_end);
+  // nullptr when the ISA has no kernel for the interleaved layout (whose x-order is interleaved_x_order).
+  void (*interleaved_gemv)(const GemvArgs& args, int64_t b_begin, int64_t b_end);
 };
 
 const KernelTable& scalar_kernels();

@@ -34,14 +34,37 @@ struct Int8Buffers {
   at::Tensor storage;  // owns them when they are not someone's reusable scratch
 };
 
-// x rows [M, K] (row stride row_stride, element offsets src) as int8 codes for w's kernels.
+// x rows [M, K] (row stride row_stride, element offsets src) as int8 codes for kernels of this x-order.
 template <typename T>
-void quantize_x(const KernelTable& kernels, const QWeight& w, const int64_t* src, const T* x, int64_t row_stride,
-                int64_t M, const Int8Buffers& buf);
+void quantize_x(const int* x_order, const QWeight& w, const int64_t* src, const T* x, int64_t row_stride, int64_t M,
+                const Int8Buffers& buf);
 
 // y [M, N] = the quantized activations in buf @ W.T (+ bias), on kernels' GEMV.
 void int8_gemv(const KernelTable& kernels, const QWeight& w, int64_t M, const float* bias, const Int8Buffers& buf,
                float* y);
+
+// A quantized weight in the interleaved layout (kernels.h), made from the canonical one at load by kernels
+// that run from it. Its own buffers; view has the canonical weight's format, N, Kp and group size.
+struct InterleavedWeight {
+  at::Tensor codes;          // uint8, every block's chunks, then kInterleavedTailBytes
+  at::Tensor scales, zeros;  // float16 [blocks, n_groups, kInterleave], 0 on the rows past N
+  QWeight view;
+};
+InterleavedWeight interleave(const QWeight& w);
+
+// The x-order of interleaved kernels, as KernelTable::x_order holds it for the canonical ones.
+struct InterleavedOrder {
+  int x_order[kFormats][kChunk];
+  constexpr InterleavedOrder() : x_order{} {
+    for (int f = 0; f < kFormats; ++f)
+      for (int i = 0; i < kChunk; ++i) x_order[f][i] = interleaved_x_order(static_cast<Format>(f), i);
+  }
+};
+inline constexpr InterleavedOrder kInterleavedOrder{};
+
+// int8_gemv over an interleaved weight (kernels.interleaved_gemv must exist).
+void interleaved_gemv(const KernelTable& kernels, const QWeight& w, int64_t M, const float* bias,
+                      const Int8Buffers& buf, float* y);
 
 // GEMM input: x rows [M, K] laid out as [M, Kp] in x-order (as quantize_x), converted to Out (float32, or
 // bfloat16 rounded to nearest even).

@@ -61,9 +61,8 @@ void source_offsets(int64_t K, int64_t Kp, const int32_t* perm, const int* x_ord
 }
 
 template <typename T>
-void quantize_x(const KernelTable& kernels, const QWeight& w, const int64_t* src, const T* x, int64_t row_stride,
-                int64_t M, const Int8Buffers& buf) {
-  const int* x_order = kernels.x_order[static_cast<int>(w.format)];
+void quantize_x(const int* x_order, const QWeight& w, const int64_t* src, const T* x, int64_t row_stride, int64_t M,
+                const Int8Buffers& buf) {
   const float odd_scale = w.format == Format::kInt35 ? 15.0f / 7.0f : 1.0f;
   int lane_odd[kChunk];
   float lane_scale[kChunk];
@@ -116,7 +115,7 @@ void quantize_x(const KernelTable& kernels, const QWeight& w, const int64_t* src
   });
 }
 
-template void quantize_x<float>(const KernelTable&, const QWeight&, const int64_t*, const float*, int64_t, int64_t,
+template void quantize_x<float>(const int*, const QWeight&, const int64_t*, const float*, int64_t, int64_t,
                                const Int8Buffers&);
 
 void int8_gemv(const KernelTable& kernels, const QWeight& w, int64_t M, const float* bias, const Int8Buffers& buf,
@@ -134,6 +133,67 @@ void int8_gemv(const KernelTable& kernels, const QWeight& w, int64_t M, const fl
     for (int64_t n0 = n_begin; n0 < n_end; n0 += slice_rows)
       for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows)
         kernels.gemv(block_args(m0), n0, std::min(n_end, n0 + slice_rows));
+  });
+}
+
+InterleavedWeight interleave(const QWeight& w) {
+  constexpr int64_t R = kInterleave;
+  const int64_t n_blocks = (w.N + R - 1) / R, n_groups = w.Kp / w.group_size, n_chunks = w.Kp / kChunk;
+  const int64_t chunk_bytes_in = chunk_bytes(w.format), block_chunk = interleaved_chunk_bytes(w.format);
+  InterleavedWeight out;
+  out.codes = at::zeros({n_blocks * n_chunks * block_chunk + kInterleavedTailBytes}, at::kByte);
+  out.scales = at::zeros({n_blocks, n_groups, R}, at::kHalf);
+  out.zeros = at::zeros({n_blocks, n_groups, R}, at::kHalf);
+  uint8_t* codes = out.codes.data_ptr<uint8_t>();
+  uint16_t* scales = reinterpret_cast<uint16_t*>(out.scales.data_ptr<at::Half>());
+  uint16_t* zeros = reinterpret_cast<uint16_t*>(out.zeros.data_ptr<at::Half>());
+  at::parallel_for(0, w.N, R, [&](int64_t n_begin, int64_t n_end) {
+    uint8_t q[kChunk];  // one chunk's codes in column order
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      const int64_t b = n / R, r = n % R;
+      for (int64_t g = 0; g < n_groups; ++g) {
+        scales[(b * n_groups + g) * R + r] = w.scales[n * n_groups + g];
+        zeros[(b * n_groups + g) * R + r] = w.zeros[n * n_groups + g];
+      }
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const uint8_t* in = w.codes + (n * n_chunks + c) * chunk_bytes_in;
+        for (int k = 0; k < kChunk; ++k) q[k] = canonical_code(w.format, in, k);
+        uint8_t* o = codes + (b * n_chunks + c) * block_chunk;
+        if (w.format == Format::kInt8) {
+          for (int j = 0; j < 8; ++j)
+            for (int i = 0; i < 4; ++i) o[64 * j + 4 * r + i] = q[4 * j + i];
+        } else if (w.format == Format::kInt4) {
+          for (int j = 0; j < 4; ++j)
+            for (int i = 0; i < 4; ++i) o[64 * j + 4 * r + i] = q[8 * j + i] | q[8 * j + 4 + i] << 4;
+        } else {
+          for (int j = 0; j < 2; ++j) {
+            const uint8_t* col = q + 16 * j;
+            uint8_t* step = o + 112 * j;
+            for (int i = 0; i < 4; ++i) step[4 * r + i] = col[2 * i] | col[8 + 2 * i] << 4;
+            uint32_t odd = 0;
+            for (int i = 0; i < 8; ++i) odd |= static_cast<uint32_t>(col[2 * i + 1]) << (3 * i);
+            for (int i = 0; i < 3; ++i) step[64 + 3 * r + i] = static_cast<uint8_t>(odd >> (8 * i));
+          }
+        }
+      }
+    }
+  });
+  out.view = QWeight{w.format, codes, scales, zeros, w.N, w.Kp, w.group_size};
+  return out;
+}
+
+void interleaved_gemv(const KernelTable& kernels, const QWeight& w, int64_t M, const float* bias,
+                      const Int8Buffers& buf, float* y) {
+  const int64_t xblock = int8_xblock(w), n_xblocks = w.Kp / xblock, n_groups = w.Kp / w.group_size;
+  const int64_t n_blocks = (w.N + kInterleave - 1) / kInterleave;
+  const int64_t block_bytes = kInterleave * packed_row_bytes(w.format, w.Kp);
+  // Threads get at least 16 KiB of weights each, as in int8_gemv.
+  const int64_t grain = std::max<int64_t>(1, 16384 / block_bytes);
+  at::parallel_for(0, n_blocks, grain, [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows)
+      kernels.interleaved_gemv(GemvArgs{w, buf.xq + m0 * w.Kp, buf.xscale + m0 * n_xblocks, buf.xsum + m0 * n_groups,
+                                        bias, y + m0 * w.N, std::min(kMaxGemvRows, M - m0), xblock},
+                               b_begin, b_end);
   });
 }
 
@@ -222,7 +282,7 @@ at::Tensor linear_cpu(const char* op, Format format, const at::Tensor& x, const 
     const bool direct = x.scalar_type() == at::kFloat;  // write float32 results straight into out
     const Int8Buffers buf = int8_buffers(M, s, int8_xblock(w), !direct);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_quantize_x", [&] {
-      quantize_x<scalar_t>(kernels, w, scratch.src.data(), x2.data_ptr<scalar_t>(), x2.stride(0), M, buf);
+      quantize_x<scalar_t>(x_order, w, scratch.src.data(), x2.data_ptr<scalar_t>(), x2.stride(0), M, buf);
     });
     float* y = direct ? out.data_ptr<float>() : buf.y;
     int8_gemv(kernels, w, M, bias_ptr, buf, y);
