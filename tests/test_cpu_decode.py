@@ -10,10 +10,11 @@ from lowbit.models.llama import LlamaConfig, LlamaForCausalLM
 from lowbit.nn import QuantLinear, replace_linears
 
 
-def tiny_model(bits, lm_head_bits=None, perm=False, bias=False, seed=0):
+# Head sizes: 32 takes the 16-float attention kernel on AVX-512, 24 the 8-float one everywhere.
+def tiny_model(bits, lm_head_bits=None, perm=False, bias=False, seed=0, head_dim=24):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=224, num_hidden_layers=3,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=24, attention_bias=bias,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=head_dim, attention_bias=bias,
                          mlp_bias=bias, rope_theta=10000.0)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -43,13 +44,13 @@ def reference_logits(model, prompt, token, cache_len):
     return logits, [(l.attn.kv_cache.k[0].clone(), l.attn.kv_cache.v[0].clone()) for l in model.layers]
 
 
-@pytest.mark.parametrize("bits,lm_head_bits,perm,bias", [
-    (4, None, False, False), (3.5, 4, True, True), (4, 3.5, True, False), (8, 8, True, True), (4, 8, False, False),
-    (None, None, False, True)])
+@pytest.mark.parametrize("bits,lm_head_bits,perm,bias,head_dim", [
+    (4, None, False, False, 24), (3.5, 4, True, True, 32), (4, 3.5, True, False, 24), (8, 8, True, True, 32),
+    (4, 8, False, False, 32), (None, None, False, True, 24), (None, None, False, False, 32)])
 @torch.inference_mode()
-def test_fused_step_matches_the_forward(isa, bits, lm_head_bits, perm, bias):
+def test_fused_step_matches_the_forward(isa, bits, lm_head_bits, perm, bias, head_dim):
     # Three sequences of different lengths in permuted cache rows, each decoding one token at its own position.
-    model = tiny_model(bits, lm_head_bits, perm, bias)
+    model = tiny_model(bits, lm_head_bits, perm, bias, head_dim=head_dim)
     prompts = [torch.randint(0, 300, (n,)) for n in (5, 17, 1)]
     tokens = torch.randint(0, 300, (3,))
     cache_len, slots = 32, torch.tensor([2, 0, 1])
@@ -144,9 +145,10 @@ def test_bad_step_arguments_raise_clear_errors():
             step(tokens, positions, slots)
 
 
+@pytest.mark.parametrize("head_dim", [24, 32])
 @torch.inference_mode()
-def test_non_finite_values_propagate():
-    model = tiny_model(4)
+def test_non_finite_values_propagate(head_dim):
+    model = tiny_model(4, head_dim=head_dim)
     model.setup_cache(2, 16)
     model.embed.weight[7, 3] = float("nan")
     logits = FusedDecoder(model)(torch.tensor([7, 8]), torch.tensor([0, 0]), torch.tensor([0, 1]))
@@ -154,11 +156,12 @@ def test_non_finite_values_propagate():
 
 
 @pytest.mark.parametrize("bits", [4, None])
+@pytest.mark.parametrize("head_dim", [24, 32])
 @torch.inference_mode()
-def test_fused_prefill_matches_the_forward(isa, bits):
+def test_fused_prefill_matches_the_forward(isa, bits, head_dim):
     # Two prompts of 40 tokens in one call (causal attention over each one's own cache row): the last tokens'
     # logits and every cached key and value as the forward makes them.
-    model = tiny_model(bits, bits)
+    model = tiny_model(bits, bits, head_dim=head_dim)
     prompts = torch.randint(0, 300, (2, 40))
     model.setup_cache(2, 64)
     ref = model(prompts, torch.arange(40))[:, -1]

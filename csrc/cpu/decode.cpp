@@ -241,11 +241,15 @@ void LlamaDecoder::attention(const DecoderLayer& layer, const float* qkv, int64_
   });
   const int64_t max_length = *std::max_element(lengths, lengths + n);
   const KernelTable& kernels = active_kernels();
-  at::parallel_for(0, n * H_, 1, [&](int64_t begin, int64_t end) {
+  // Items round-robin over the threads: a prompt's rows attend over 1 .. n positions, so contiguous ranges
+  // would leave the thread with the first rows idle for most of the step.
+  const int64_t items = n * H_, threads = std::min<int64_t>(at::get_num_threads(), items);
+  at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<float> scores(max_length);
     const AttendArgs args{q, k_cache, v_cache, slot, lengths, scores.data(), att,
                           H_, Hkv_, S_, Dh_, 1.0f / std::sqrt(static_cast<float>(Dh_))};
-    kernels.attend(args, begin, end);
+    for (int64_t t = t_begin; t < t_end; ++t)
+      for (int64_t item = t; item < items; item += threads) kernels.attend(args, item, item + 1);
   });
 }
 

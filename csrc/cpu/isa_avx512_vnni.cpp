@@ -245,12 +245,93 @@ void interleaved_gemv(const GemvArgs& a, int64_t b_begin, int64_t b_end) {
   visit_format(a.w.format, [&](auto format) { interleaved_rows<decltype(format)::value>(a, b_begin, b_end); });
 }
 
+// Attention with 16-float vectors: a query's dot products with 16 keys are reduced together (a transposing
+// sum tree, ~3 operations per key instead of a full reduction each), and softmax's exponentials are vectors.
+
+// r[j] = the sum of v[j]'s lanes, j = 0..15.
+inline __m512 sum16(const __m512 (&v)[16]) {
+  __m512 w[8], u[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: v[2i] in positions 0 and 2, v[2i + 1] in 1 and 3
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: v[4i] .. v[4i + 3], one position each
+    const __m512d x = _mm512_castps_pd(w[2 * i]), y = _mm512_castps_pd(w[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // 128-bit lane L of the result: the four lanes of u[L] added.
+  const __m512 p = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(p, q, 0x88), _mm512_shuffle_f32x4(p, q, 0xDD));
+}
+
+// e^x for x <= 0 (softmax's shifted scores): x = n ln 2 + r, |r| <= ln 2 / 2, e^r by its Taylor polynomial
+// to degree 7 (relative error < 1e-8 before rounding), times 2^n. NaN stays NaN; below -88, ~0.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);  // the second operand passes NaN through
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts: exact n * hi
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-6f), r);
+  constexpr float kTaylor[7] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  for (const float c : kTaylor) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+void attend_vectors(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
+  constexpr int kMaxVecs = 16;  // head_dim up to 256
+  const int64_t D = a.D, V = D / 16;
+  if (D % 16 != 0 || V > kMaxVecs) return attend(a, item_begin, item_end);  // the 8-float kernel
+  for (int64_t item = item_begin; item < item_end; ++item) {
+    const int64_t r = item / a.H, h = item % a.H, length = a.lengths[r];
+    const int64_t cache_row = (a.slots[r] * a.Hkv + h / (a.H / a.Hkv)) * a.S * D;
+    const float* keys = a.k + cache_row;
+    const float* values = a.v + cache_row;
+    float* scores = a.scores;
+    __m512 q[kMaxVecs];
+    for (int64_t v = 0; v < V; ++v) q[v] = _mm512_mul_ps(_mm512_loadu_ps(a.q + item * D + v * 16), _mm512_set1_ps(a.scale));
+    __m512 top = _mm512_set1_ps(-__builtin_inff());
+    __mmask16 nan = 0;  // a NaN score (from a NaN query or key) makes the output NaN
+    for (int64_t j0 = 0; j0 < length; j0 += 16) {
+      const int count = length - j0 < 16 ? static_cast<int>(length - j0) : 16;
+      __m512 dot[16];
+      for (int j = 0; j < 16; ++j) {
+        dot[j] = _mm512_setzero_ps();
+        if (j < count)
+          for (int64_t v = 0; v < V; ++v)
+            dot[j] = _mm512_fmadd_ps(q[v], _mm512_loadu_ps(keys + (j0 + j) * D + v * 16), dot[j]);
+      }
+      const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
+      const __m512 s = sum16(dot);
+      _mm512_mask_storeu_ps(scores + j0, valid, s);
+      top = _mm512_mask_max_ps(top, valid, top, s);
+      nan |= _mm512_mask_cmp_ps_mask(valid, s, s, _CMP_UNORD_Q);
+    }
+    const __m512 shift = _mm512_set1_ps(nan ? __builtin_nanf("") : _mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < length; j0 += 16) {
+      const __mmask16 valid = length - j0 < 16 ? static_cast<__mmask16>((1u << (length - j0)) - 1) : 0xFFFF;
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, scores + j0), shift));
+      _mm512_mask_storeu_ps(scores + j0, valid, e);
+      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(valid, e));
+    }
+    __m512 acc[kMaxVecs];
+    for (int64_t v = 0; v < V; ++v) acc[v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < length; ++j) {
+      const __m512 p = _mm512_set1_ps(scores[j]);
+      for (int64_t v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(values + j * D + v * 16), acc[v]);
+    }
+    const __m512 inv_total = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    for (int64_t v = 0; v < V; ++v) _mm512_storeu_ps(a.out + item * D + v * 16, _mm512_mul_ps(acc[v], inv_total));
+  }
+}
+
 }  // namespace avx512_vnni_isa
 
 const KernelTable& avx512_vnni_kernels() {
   static const KernelTable table = [] {
     KernelTable t = avx512_vnni_isa::make_table("avx512_vnni");
     t.interleaved_gemv = avx512_vnni_isa::interleaved_gemv;
+    t.attend = avx512_vnni_isa::attend_vectors;
     return t;
   }();
   return table;
