@@ -166,11 +166,11 @@ void run_linear(const DecoderLinear& l, const float* x, int64_t n, bool prompt, 
   const float* bias = l.bias.defined() ? l.bias.data_ptr<float>() : nullptr;
   const int f = static_cast<int>(l.w.format);
   if (l.kernels->interleaved_gemv) {
-    quantize_x<float>(kInterleavedOrder.x_order[f], l.w, l.interleaved_src.data(), x, l.K, n, buf);
+    quantize_x<float>(*l.kernels, kInterleavedOrder.x_order[f], l.w, l.interleaved_src.data(), x, l.K, n, buf);
     interleaved_gemv(*l.kernels, l.interleaved.view, n, bias, buf, y);
     return;
   }
-  quantize_x<float>(l.kernels->x_order[f], l.w, l.src.data(), x, l.K, n, buf);
+  quantize_x<float>(*l.kernels, l.kernels->x_order[f], l.w, l.src.data(), x, l.K, n, buf);
   int8_gemv(*l.kernels, l.w, n, bias, buf, y);
 }
 

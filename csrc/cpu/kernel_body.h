@@ -280,8 +280,35 @@ void attend(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
   }
 }
 
+// Plain loops over a block, which the compiler vectorizes with each ISA file's own instruction set.
+XBlockCodes quantize_block(const float* v, int64_t n, const int32_t* lane_odd, int8_t* q) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = __builtin_fabsf(v[i]);
+    finite &= a < __builtin_huge_valf();  // false for inf and NaN
+    amax = a > amax ? a : amax;
+  }
+  if (!finite) {
+    for (int64_t i = 0; i < n; ++i) q[i] = 0;
+    return {__builtin_nanf(""), 0, 0};
+  }
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  int32_t code[kXBlock];  // codes in a local array: stores through q may alias anything
+  int32_t all = 0, odd = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float t = v[i] * inv;  // |t| <= 127; round half away from zero, without branches
+    code[i] = static_cast<int32_t>(t + __builtin_copysignf(0.5f, t));
+    all += code[i];
+    odd += code[i] * lane_odd[i];
+  }
+  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(code[i]);
+  return {amax / 127.0f, all, odd};
+}
+
 KernelTable make_table(const char* name) {
-  KernelTable t{name, {}, Isa::kInt8MaxRows, Isa::kInt8MaxRowsVsBf16, gemv, dequant, attend, nullptr};
+  KernelTable t{name, {}, Isa::kInt8MaxRows, Isa::kInt8MaxRowsVsBf16, gemv, dequant, attend, quantize_block,
+                nullptr};
   for (int f = 0; f < kFormats; ++f)
     for (int i = 0; i < kChunk; ++i) t.x_order[f][i] = Isa::kOrder[f][i];
   return t;

@@ -87,6 +87,13 @@ struct AttendArgs {
   float scale;
 };
 
+// One activation block quantized to int8 (quantize_block): its scale (max |v| / 127, or NaN when a value is
+// not finite: then every code is 0) and the sums of its codes, all of them and those on odd lanes.
+struct XBlockCodes {
+  float scale;
+  int32_t all, odd;
+};
+
 // Each ISA decodes a 32-column chunk into registers in whatever lane order is cheapest for it.
 // x_order[format][i] is the chunk column held by lane position i; activations are laid out to match,
 // so no shuffle is needed in the inner loop.
@@ -99,6 +106,8 @@ struct KernelTable {
   void (*gemv)(const GemvArgs& args, int64_t n_begin, int64_t n_end);
   void (*dequant)(const DequantArgs& args, int64_t n_begin, int64_t n_end);
   void (*attend)(const AttendArgs& args, int64_t item_begin, int64_t item_end);
+  // v [n] (n <= kXBlock) -> q [n], codes round(v / scale) rounded half away from zero; lane_odd [n]: 0 or 1.
+  XBlockCodes (*quantize_block)(const float* v, int64_t n, const int32_t* lane_odd, int8_t* q);
   // nullptr when the ISA has no kernel for the interleaved layout (whose x-order is interleaved_x_order).
   void (*interleaved_gemv)(const GemvArgs& args, int64_t b_begin, int64_t b_end);
 };

@@ -36,8 +36,8 @@ struct Int8Buffers {
 
 // x rows [M, K] (row stride row_stride, element offsets src) as int8 codes for kernels of this x-order.
 template <typename T>
-void quantize_x(const int* x_order, const QWeight& w, const int64_t* src, const T* x, int64_t row_stride, int64_t M,
-                const Int8Buffers& buf);
+void quantize_x(const KernelTable& kernels, const int* x_order, const QWeight& w, const int64_t* src, const T* x,
+                int64_t row_stride, int64_t M, const Int8Buffers& buf);
 
 // y [M, N] = the quantized activations in buf @ W.T (+ bias), on kernels' GEMV.
 void int8_gemv(const KernelTable& kernels, const QWeight& w, int64_t M, const float* bias, const Int8Buffers& buf,

@@ -61,61 +61,37 @@ void source_offsets(int64_t K, int64_t Kp, const int32_t* perm, const int* x_ord
 }
 
 template <typename T>
-void quantize_x(const int* x_order, const QWeight& w, const int64_t* src, const T* x, int64_t row_stride, int64_t M,
-                const Int8Buffers& buf) {
+void quantize_x(const KernelTable& kernels, const int* x_order, const QWeight& w, const int64_t* src, const T* x,
+                int64_t row_stride, int64_t M, const Int8Buffers& buf) {
   const float odd_scale = w.format == Format::kInt35 ? 15.0f / 7.0f : 1.0f;
-  int lane_odd[kChunk];
-  float lane_scale[kChunk];
-  for (int i = 0; i < kChunk; ++i) {
-    lane_odd[i] = x_order[i] % 2;
+  int32_t lane_odd[kXBlock];
+  float lane_scale[kXBlock];
+  for (int i = 0; i < kXBlock; ++i) {
+    lane_odd[i] = x_order[i % kChunk] % 2;
     lane_scale[i] = lane_odd[i] ? odd_scale : 1.0f;
   }
   const int64_t Kp = w.Kp, group_size = w.group_size, n_groups = Kp / group_size, xblock = int8_xblock(w);
-  int8_t* xq = buf.xq;
-  float *xscale = buf.xscale, *xsum = buf.xsum;
   at::parallel_for(0, M, 8, [&](int64_t m_begin, int64_t m_end) {
     for (int64_t m = m_begin; m < m_end; ++m) {
       const T* row = x + m * row_stride;
       for (int64_t b = 0; b < Kp; b += xblock) {
         float v[kXBlock];
-        for (int64_t i = 0; i < xblock; ++i) v[i] = source_value(row, src[b + i]) * lane_scale[i % kChunk];
-        bool finite = true;
-        for (int64_t i = 0; i < xblock; ++i) finite &= std::isfinite(v[i]);
-        float& group_sum = xsum[m * n_groups + b / group_size];
-        if (!finite) {
-          // NaN or inf: no int8 code stands for it. A NaN scale makes every output of the row NaN, as the
-          // float product would be NaN or inf there (F.linear), instead of reading the value as 0.
-          std::fill(xq + m * Kp + b, xq + m * Kp + b + xblock, int8_t{0});
-          xscale[m * (Kp / xblock) + b / xblock] = std::numeric_limits<float>::quiet_NaN();
-          group_sum = std::numeric_limits<float>::quiet_NaN();
-          continue;
-        }
-        float maxima[8] = {};  // independent partial maxima: no long dependency chain
-        for (int64_t i = 0; i < xblock; i += 8)
-          for (int j = 0; j < 8; ++j) maxima[j] = std::max(maxima[j], std::abs(v[i + j]));
-        float amax = 0.0f;
-        for (int j = 0; j < 8; ++j) amax = std::max(amax, maxima[j]);
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        const float dx = amax / 127.0f;
-        int8_t* q = xq + m * Kp + b;  // int8 stores may alias anything: keep every index local
-        int32_t sums[2] = {0, 0};     // of the codes on even and on odd columns
-        for (int64_t i = 0; i < xblock; ++i) {
-          const float t = v[i] * inv;  // |t| <= 127; round half away from zero, without branches
-          q[i] = static_cast<int8_t>(t + std::copysign(0.5f, t));
-          sums[lane_odd[i % kChunk]] += q[i];
-        }
-        xscale[m * (Kp / xblock) + b / xblock] = dx;
-        // The zero-point term uses the sum of the int8 activations as they are (odd columns unscaled),
-        // so the kernel computes exactly W x' with x' the dequantized activations: no error from the
-        // large, nearly cancelling q * x and z * x sums.
-        const float block_sum = dx * (static_cast<float>(sums[0]) + static_cast<float>(sums[1]) / odd_scale);
+        for (int64_t i = 0; i < xblock; ++i) v[i] = source_value(row, src[b + i]) * lane_scale[i];
+        const XBlockCodes c = kernels.quantize_block(v, xblock, lane_odd, buf.xq + m * Kp + b);
+        // A non-finite block's NaN scale makes every output of the row NaN, as the float product would be NaN or
+        // inf there (F.linear), instead of reading the value as 0. The zero-point term uses the sum of the int8
+        // activations as they are (odd columns unscaled), so the kernel computes exactly W x' with x' the
+        // dequantized activations: no error from the large, nearly cancelling q * x and z * x sums.
+        buf.xscale[m * (Kp / xblock) + b / xblock] = c.scale;
+        const float block_sum = c.scale * (static_cast<float>(c.all - c.odd) + static_cast<float>(c.odd) / odd_scale);
+        float& group_sum = buf.xsum[m * n_groups + b / group_size];
         group_sum = (b % group_size == 0 ? 0.0f : group_sum) + block_sum;
       }
     }
   });
 }
 
-template void quantize_x<float>(const int*, const QWeight&, const int64_t*, const float*, int64_t, int64_t,
+template void quantize_x<float>(const KernelTable&, const int*, const QWeight&, const int64_t*, const float*, int64_t, int64_t,
                                const Int8Buffers&);
 
 void int8_gemv(const KernelTable& kernels, const QWeight& w, int64_t M, const float* bias, const Int8Buffers& buf,
@@ -282,7 +258,7 @@ at::Tensor linear_cpu(const char* op, Format format, const at::Tensor& x, const 
     const bool direct = x.scalar_type() == at::kFloat;  // write float32 results straight into out
     const Int8Buffers buf = int8_buffers(M, s, int8_xblock(w), !direct);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lowbit_quantize_x", [&] {
-      quantize_x<scalar_t>(x_order, w, scratch.src.data(), x2.data_ptr<scalar_t>(), x2.stride(0), M, buf);
+      quantize_x<scalar_t>(kernels, x_order, w, scratch.src.data(), x2.data_ptr<scalar_t>(), x2.stride(0), M, buf);
     });
     float* y = direct ? out.data_ptr<float>() : buf.y;
     int8_gemv(kernels, w, M, bias_ptr, buf, y);
