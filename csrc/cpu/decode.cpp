@@ -1,6 +1,7 @@
 #include "decode.h"
 
 #include <cmath>
+#include <functional>
 
 #include <ATen/Parallel.h>
 
@@ -191,14 +192,14 @@ at::Tensor PreparedLinear::forward(const at::Tensor& x) {
   return y;
 }
 
-// Rows of the glue (norms, RoPE, SwiGLU, residuals) per thread: a decode step's few rows run inline, a
-// prompt's rows in parallel.
-constexpr int64_t kRowGrain = 16;
+// Rows of the glue (norms, RoPE, SwiGLU, residuals) per thread: about 4096 values each, so that a batch of a few
+// rows is split (the other thread would only wait for it) while one row runs inline.
+inline int64_t row_grain(int64_t row_values) { return std::max<int64_t>(1, 4096 / row_values); }
 
 // out = weight * x / rms(x), row by row, as models.llama.RMSNorm computes it in float32.
 void LlamaDecoder::rms_norm(const float* x, const at::Tensor& weight, int64_t n, float* out) const {
   const float* w = weight.data_ptr<float>();
-  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, row_grain(D_), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = x + r * D_;
       float sum = 0.0f;
@@ -228,7 +229,7 @@ void LlamaDecoder::attention(const DecoderLayer& layer, const float* qkv, int64_
   float* q = sized(q_, n * q_rows);
   float* k_cache = layer.k_cache.data_ptr<float>();
   float* v_cache = layer.v_cache.data_ptr<float>();
-  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, row_grain(qkv_rows), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = qkv + r * qkv_rows;
       for (int64_t h = 0; h < H_; ++h) rope(row + h * Dh_, pos[r], q + (r * H_ + h) * Dh_);
@@ -241,16 +242,28 @@ void LlamaDecoder::attention(const DecoderLayer& layer, const float* qkv, int64_
   });
   const int64_t max_length = *std::max_element(lengths, lengths + n);
   const KernelTable& kernels = active_kernels();
-  // Items round-robin over the threads: a prompt's rows attend over 1 .. n positions, so contiguous ranges
-  // would leave the thread with the first rows idle for most of the step.
-  const int64_t items = n * H_, threads = std::min<int64_t>(at::get_num_threads(), items);
-  at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
-    std::vector<float> scores(max_length);
-    const AttendArgs args{q, k_cache, v_cache, slot, lengths, scores.data(), att,
-                          H_, Hkv_, S_, Dh_, 1.0f / std::sqrt(static_cast<float>(Dh_))};
-    for (int64_t t = t_begin; t < t_end; ++t)
-      for (int64_t item = t; item < items; item += threads) kernels.attend(args, item, item + 1);
-  });
+  // Items (row, head) in units of one row's heads that share a key/value head, which the kernels may run
+  // together. Many units go round-robin over the threads: a prompt's rows attend over 1 .. n positions, and
+  // contiguous ranges would leave the thread with the first rows idle for most of the step. A few (one
+  // sequence's decode step) are split evenly by item.
+  const int64_t group = H_ / Hkv_, units = n * Hkv_, threads = at::get_num_threads();
+  const auto run = [&](const std::function<void(const AttendArgs&)>& body) {
+    std::vector<float> scores(group * max_length);
+    body(AttendArgs{q, k_cache, v_cache, slot, lengths, scores.data(), att, H_, Hkv_, S_, Dh_,
+                    1.0f / std::sqrt(static_cast<float>(Dh_))});
+  };
+  if (units >= 4 * threads) {
+    at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
+      run([&](const AttendArgs& args) {
+        for (int64_t t = t_begin; t < t_end; ++t)
+          for (int64_t u = t; u < units; u += threads) kernels.attend(args, u * group, (u + 1) * group);
+      });
+    });
+  } else {
+    at::parallel_for(0, n * H_, 1, [&](int64_t begin, int64_t end) {
+      run([&](const AttendArgs& args) { kernels.attend(args, begin, end); });
+    });
+  }
 }
 
 at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
@@ -271,6 +284,7 @@ at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positi
   for (int64_t r = 0; r < n; ++r) lengths[r] = pos[r] + 1;
 
   const int64_t qkv_rows = linears_[0].N, q_rows = H_ * Dh_, I = linears_[2].N / 2;
+  const KernelTable& kernels = active_kernels();  // for the glue (the linears keep the kernels they were made for)
   float* x = sized(x_, n * D_);
   float* h = sized(h_, n * D_);
   float* qkv = sized(qkv_, n * qkv_rows);
@@ -279,7 +293,7 @@ at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positi
   float* act = sized(act_, n * I);
   float* tmp = sized(tmp_, n * D_);
   const auto add_to_x = [&] {
-    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, row_grain(D_), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin * D_; i < end * D_; ++i) x[i] += tmp[i];
     });
   };
@@ -295,12 +309,9 @@ at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positi
     add_to_x();
     rms_norm(x, layers_[l].ffn_norm, n, h);
     run_linear(lin[2], h, n, prompt, gate_up, int8_);
-    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, row_grain(I), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        for (int64_t i = 0; i < I; ++i) {
-          const float g = gate_up[r * 2 * I + i];
-          act[r * I + i] = g / (1.0f + std::exp(-g)) * gate_up[r * 2 * I + I + i];
-        }
+        kernels.silu_mul(gate_up + r * 2 * I, gate_up + r * 2 * I + I, I, act + r * I);
     });
     run_linear(lin[3], act, n, prompt, tmp, int8_);
     add_to_x();

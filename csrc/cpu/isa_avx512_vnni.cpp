@@ -233,11 +233,7 @@ void interleaved_rows(const GemvArgs& a, int64_t b_begin, int64_t b_end) {
     case 2: return interleaved_rows<F, 2>(a, b_begin, b_end);
     case 3: return interleaved_rows<F, 3>(a, b_begin, b_end);
     case 4: return interleaved_rows<F, 4>(a, b_begin, b_end);
-    case 5: return interleaved_rows<F, 5>(a, b_begin, b_end);
-    case 6: return interleaved_rows<F, 6>(a, b_begin, b_end);
-    case 7: return interleaved_rows<F, 7>(a, b_begin, b_end);
-    case 8: return interleaved_rows<F, 8>(a, b_begin, b_end);
-    default: return;  // the op layer never passes M outside [1, kMaxGemvRows]
+    default: return;  // the op layer never passes M outside [1, kInterleavedRows]
   }
 }
 
@@ -263,10 +259,11 @@ inline __m512 sum16(const __m512 (&v)[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(p, q, 0x88), _mm512_shuffle_f32x4(p, q, 0xDD));
 }
 
-// e^x for x <= 0 (softmax's shifted scores): x = n ln 2 + r, |r| <= ln 2 / 2, e^r by its Taylor polynomial
-// to degree 7 (relative error < 1e-8 before rounding), times 2^n. NaN stays NaN; below -88, ~0.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);  // the second operand passes NaN through
+// e^x: x = n ln 2 + r, |r| <= ln 2 / 2, e^r by its Taylor polynomial to degree 7 (relative error < 1e-8 before
+// rounding), times 2^n. NaN stays NaN; x is clamped to [-88, 88] (e^-88 ~ 6e-39 stands for 0, e^88 ~ 2e38 for inf:
+// softmax's shifted scores are <= 0, and silu's quotient is the same either way).
+inline __m512 exp_vector(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-88.0f), x));  // second operands pass NaN
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts: exact n * hi
@@ -277,51 +274,81 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+void silu_mul_vectors(const float* gate, const float* up, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 valid = n - i < 16 ? static_cast<__mmask16>((1u << (n - i)) - 1) : 0xFFFF;
+    const __m512 g = _mm512_maskz_loadu_ps(valid, gate + i);
+    const __m512 e = exp_vector(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    _mm512_mask_storeu_ps(out + i, valid, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(valid, up + i)));
+  }
+}
+
+// Consecutive items of one row whose heads share a key/value head (grouped-query attention) run together, a
+// block of 16 keys at a time: the block is read from memory once, then from L1 for the other heads.
 void attend_vectors(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
   constexpr int kMaxVecs = 16;  // head_dim up to 256
-  const int64_t D = a.D, V = D / 16;
+  constexpr int64_t kMaxRun = 16;
+  const int64_t D = a.D, V = D / 16, group = a.H / a.Hkv;
   if (D % 16 != 0 || V > kMaxVecs) return attend(a, item_begin, item_end);  // the 8-float kernel
-  for (int64_t item = item_begin; item < item_end; ++item) {
-    const int64_t r = item / a.H, h = item % a.H, length = a.lengths[r];
-    const int64_t cache_row = (a.slots[r] * a.Hkv + h / (a.H / a.Hkv)) * a.S * D;
+  for (int64_t first = item_begin; first < item_end;) {
+    const int64_t r = first / a.H, g = first % a.H / group, length = a.lengths[r];
+    const int64_t group_end = r * a.H + (g + 1) * group, last = item_end < group_end ? item_end : group_end;
+    const int64_t run = last - first < kMaxRun ? last - first : kMaxRun;  // items first .. first + run - 1
+    const int64_t cache_row = (a.slots[r] * a.Hkv + g) * a.S * D;
     const float* keys = a.k + cache_row;
     const float* values = a.v + cache_row;
-    float* scores = a.scores;
-    __m512 q[kMaxVecs];
-    for (int64_t v = 0; v < V; ++v) q[v] = _mm512_mul_ps(_mm512_loadu_ps(a.q + item * D + v * 16), _mm512_set1_ps(a.scale));
-    __m512 top = _mm512_set1_ps(-__builtin_inff());
-    __mmask16 nan = 0;  // a NaN score (from a NaN query or key) makes the output NaN
+    float top[kMaxRun], total[kMaxRun];
+    bool nan[kMaxRun];  // a NaN score (from a NaN query or key) makes the output NaN
+    for (int64_t i = 0; i < run; ++i) top[i] = -__builtin_inff(), nan[i] = false;
     for (int64_t j0 = 0; j0 < length; j0 += 16) {
       const int count = length - j0 < 16 ? static_cast<int>(length - j0) : 16;
-      __m512 dot[16];
-      for (int j = 0; j < 16; ++j) {
-        dot[j] = _mm512_setzero_ps();
-        if (j < count)
-          for (int64_t v = 0; v < V; ++v)
-            dot[j] = _mm512_fmadd_ps(q[v], _mm512_loadu_ps(keys + (j0 + j) * D + v * 16), dot[j]);
-      }
       const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
-      const __m512 s = sum16(dot);
-      _mm512_mask_storeu_ps(scores + j0, valid, s);
-      top = _mm512_mask_max_ps(top, valid, top, s);
-      nan |= _mm512_mask_cmp_ps_mask(valid, s, s, _CMP_UNORD_Q);
+      for (int64_t i = 0; i < run; ++i) {
+        const float* q = a.q + (first + i) * D;
+        __m512 dot[16];
+        for (int j = 0; j < 16; ++j) {
+          dot[j] = _mm512_setzero_ps();
+          if (j < count)
+            for (int64_t v = 0; v < V; ++v)
+              dot[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + v * 16), _mm512_loadu_ps(keys + (j0 + j) * D + v * 16),
+                                       dot[j]);
+        }
+        const __m512 s = _mm512_mul_ps(sum16(dot), _mm512_set1_ps(a.scale));
+        _mm512_mask_storeu_ps(a.scores + i * length + j0, valid, s);
+        const float block_top = _mm512_mask_reduce_max_ps(valid, s);
+        top[i] = block_top > top[i] ? block_top : top[i];
+        nan[i] |= _mm512_mask_cmp_ps_mask(valid, s, s, _CMP_UNORD_Q) != 0;
+      }
     }
-    const __m512 shift = _mm512_set1_ps(nan ? __builtin_nanf("") : _mm512_reduce_max_ps(top));
-    __m512 total = _mm512_setzero_ps();
+    for (int64_t i = 0; i < run; ++i) {
+      float* scores = a.scores + i * length;
+      const __m512 shift = _mm512_set1_ps(nan[i] ? __builtin_nanf("") : top[i]);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j0 = 0; j0 < length; j0 += 16) {
+        const __mmask16 valid = length - j0 < 16 ? static_cast<__mmask16>((1u << (length - j0)) - 1) : 0xFFFF;
+        const __m512 e = exp_vector(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, scores + j0), shift));
+        _mm512_mask_storeu_ps(scores + j0, valid, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(valid, e));
+      }
+      total[i] = _mm512_reduce_add_ps(sum);
+    }
     for (int64_t j0 = 0; j0 < length; j0 += 16) {
-      const __mmask16 valid = length - j0 < 16 ? static_cast<__mmask16>((1u << (length - j0)) - 1) : 0xFFFF;
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, scores + j0), shift));
-      _mm512_mask_storeu_ps(scores + j0, valid, e);
-      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(valid, e));
+      const int64_t j1 = length - j0 < 16 ? length : j0 + 16;
+      for (int64_t i = 0; i < run; ++i) {
+        const float* scores = a.scores + i * length;
+        float* out = a.out + (first + i) * D;
+        __m512 acc[kMaxVecs];
+        for (int64_t v = 0; v < V; ++v) acc[v] = j0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(out + v * 16);
+        for (int64_t j = j0; j < j1; ++j) {
+          const __m512 p = _mm512_set1_ps(scores[j]);
+          for (int64_t v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(values + j * D + v * 16), acc[v]);
+        }
+        const __m512 scale = _mm512_set1_ps(j1 == length ? 1.0f / total[i] : 1.0f);
+        for (int64_t v = 0; v < V; ++v) _mm512_storeu_ps(out + v * 16, _mm512_mul_ps(acc[v], scale));
+      }
     }
-    __m512 acc[kMaxVecs];
-    for (int64_t v = 0; v < V; ++v) acc[v] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < length; ++j) {
-      const __m512 p = _mm512_set1_ps(scores[j]);
-      for (int64_t v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(values + j * D + v * 16), acc[v]);
-    }
-    const __m512 inv_total = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-    for (int64_t v = 0; v < V; ++v) _mm512_storeu_ps(a.out + item * D + v * 16, _mm512_mul_ps(acc[v], inv_total));
+    first += run;
   }
 }
 
@@ -332,6 +359,7 @@ const KernelTable& avx512_vnni_kernels() {
     KernelTable t = avx512_vnni_isa::make_table("avx512_vnni");
     t.interleaved_gemv = avx512_vnni_isa::interleaved_gemv;
     t.attend = avx512_vnni_isa::attend_vectors;
+    t.silu_mul = avx512_vnni_isa::silu_mul_vectors;
     return t;
   }();
   return table;

@@ -306,9 +306,13 @@ XBlockCodes quantize_block(const float* v, int64_t n, const int32_t* lane_odd, i
   return {amax / 127.0f, all, odd};
 }
 
+void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + __builtin_expf(-gate[i])) * up[i];
+}
+
 KernelTable make_table(const char* name) {
-  KernelTable t{name, {}, Isa::kInt8MaxRows, Isa::kInt8MaxRowsVsBf16, gemv, dequant, attend, quantize_block,
-                nullptr};
+  KernelTable t{name, {}, Isa::kInt8MaxRows, Isa::kInt8MaxRowsVsBf16, gemv, dequant, attend, silu_mul,
+                quantize_block, nullptr};
   for (int f = 0; f < kFormats; ++f)
     for (int i = 0; i < kChunk; ++i) t.x_order[f][i] = Isa::kOrder[f][i];
   return t;

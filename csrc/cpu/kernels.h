@@ -54,6 +54,9 @@ constexpr int64_t kXBlock = 64;
 // int4, columns 0, 2, 4, 6 low and 8 .. 14 high) and 48 of the 8 odd columns' 3-bit codes (row r's 24 bits at
 // byte 3r, odd column 2c + 1 at bit 3c). Scales and zeros: float16 [blocks, groups, 16].
 constexpr int64_t kInterleave = 16;
+// Activation rows per pass of the interleaved GEMV (GemvArgs::M <= this): beyond 4, its accumulators and decoded
+// codes outgrow the 32 vector registers (SmolLM2's int8 head, 8 rows: 1.67 ms in one pass, 0.96 ms in two).
+constexpr int64_t kInterleavedRows = 4;
 // Lane position i of a chunk holds column interleaved_x_order(f, i): in order, but int3.5's evens, then
 // odds, per 16 columns (each 4-column run of x feeds one dot product).
 constexpr int interleaved_x_order(Format f, int i) {
@@ -81,7 +84,7 @@ struct AttendArgs {
   const float* v;          // [B, Hkv, S, D]
   const int64_t* slots;    // [n] cache rows
   const int64_t* lengths;  // [n] positions attended, 1 .. S
-  float* scores;           // [max(lengths)] scratch, one item's scores at a time
+  float* scores;           // [H / Hkv, max(lengths)] scratch: the scores of up to one key/value head's items
   float* out;              // [n, H, D]
   int64_t H, Hkv, S, D;
   float scale;
@@ -106,6 +109,8 @@ struct KernelTable {
   void (*gemv)(const GemvArgs& args, int64_t n_begin, int64_t n_end);
   void (*dequant)(const DequantArgs& args, int64_t n_begin, int64_t n_end);
   void (*attend)(const AttendArgs& args, int64_t item_begin, int64_t item_end);
+  // out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + e^-gate[i]) * up[i], i < n (SwiGLU).
+  void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
   // v [n] (n <= kXBlock) -> q [n], codes round(v / scale) rounded half away from zero; lane_odd [n]: 0 or 1.
   XBlockCodes (*quantize_block)(const float* v, int64_t n, const int32_t* lane_odd, int8_t* q);
   // nullptr when the ISA has no kernel for the interleaved layout (whose x-order is interleaved_x_order).

@@ -71,7 +71,8 @@ void quantize_x(const KernelTable& kernels, const int* x_order, const QWeight& w
     lane_scale[i] = lane_odd[i] ? odd_scale : 1.0f;
   }
   const int64_t Kp = w.Kp, group_size = w.group_size, n_groups = Kp / group_size, xblock = int8_xblock(w);
-  at::parallel_for(0, M, 8, [&](int64_t m_begin, int64_t m_end) {
+  // About 4096 values per thread: a few rows are worth splitting, one is not.
+  at::parallel_for(0, M, std::max<int64_t>(1, 4096 / Kp), [&](int64_t m_begin, int64_t m_end) {
     for (int64_t m = m_begin; m < m_end; ++m) {
       const T* row = x + m * row_stride;
       for (int64_t b = 0; b < Kp; b += xblock) {
@@ -163,13 +164,17 @@ void interleaved_gemv(const KernelTable& kernels, const QWeight& w, int64_t M, c
   const int64_t xblock = int8_xblock(w), n_xblocks = w.Kp / xblock, n_groups = w.Kp / w.group_size;
   const int64_t n_blocks = (w.N + kInterleave - 1) / kInterleave;
   const int64_t block_bytes = kInterleave * packed_row_bytes(w.format, w.Kp);
-  // Threads get at least 16 KiB of weights each, as in int8_gemv.
+  // Threads get at least 16 KiB of weights each, as in int8_gemv, and pass over them in slices that stay in L2
+  // while every block of activation rows runs.
   const int64_t grain = std::max<int64_t>(1, 16384 / block_bytes);
+  const int64_t slice = std::max<int64_t>(1, kInt8SliceBytes / block_bytes);
   at::parallel_for(0, n_blocks, grain, [&](int64_t b_begin, int64_t b_end) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvRows)
-      kernels.interleaved_gemv(GemvArgs{w, buf.xq + m0 * w.Kp, buf.xscale + m0 * n_xblocks, buf.xsum + m0 * n_groups,
-                                        bias, y + m0 * w.N, std::min(kMaxGemvRows, M - m0), xblock},
-                               b_begin, b_end);
+    for (int64_t b0 = b_begin; b0 < b_end; b0 += slice)
+      for (int64_t m0 = 0; m0 < M; m0 += kInterleavedRows)
+        kernels.interleaved_gemv(GemvArgs{w, buf.xq + m0 * w.Kp, buf.xscale + m0 * n_xblocks,
+                                          buf.xsum + m0 * n_groups, bias, y + m0 * w.N,
+                                          std::min(kInterleavedRows, M - m0), xblock},
+                                 b0, std::min(b_end, b0 + slice));
   });
 }
 
