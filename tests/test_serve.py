@@ -307,7 +307,8 @@ def _refused(url) -> bool:
     try:
         httpx.get(url + "/health", timeout=5)
         return False
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+        # Refused, or (the listening socket closing as it was connected to) closed without an answer.
         return True
 
 

@@ -8,6 +8,8 @@ GET /v1/models, GET /health, and a chat page at /. Errors are OpenAI-style objec
 import asyncio
 import json
 import secrets
+import signal
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -297,9 +299,31 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 def serve(model: LlamaForCausalLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           max_seq_len: int = 2048, max_queue: int = 64, api_key: str | None = None,
           shutdown_timeout: float = 60.0) -> None:
-    """Serve until SIGINT or SIGTERM; open requests get up to shutdown_timeout seconds to finish."""
-    engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, max_queue=max_queue)
+    """Serve until SIGINT or SIGTERM; open requests get up to shutdown_timeout seconds to finish.
+
+    The engine runs in this (the main) thread, where the model was loaded (Engine.run says why), and uvicorn in
+    a second one; the signals reach uvicorn's handler from here. The app's shutdown stops the engine once the
+    open requests are done, and a server that could not start stops it too."""
+    engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, max_queue=max_queue, start=False)
     app = create_app(engine, model_name, api_key)
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_timeout,
                             log_level="info")
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+
+    def run_http() -> None:
+        try:
+            server.run()
+        finally:
+            engine.stop()
+
+    http = threading.Thread(target=run_http, name="lowbit-http")
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        http.start()
+        engine.run()
+        http.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise SystemExit(f"lowbit serve: the server did not start on {host}:{port} (see the log above)")
