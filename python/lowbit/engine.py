@@ -1,10 +1,12 @@
 """Continuous batching: concurrent generations share the model's decode steps.
 
 The model's static KV cache has max_batch rows (slots); each running sequence holds one of them at its own
-position. A background thread loops: take waiting requests into free slots (prefilling each prompt on its own
-and sampling its first token), then run one decode step for every running sequence at once (decode_logits),
-sample each row with that request's own settings and random generator, and hand out the new text. Requests
-join and leave between steps; a cancelled one gives its slot back before the next step.
+position. The engine loop (a background thread, or the caller's: Engine.run): take waiting requests into free
+slots, then run one step for every running sequence and every new prompt at once, sample each sequence's row
+with that request's own settings and random generator, and hand out the new text. With the fused CPU step that is
+one call (a row per running sequence, the rows of each new prompt after them); on the PyTorch forward each new
+prompt is prefilled on its own, then one decode step runs the others (decode_logits). Requests join and leave
+between steps; a cancelled one gives its slot back before the next step.
 
 Rows do not mix in the model (attention reads each sequence's own cache row, the kernels quantize activations
 per row), so a request's tokens do not depend on what else is running.
@@ -162,9 +164,15 @@ class Engine:
                         self.waiting.clear()
                         break
                     admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.free_slots)))]
+                admitted = [seq for seq in admitted if not seq.cancelled]
+                if self.fused is not None:
+                    # One call for the running sequences' next tokens and the new prompts: the fused step
+                    # computes every row on its own, and reads the weights once for all of them.
+                    if admitted or self.running:
+                        self._guarded(self.running + admitted, self._fused_step, list(self.running), admitted)
+                    continue
                 for seq in admitted:
-                    if not seq.cancelled:
-                        self._guarded([seq], self._prefill, seq)
+                    self._guarded([seq], self._prefill, seq)
                 if self.running:
                     # In slot order: low rows are taken first, so the rows are often consecutive and the model
                     # reads them from the cache in place.
@@ -187,12 +195,29 @@ class Engine:
         self.running.append(seq)
         device, n = self.model.device, len(seq.prompt_ids)
         prompt = torch.tensor([seq.prompt_ids], device=device)
-        if self.fused is not None:
-            logits = self.fused(prompt[0], torch.arange(n), torch.full((n,), seq.slot), torch.tensor([n - 1]))
-        else:
-            logits = self.model(prompt, torch.arange(n, device=device),
-                                slots=torch.tensor([seq.slot], device=device))[:, -1]
-        self._advance(seq, logits)
+        logits = self.model(prompt, torch.arange(n, device=device), slots=torch.tensor([seq.slot], device=device))
+        self._advance(seq, logits[:, -1])
+
+    def _fused_step(self, decoding: list[Sequence], prompts: list[Sequence]) -> None:
+        """One fused call: a row per decoding sequence (its last token), then every row of each new prompt."""
+        tokens = [s.tokens[-1] for s in decoding]
+        positions = [s.position for s in decoding]
+        slots = [s.slot for s in decoding]
+        logit_rows = list(range(len(decoding)))
+        for seq in prompts:
+            seq.slot = heapq.heappop(self.free_slots)
+            self.running.append(seq)
+            n = len(seq.prompt_ids)
+            tokens += seq.prompt_ids
+            positions += range(n)
+            slots += [seq.slot] * n
+            logit_rows.append(len(tokens) - 1)
+        logits = self.fused(torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots),
+                            torch.tensor(logit_rows))
+        if decoding:
+            self.steps += 1
+        for i, seq in enumerate(decoding + prompts):
+            self._advance(seq, logits[i:i + 1])
 
     def _decode(self, seqs: list[Sequence]) -> None:
         device = self.model.device
