@@ -202,3 +202,24 @@ def test_a_sequences_logits_do_not_depend_on_the_batch(isa):
     together = step(tokens, positions, slots)
     for i in (0, 17, 39):
         assert torch.equal(step(tokens[i:i + 1], positions[i:i + 1], slots[i:i + 1])[0], together[i])
+
+
+@pytest.mark.parametrize("bits", [4, None])
+@torch.inference_mode()
+def test_a_prompts_logits_do_not_depend_on_the_rows_beside_it(isa, bits):
+    # The engine runs new prompts in the same call as other sequences' decode rows: a 40-token prompt (beyond the
+    # kernels' bfloat16 crossover) gives the same logits and cache alone and beside two decode rows, with
+    # quantized and with float linears (one BLAS call per sequence).
+    model = tiny_model(bits, bits)
+    prompt = torch.randint(0, 300, (40,))
+    model.setup_cache(3, 64)
+    step = FusedDecoder(model)
+    alone = step(prompt, torch.arange(40), torch.zeros(40, dtype=torch.long), torch.tensor([39]))
+    cache_alone = [layer.attn.kv_cache.k[0, :, :40].clone() for layer in model.layers]
+    tokens = torch.cat([torch.tensor([5, 6]), prompt])
+    positions = torch.cat([torch.tensor([3, 7]), torch.arange(40)])
+    slots = torch.cat([torch.tensor([1, 2]), torch.zeros(40, dtype=torch.long)])
+    beside = step(tokens, positions, slots, torch.tensor([0, 1, 41]))
+    assert torch.equal(beside[2], alone[0])
+    for layer, k in zip(model.layers, cache_alone):
+        assert torch.equal(layer.attn.kv_cache.k[0, :, :40], k)

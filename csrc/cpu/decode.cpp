@@ -137,45 +137,43 @@ void LlamaDecoder::check_complete() {
   checked_ = true;
 }
 
-void run_linear(const DecoderLinear& l, const float* x, int64_t n, bool prompt, float* y, Int8Scratch& scratch) {
-  if (!l.kernels) {  // float32 weight: BLAS, one call per row unless the rows are one prompt (BLAS sums a
-                     // matrix in another order than a vector, and a sequence must not depend on its batch)
-    const int64_t rows = prompt ? n : 1;
-    for (int64_t r = 0; r < n; r += rows) {
-      at::Tensor out = at::from_blob(y + r * l.N, {rows, l.N}, at::kFloat);
-      at::mm_out(out, at::from_blob(const_cast<float*>(x + r * l.K), {rows, l.K}, at::kFloat), l.weight.t());
-      if (l.bias.defined()) out.add_(l.bias);
-    }
-    return;
-  }
-  // The interleaved kernels take every row count: for SmolLM2's and LLaMA-7B's shapes they beat bfloat16 BLAS
-  // on dequantized tiles from 32 to 512 rows (1.0-3.4x; SmolLM2's 512-token prefill ~930 -> ~1150 tok/s).
-  const bool interleaved = l.kernels->interleaved_gemv != nullptr;
-  if (prompt && !interleaved && n > l.kernels->int8_max_rows_vs_bf16 && native_bf16_gemm()) {
-    // A prompt's many rows: bfloat16 activations against bfloat16 weight tiles in BLAS beat the canonical int8
-    // GEMV on CPUs with native bfloat16 dot products (the crossover the linear op uses for bfloat16 x).
-    // Measured on SmolLM2's 512-token prefill: 679 tok/s against ~470 on the int8 path.
-    const at::Tensor xg = at::empty({n, l.w.Kp}, at::kBFloat16);
-    layout_x(x, l.K, n, l.src.data(), l.w.Kp, xg.data_ptr<at::BFloat16>());
-    const at::Tensor y_bf16 = at::empty({n, l.N}, at::kBFloat16);
-    dequant_gemm(*l.kernels, l.w, xg, y_bf16);
-    at::Tensor out = at::from_blob(y, {n, l.N}, at::kFloat);
-    out.copy_(y_bf16);
-    if (l.bias.defined()) out.add_(l.bias);
-    return;
-  }
+namespace {
+
+// n rows on the int8 path: each row is quantized and summed on its own.
+void int8_rows(const DecoderLinear& l, const float* x, int64_t n, float* y, Int8Scratch& scratch) {
   const int64_t xblock = int8_xblock(l.w);
   const Int8Buffers buf{sized(scratch.xq, n * l.w.Kp), sized(scratch.xscale, n * l.w.Kp / xblock),
                         sized(scratch.xsum, n * l.w.Kp / l.w.group_size), y, at::Tensor()};
   const float* bias = l.bias.defined() ? l.bias.data_ptr<float>() : nullptr;
   const int f = static_cast<int>(l.w.format);
-  if (interleaved) {
+  if (l.kernels->interleaved_gemv) {
     quantize_x<float>(*l.kernels, kInterleavedOrder.x_order[f], l.w, l.interleaved_src.data(), x, l.K, n, buf);
     interleaved_gemv(*l.kernels, l.interleaved.view, n, bias, buf, y);
+  } else {
+    quantize_x<float>(*l.kernels, l.kernels->x_order[f], l.w, l.src.data(), x, l.K, n, buf);
+    int8_gemv(*l.kernels, l.w, n, bias, buf, y);
+  }
+}
+
+}  // namespace
+
+void run_linear(const DecoderLinear& l, const float* x, const std::vector<int64_t>& bounds, float* y,
+                Int8Scratch& scratch) {
+  if (!l.kernels) {  // float32 weight: BLAS, one call per sequence (BLAS sums a matrix in another order than a
+                     // vector: a sequence's rows must not depend on what else is in the call)
+    for (size_t i = 0; i + 1 < bounds.size(); ++i) {
+      const int64_t begin = bounds[i], rows = bounds[i + 1] - begin;
+      at::Tensor out = at::from_blob(y + begin * l.N, {rows, l.N}, at::kFloat);
+      at::mm_out(out, at::from_blob(const_cast<float*>(x + begin * l.K), {rows, l.K}, at::kFloat), l.weight.t());
+      if (l.bias.defined()) out.add_(l.bias);
+    }
     return;
   }
-  quantize_x<float>(*l.kernels, l.kernels->x_order[f], l.w, l.src.data(), x, l.K, n, buf);
-  int8_gemv(*l.kernels, l.w, n, bias, buf, y);
+  // Quantized weights take the int8 path at every row count, prompts included: on the interleaved kernels it
+  // beats bfloat16 BLAS on dequantized tiles from 32 to 512 rows (1.0-3.4x for SmolLM2's and LLaMA-7B's shapes;
+  // SmolLM2's 512-token prefill ~930 -> ~1150 tok/s), and it keeps a prompt's rows the same whatever else is in
+  // the call.
+  int8_rows(l, x, bounds.back(), y, scratch);
 }
 
 PreparedLinear::PreparedLinear(double bits, at::Tensor qweight, at::Tensor scales, at::Tensor zeros,
@@ -191,7 +189,7 @@ at::Tensor PreparedLinear::forward(const at::Tensor& x) {
                     ": x must be a CPU tensor [rows, ", linear_.K, "], got ", x.sizes());
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({x.size(0), linear_.N}, at::kFloat);
-  if (x.size(0) > 0) run_linear(linear_, xc.data_ptr<float>(), x.size(0), false, y.data_ptr<float>(), scratch_);
+  if (x.size(0) > 0) int8_rows(linear_, xc.data_ptr<float>(), x.size(0), y.data_ptr<float>(), scratch_);
   return y;
 }
 
@@ -282,7 +280,15 @@ at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positi
   const int64_t* token = tokens.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slot = slots.data_ptr<int64_t>();
-  const bool prompt = std::all_of(slot, slot + n, [&](int64_t s) { return s == slot[0]; });
+  // Sequences: runs of rows in one cache row (a prompt, or one decode row), row bounds[i] .. bounds[i + 1] - 1.
+  const auto sequence_bounds = [&](int64_t count, const auto& slot_of) {
+    std::vector<int64_t> bounds{0};
+    for (int64_t r = 1; r < count; ++r)
+      if (slot_of(r) != slot_of(r - 1)) bounds.push_back(r);
+    bounds.push_back(count);
+    return bounds;
+  };
+  const std::vector<int64_t> bounds = sequence_bounds(n, [&](int64_t r) { return slot[r]; });
   std::vector<int64_t> lengths(n);  // positions each row attends over
   for (int64_t r = 0; r < n; ++r) lengths[r] = pos[r] + 1;
 
@@ -306,27 +312,28 @@ at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positi
   for (size_t l = 0; l < layers_.size(); ++l) {
     const DecoderLinear* lin = &linears_[4 * l];
     rms_norm(x, layers_[l].attn_norm, n, h);
-    run_linear(lin[0], h, n, prompt, qkv, int8_);
+    run_linear(lin[0], h, bounds, qkv, int8_);
     attention(layers_[l], qkv, n, pos, lengths.data(), slot, att);
-    run_linear(lin[1], att, n, prompt, tmp, int8_);
+    run_linear(lin[1], att, bounds, tmp, int8_);
     add_to_x();
     rms_norm(x, layers_[l].ffn_norm, n, h);
-    run_linear(lin[2], h, n, prompt, gate_up, int8_);
+    run_linear(lin[2], h, bounds, gate_up, int8_);
     at::parallel_for(0, n, row_grain(I), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
         kernels.silu_mul(gate_up + r * 2 * I, gate_up + r * 2 * I + I, I, act + r * I);
     });
-    run_linear(lin[3], act, n, prompt, tmp, int8_);
+    run_linear(lin[3], act, bounds, tmp, int8_);
     add_to_x();
   }
-  if (logit_rows) {  // only these rows go through the head (a prefill needs its last)
-    const int64_t* rows = logit_rows->data_ptr<int64_t>();
+  const int64_t* rows = logit_rows ? logit_rows->data_ptr<int64_t>() : nullptr;
+  if (rows) {  // only these rows go through the head (a prefill needs its last)
     for (int64_t i = 0; i < m; ++i) std::copy(x + rows[i] * D_, x + (rows[i] + 1) * D_, tmp + i * D_);
     std::copy(tmp, tmp + m * D_, x);
   }
   rms_norm(x, norm_, m, h);
   at::Tensor logits = at::empty({m, V_}, at::kFloat);
-  run_linear(linears_.back(), h, m, prompt, logits.data_ptr<float>(), int8_);
+  run_linear(linears_.back(), h, sequence_bounds(m, [&](int64_t i) { return slot[rows ? rows[i] : i]; }),
+             logits.data_ptr<float>(), int8_);
   return logits;
 }
 

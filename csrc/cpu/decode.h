@@ -41,10 +41,11 @@ struct Int8Scratch {
 DecoderLinear prepare_linear(const char* op, double bits, at::Tensor qweight, at::Tensor scales, at::Tensor zeros,
                              std::optional<at::Tensor> perm, std::optional<at::Tensor> bias, int64_t group_size,
                              int64_t in_features);
-// y [n, N] = x [n, K] @ W.T (+ bias). prompt: the rows are one sequence's tokens (then many rows may take the
-// bfloat16 GEMM path; rows of different sequences always take the int8 path, row by row, so that none depends
-// on the others).
-void run_linear(const DecoderLinear& l, const float* x, int64_t n, bool prompt, float* y, Int8Scratch& scratch);
+// y [n, N] = x [n, K] @ W.T (+ bias), n = bounds.back(). Rows bounds[i] .. bounds[i + 1] - 1 are one sequence's
+// (a prompt's tokens, or one decode row): a sequence's results are the same whatever else is in the call (float
+// weights take one BLAS call per sequence; quantized ones the int8 path, which computes every row on its own).
+void run_linear(const DecoderLinear& l, const float* x, const std::vector<int64_t>& bounds, float* y,
+                Int8Scratch& scratch);
 
 // One quantized linear as the decode step runs it (the int8 path, in the interleaved layout where the kernels
 // have it): for tests and benchmarks of that path. forward: float32 [M, K] -> [M, N].

@@ -66,14 +66,5 @@ inline constexpr InterleavedOrder kInterleavedOrder{};
 void interleaved_gemv(const KernelTable& kernels, const QWeight& w, int64_t M, const float* bias,
                       const Int8Buffers& buf, float* y);
 
-// GEMM input: x rows [M, K] laid out as [M, Kp] in x-order (as quantize_x), converted to Out (float32, or
-// bfloat16 rounded to nearest even).
-template <typename T, typename Out>
-void layout_x(const T* x, int64_t row_stride, int64_t M, const int64_t* src, int64_t Kp, Out* out);
-
-// y [M, N] (xg's dtype) = xg [M, Kp] (layout_x, float32 or bfloat16) @ W.T, W dequantized a tile of rows at a
-// time into xg's dtype, multiplied by BLAS: the path for many activation rows.
-void dequant_gemm(const KernelTable& kernels, const QWeight& w, const at::Tensor& xg, const at::Tensor& y);
-
 }  // namespace cpu
 }  // namespace lowbit

@@ -178,6 +178,10 @@ void interleaved_gemv(const KernelTable& kernels, const QWeight& w, int64_t M, c
   });
 }
 
+namespace {
+
+// GEMM input: x rows [M, K] laid out as [M, Kp] in x-order (as quantize_x), converted to Out (float32, or
+// bfloat16 rounded to nearest even).
 template <typename T, typename Out>
 void layout_x(const T* x, int64_t row_stride, int64_t M, const int64_t* src, int64_t Kp, Out* out) {
   at::parallel_for(0, M, 16, [&](int64_t m_begin, int64_t m_end) {
@@ -188,8 +192,9 @@ void layout_x(const T* x, int64_t row_stride, int64_t M, const int64_t* src, int
     }
   });
 }
-template void layout_x<float, at::BFloat16>(const float*, int64_t, int64_t, const int64_t*, int64_t, at::BFloat16*);
 
+// y [M, N] (xg's dtype) = xg [M, Kp] (layout_x, float32 or bfloat16) @ W.T, W dequantized a tile of rows at a
+// time into xg's dtype, multiplied by BLAS: the path for many activation rows.
 void dequant_gemm(const KernelTable& kernels, const QWeight& w, const at::Tensor& xg, const at::Tensor& y) {
   const bool bf16 = xg.scalar_type() == at::kBFloat16;
   const int64_t tile_rows =
@@ -207,8 +212,6 @@ void dequant_gemm(const KernelTable& kernels, const QWeight& w, const at::Tensor
     at::mm_out(y_cols, xg, tile.narrow(0, 0, rows).t());
   }
 }
-
-namespace {
 
 // Per-thread buffers for the activation layout, reused across calls: a decode step (M <= kMaxGemvRows)
 // allocates nothing but its output. Larger calls allocate their int8 buffers, so that one long prompt
