@@ -1,7 +1,6 @@
 #include "decode.h"
 
 #include <cmath>
-#include <functional>
 
 #include <ATen/Parallel.h>
 
@@ -193,14 +192,10 @@ at::Tensor PreparedLinear::forward(const at::Tensor& x) {
   return y;
 }
 
-// Rows of the glue (norms, RoPE, SwiGLU, residuals) per thread: about 4096 values each, so that a batch of a few
-// rows is split (the other thread would only wait for it) while one row runs inline.
-inline int64_t row_grain(int64_t row_values) { return std::max<int64_t>(1, 4096 / row_values); }
-
 // out = weight * x / rms(x), row by row, as models.llama.RMSNorm computes it in float32.
 void LlamaDecoder::rms_norm(const float* x, const at::Tensor& weight, int64_t n, float* out) const {
   const float* w = weight.data_ptr<float>();
-  at::parallel_for(0, n, row_grain(D_), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, rows_per_task(D_), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = x + r * D_;
       float sum = 0.0f;
@@ -230,7 +225,7 @@ void LlamaDecoder::attention(const DecoderLayer& layer, const float* qkv, int64_
   float* q = sized(q_, n * q_rows);
   float* k_cache = layer.k_cache.data_ptr<float>();
   float* v_cache = layer.v_cache.data_ptr<float>();
-  at::parallel_for(0, n, row_grain(qkv_rows), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, rows_per_task(qkv_rows), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = qkv + r * qkv_rows;
       for (int64_t h = 0; h < H_; ++h) rope(row + h * Dh_, pos[r], q + (r * H_ + h) * Dh_);
@@ -248,21 +243,22 @@ void LlamaDecoder::attention(const DecoderLayer& layer, const float* qkv, int64_
   // contiguous ranges would leave the thread with the first rows idle for most of the step. A few (one
   // sequence's decode step) are split evenly by item.
   const int64_t group = H_ / Hkv_, units = n * Hkv_, threads = at::get_num_threads();
-  const auto run = [&](const std::function<void(const AttendArgs&)>& body) {
-    std::vector<float> scores(group * max_length);
-    body(AttendArgs{q, k_cache, v_cache, slot, lengths, scores.data(), att, H_, Hkv_, S_, Dh_,
-                    1.0f / std::sqrt(static_cast<float>(Dh_))});
+  const auto args = [&](std::vector<float>& scores) {  // a thread's arguments, with its own score scratch
+    scores.resize(group * max_length);
+    return AttendArgs{q, k_cache, v_cache, slot, lengths, scores.data(), att, H_, Hkv_, S_, Dh_,
+                      1.0f / std::sqrt(static_cast<float>(Dh_))};
   };
   if (units >= 4 * threads) {
     at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
-      run([&](const AttendArgs& args) {
-        for (int64_t t = t_begin; t < t_end; ++t)
-          for (int64_t u = t; u < units; u += threads) kernels.attend(args, u * group, (u + 1) * group);
-      });
+      std::vector<float> scores;
+      const AttendArgs a = args(scores);
+      for (int64_t t = t_begin; t < t_end; ++t)
+        for (int64_t u = t; u < units; u += threads) kernels.attend(a, u * group, (u + 1) * group);
     });
   } else {
     at::parallel_for(0, n * H_, 1, [&](int64_t begin, int64_t end) {
-      run([&](const AttendArgs& args) { kernels.attend(args, begin, end); });
+      std::vector<float> scores;
+      kernels.attend(args(scores), begin, end);
     });
   }
 }
@@ -302,7 +298,7 @@ at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positi
   float* act = sized(act_, n * I);
   float* tmp = sized(tmp_, n * D_);
   const auto add_to_x = [&] {
-    at::parallel_for(0, n, row_grain(D_), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, rows_per_task(D_), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin * D_; i < end * D_; ++i) x[i] += tmp[i];
     });
   };
@@ -318,7 +314,7 @@ at::Tensor LlamaDecoder::step(const at::Tensor& tokens, const at::Tensor& positi
     add_to_x();
     rms_norm(x, layers_[l].ffn_norm, n, h);
     run_linear(lin[2], h, bounds, gate_up, int8_);
-    at::parallel_for(0, n, row_grain(I), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, rows_per_task(I), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
         kernels.silu_mul(gate_up + r * 2 * I, gate_up + r * 2 * I + I, I, act + r * I);
     });

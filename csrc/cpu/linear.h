@@ -23,6 +23,11 @@ void check_perm_values(const char* op, const std::optional<at::Tensor>& perm, in
 // `stride`) that lands at position j, or -1 for padding.
 void source_offsets(int64_t K, int64_t Kp, const int32_t* perm, const int* x_order, int64_t stride, int64_t* src);
 
+// Rows per parallel task for row-wise work of row_values values a row (activation quantization, the decode
+// step's norms, RoPE, SwiGLU, residuals): about 4096 values each, so that a batch of a few rows is split (the
+// other thread would only wait for it) while one row runs inline.
+inline int64_t rows_per_task(int64_t row_values) { return std::max<int64_t>(1, 4096 / row_values); }
+
 // Activation block of the int8 path: kXBlock columns, or the group when it is smaller.
 inline int64_t int8_xblock(const QWeight& w) { return std::min(kXBlock, w.group_size); }
 

@@ -71,8 +71,7 @@ void quantize_x(const KernelTable& kernels, const int* x_order, const QWeight& w
     lane_scale[i] = lane_odd[i] ? odd_scale : 1.0f;
   }
   const int64_t Kp = w.Kp, group_size = w.group_size, n_groups = Kp / group_size, xblock = int8_xblock(w);
-  // About 4096 values per thread: a few rows are worth splitting, one is not.
-  at::parallel_for(0, M, std::max<int64_t>(1, 4096 / Kp), [&](int64_t m_begin, int64_t m_end) {
+  at::parallel_for(0, M, rows_per_task(Kp), [&](int64_t m_begin, int64_t m_end) {
     for (int64_t m = m_begin; m < m_end; ++m) {
       const T* row = x + m * row_stride;
       for (int64_t b = 0; b < Kp; b += xblock) {
