@@ -1,8 +1,9 @@
-"""Quality of int4 and int3.5 on SmolLM2-135M-Instruct against float: perplexity, per-layer RMSE, size, time.
+"""Quality of int4, int3.5 and int8 on SmolLM2-135M-Instruct against float: perplexity, per-layer RMSE, size, time.
 
-Every method (RTN, AWQ, GPTQ, AWQ+GPTQ) x format (int4, int3.5; the calibrated methods use the saliency channel
-order for int3.5) x group size (128: SmolLM2's 576 columns padded to 640, as docs/FORMAT.md says; 64), the output
-head float. Perplexity on two held-out sets of lowbit.data's evaluation split, windows of 512: its first 4,097
+Every method (RTN, AWQ, GPTQ, AWQ+GPTQ) x format (int4, int3.5, int8; the calibrated methods use the saliency
+channel order for int3.5) x group size (128: SmolLM2's 576 columns padded to 640, as docs/FORMAT.md says; 64), the
+output head float; beside them llama.cpp's K-quants and Q4_0/Q8_0 of the same float weights when llama_cpp
+(llama-cpp-python) is importable (benchmarks/llama_cpp_peer.py). Perplexity on two held-out sets of lowbit.data's evaluation split, windows of 512: its first 4,097
 tokens (the set of issue 19's targets) and its first --eval-tokens + 1 (default 16,385).
 
 SmolLM2's "float" weights are the dequantized Q4_1 GGUF it ships as, so int4 with group size 32 (asymmetric)
@@ -32,22 +33,28 @@ from lowbit import data
 from lowbit.budget import describe, format_table, model_formats
 from lowbit.eval import model_bytes, perplexity, rmse_report
 from lowbit.gptq import quantize_llama_gptq
+from lowbit.io.fetch import cache_dir
+
+import llama_cpp_peer
 
 TARGET_TOKENS = 4097  # issue 19's evaluation set: the first 4,097 tokens, 8 windows of 512
 METHODS = {"rtn": "RTN", "awq": "AWQ", "gptq": "GPTQ", "awq+gptq": "AWQ+GPTQ"}
 TARGETS = {4: 16.81, 3.5: 18.06}  # group size 64, best method: llama.cpp Q4_K_S and Q3_K_M (issue 19)
+INT8_TARGET = 0.005               # int8 g128: perplexity within 0.5 % of float (issue 19)
+# llama.cpp's quantizer on the same float weights (no importance matrix), when llama_cpp is importable.
+LLAMA_CPP_TYPES = ["q4_k_m", "q4_k_s", "q3_k_m", "iq4_xs", "q4_0", "q3_k_s", "q8_0"]
 CAVEAT = ("The float weights are SmolLM2's dequantized Q4_1 GGUF (group-32 asymmetric 4-bit), so int4 with group "
           "size 32 would reproduce them exactly: these numbers measure re-quantizing already 4-bit weights.")
 # GPTQ settings tried against the defaults (damp 0.01, 8 x 512 calibration, AWQ's clipping, no act-order), at
 # group size 64, most telling first: name, bits, calibration sequences, quantize_llama_gptq options.
-ABLATIONS = [("GPTQ act-order", 4, 8, {"act_order": True}),
-             ("AWQ+GPTQ act-order", 4, 8, {"awq": True, "act_order": True}),
+ABLATIONS = [("AWQ+GPTQ act-order", 4, 8, {"awq": True, "act_order": True}),
+             ("AWQ+GPTQ act-order", 4, 32, {"awq": True, "act_order": True}),
+             ("AWQ+GPTQ", 4, 32, {"awq": True}),
              ("AWQ+GPTQ damp 0.1", 4, 8, {"awq": True, "damp": 0.1}),
-             ("AWQ+GPTQ no clipping", 4, 8, {"awq": True, "clip": False}),
-             ("AWQ+GPTQ 32 x 512 calibration", 4, 32, {"awq": True}),
-             ("AWQ+GPTQ damp 0.1", 3.5, 8, {"awq": True, "damp": 0.1}),
-             ("AWQ+GPTQ no clipping", 3.5, 8, {"awq": True, "clip": False}),
-             ("AWQ+GPTQ 32 x 512 calibration", 3.5, 32, {"awq": True})]
+             ("GPTQ act-order", 4, 8, {"act_order": True}),
+             ("GPTQ", 3.5, 32, {}),
+             ("AWQ+GPTQ", 3.5, 32, {"awq": True}),
+             ("AWQ+GPTQ no clipping", 3.5, 8, {"awq": True, "clip": False})]
 
 
 def machine() -> str:
@@ -89,7 +96,12 @@ def method_table(rows: list[dict], group_sizes, bits_list, methods, big: str) ->
             best = min(found, key=lambda m: found[m][small])
             line = (f"\nint{bits:g} g{group_size}: best method {METHODS[best]}, {found[best][small]:.2f} on the "
                     f"{TARGET_TOKENS}-token set")
-            if group_size == 64:
+            if bits == 8:
+                increase = found[best][small] / float_row[small] - 1
+                line += (f", {100 * increase:+.2f} % vs float" + (
+                    f" (target <= {100 * INT8_TARGET:g} % at g128: {'met' if increase <= INT8_TARGET else 'missed'})"
+                    if group_size == 128 else ""))
+            elif group_size == 64:
                 target = TARGETS[bits]
                 line += (f" (target <= {target}: {'met' if found[best][small] <= target else 'missed'} by "
                          f"{abs(found[best][small] - target):.2f})")
@@ -99,6 +111,46 @@ def method_table(rows: list[dict], group_sizes, bits_list, methods, big: str) ->
                          f"{b[big] - a[big]:+.2f} ({n_big} tokens)")
             lines.append(line + ".")
     return lines
+
+
+def llama_cpp_table(rows: list[dict], float_row: dict, big: str) -> list[str]:
+    small = f"perplexity_{TARGET_TOKENS}"
+    sets = [small] + ([big] if big != small else [])
+    columns = " | ".join(f"perplexity ({k.split('_')[1]})" for k in sets)
+    lines = ["", f"llama.cpp {rows[0]['version']} on the same float weights (its converter to F32, then its quantizer, "
+             "no importance matrix), the same evaluation tokens and windows:", "",
+             f"| llama.cpp | bits/weight (linears) | {columns} | increase vs float ({big.split('_')[1]}) | "
+             "linear tensor types | quantize s |", "|---" * (5 + len(sets)) + "|"]
+    for r in rows:
+        types = ", ".join(f"{t} x{c}" for t, c in r["linear_types"].items())
+        lines.append(f"| {r['variant']} | {r['bits_per_weight']:.2f} | " + " | ".join(f"{r[k]:.2f}" for k in sets)
+                     + f" | {r[big] - float_row[big]:+.2f} | {types} | {r['quantize_seconds']:.0f} |")
+    return lines + ["", "bits/weight (linears): the bytes of the decoder blocks' q/k/v/o/gate/up/down tensors in the "
+                    "GGUF file x 8 / their weights, as lowbit's rows count them. SmolLM2's 576-wide rows are not a "
+                    "multiple of the K-quants' 256-column super-blocks, so llama.cpp stores many tensors in a "
+                    "fallback type (the types column)."]
+
+
+def run_llama_cpp(types: list[str], sets: dict) -> list[dict]:
+    """llama.cpp rows: each GGUF type made from SmolLM2's float directory, perplexity on the same token sets."""
+    cache = cache_dir() / "llama_cpp"
+    source = llama_cpp_peer.llama_cpp_source(cache)
+    model_dir = lowbit.fetch("smollm2")
+    rows = []
+    for t in types:
+        start = time.perf_counter()
+        path = llama_cpp_peer.gguf_file(model_dir, t, cache, source)
+        seconds = time.perf_counter() - start  # 0 when the file was cached
+        summary = llama_cpp_peer.gguf_summary(path)
+        rows.append({"variant": t.upper(), "gguf": str(path), "version": llama_cpp_peer.import_llama_cpp().__version__,
+                     "bits_per_weight": summary["linear_bits_per_weight"], "linear_types": summary["linear_types"],
+                     "quantize_seconds": seconds}
+                    | {f"perplexity_{n}": llama_cpp_peer.llama_cpp_perplexity(path, ids[0].tolist(),
+                                                                             torch.get_num_threads())
+                       for n, ids in sets.items()})
+        print(f"llama.cpp {t}: perplexity " + " / ".join(f"{v:.3f}" for k, v in rows[-1].items()
+                                                       if k.startswith("perplexity")), flush=True)
+    return rows
 
 
 def budget_table(rows: list[dict], big: str, uniform: list[dict]) -> list[str]:
@@ -160,24 +212,37 @@ def main():
     parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens of the second (larger) set")
     parser.add_argument("--calib-samples", type=int, default=8, help="calibration sequences of 512 tokens")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--bits", nargs="+", type=float, default=[4, 3.5], choices=[4, 3.5])
+    parser.add_argument("--bits", nargs="+", type=float, default=[4, 3.5, 8], choices=[4, 3.5, 8])
     parser.add_argument("--group-sizes", nargs="+", type=int, default=[64, 128], choices=[32, 64, 128, 256])
-    parser.add_argument("--ablations", action="store_true", help="GPTQ settings instead of the method table")
+    parser.add_argument("--ablations", nargs="*", type=int, help="GPTQ settings instead of the method table: "
+                        "all of ABLATIONS, or those of the given indices")
+    parser.add_argument("--merge", nargs="+", type=Path, help="merge the JSON results of parallel runs (same "
+                        "calibration and evaluation tokens, one float row) into --out, instead of measuring")
     parser.add_argument("--budgets", nargs="+", type=float, help="bits-per-weight budgets (with each of --methods) "
                         "instead of the method table")
+    parser.add_argument("--llama-cpp-types", nargs="+", default=LLAMA_CPP_TYPES,
+                        help="llama.cpp GGUF types of the same float weights (method table, when llama_cpp is "
+                        "importable)")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even when importable")
     parser.add_argument("--out", type=Path, help="output path without extension (default: benchmarks/results/...)")
     args = parser.parse_args()
     group_sizes = [64] if args.quick else args.group_sizes
     eval_tokens = 2048 if args.quick else args.eval_tokens
     results = Path(__file__).parent / "results"
-    out = args.out or results / ("quality_smollm2_gptq_ablations" if args.ablations else
+    ablating = args.ablations is not None
+    out = args.out or results / ("quality_smollm2_gptq_ablations" if ablating else
                                  "quality_smollm2_budget" if args.budgets else "quality_smollm2")
+
+    kind = "ablations" if ablating else "budgets" if args.budgets else "methods"
+    uniform = json.loads((results / "quality_smollm2.json").read_text())["rows"] if args.budgets else []
+    if args.merge:
+        return merge(args.merge, out, uniform)
 
     torch.manual_seed(0)
     model = lowbit.LlamaForCausalLM.from_pretrained(lowbit.fetch("smollm2"))
     tok = model.tokenizer
     calib = {n: data.calibration_tokens(tok, n_samples=n, seq_len=512)
-             for n in {args.calib_samples} | ({32} if args.ablations else set())}
+             for n in {args.calib_samples} | ({32} if ablating else set())}
     sets = {n: data.evaluation_tokens(tok, max_tokens=n) for n in sorted({TARGET_TOKENS, eval_tokens + 1})}
     rmse_ids = data.evaluation_tokens(tok, max_tokens=1024).view(2, 512)
     small, big = f"perplexity_{TARGET_TOKENS}", f"perplexity_{eval_tokens + 1}"
@@ -190,10 +255,10 @@ def main():
             f"{args.calib_samples} x 512 tokens of the calibration split unless a row says otherwise; output head "
             f"float; int3.5 with AWQ and GPTQ in the saliency channel order. Machine: {machine()}.", "", CAVEAT, ""]
 
-    if args.ablations:  # name, bits, calibration sequences, quantize_llama_gptq options; group size 64
+    if ablating:  # name, bits, calibration sequences, quantize_llama_gptq options; group size 64
         jobs = [(name, bits, 64, n, lambda bits, g, n=n, options=options: quantize_llama_gptq(
                     copy.deepcopy(model), bits, g, calib[n], progress=False, **options), {"options": options})
-                for name, bits, n, options in ABLATIONS]
+                for i, (name, bits, n, options) in enumerate(ABLATIONS) if not args.ablations or i in args.ablations]
     elif args.budgets:  # the budget in the bits column, no group size: each linear's format is chosen
         jobs = [(f"budget {b:g} {METHODS[m]}", b, None, args.calib_samples, lambda b, _, m=m: lowbit.quantize_model(
                     model, bits_per_weight=b, method=m, calib=calib[args.calib_samples], inplace=False,
@@ -203,7 +268,9 @@ def main():
         jobs = [(f"int{bits:g} {METHODS[m]}", bits, g, args.calib_samples, lambda bits, g, m=m: lowbit.quantize_model(
                     model, bits, g, method=m, calib=calib[args.calib_samples], inplace=False), {"method": m})
                 for g in group_sizes for bits in args.bits for m in args.methods]
-    uniform = json.loads((results / "quality_smollm2.json").read_text())["rows"] if args.budgets else []
+    peer = []
+    if not (ablating or args.budgets or args.no_llama_cpp) and llama_cpp_peer.available():
+        peer = run_llama_cpp(args.llama_cpp_types, sets)
     for name, bits, group_size, n_calib, quantize, extra in jobs:
         start = time.perf_counter()
         q = quantize(bits, group_size)
@@ -218,14 +285,45 @@ def main():
         print(f"{name} g{group_size}: perplexity {r[small]:.3f} / {r[big]:.3f}, {r['bits_per_weight']:.3f} "
               f"bits/weight, output rel. RMSE {r['output_rel_rmse']:.4f}, {seconds:.1f} s", flush=True)
         # Written after every row, so that an interrupted run keeps what it measured.
-        table = "\n".join(head + (ablation_table(rows, big) if args.ablations else budget_table(rows, big, uniform)
-                                  if args.budgets else method_table(rows, group_sizes, args.bits, args.methods, big)))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "eval_tokens": eval_tokens,
-                                                        "caveat": CAVEAT, "rows": rows}, indent=1))
-        out.with_suffix(".md").write_text(table + "\n")
+        write_results(out, {"machine": machine(), "eval_tokens": eval_tokens, "caveat": CAVEAT, "kind": kind,
+                            "head": head, "rows": rows, "llama_cpp": peer}, uniform)
     print("\n" + out.with_suffix(".md").read_text())
 
+
+def write_results(out: Path, result: dict, uniform: list[dict]):
+    """out.json (result) and out.md, the table of result["kind"]: "methods", "ablations" or "budgets"."""
+    rows, peer, kind = result["rows"], result["llama_cpp"], result["kind"]
+    big = f"perplexity_{result['eval_tokens'] + 1}"
+    if kind == "ablations":
+        table = ablation_table(rows, big)
+    elif kind == "budgets":
+        table = budget_table(rows, big, uniform)
+    else:
+        present = rows[1:]
+        table = method_table(rows, sorted({r["group_size"] for r in present}, key=lambda g: (g != 64, g)),
+                             [b for b in (4, 3.5, 8) if any(r["bits"] == b for r in present)],
+                             [m for m in METHODS if any(r["method"] == m for r in present)], big)
+        table += llama_cpp_table(peer, rows[0], big) if peer else []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text("\n".join(result["head"] + table) + "\n")
+
+
+def merge(paths: list[Path], out: Path, uniform: list[dict]):
+    """One table from the JSON results of parallel runs of this script on the same tokens (their float rows agree)."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    first = parts[0]
+    for p, part in zip(paths, parts):
+        if part["kind"] != first["kind"] or part["eval_tokens"] != first["eval_tokens"] or \
+                part["rows"][0] != first["rows"][0]:
+            raise ValueError(f"{p}: not a parallel run of {paths[0]} (kind, evaluation tokens or float row differ)")
+    note = (f"Merged from {len(parts)} parallel runs of this script on the same calibration and evaluation tokens "
+            f"({', '.join(p.stem for p in paths)}).")
+    result = first | {"head": first["head"] + [note, ""],
+                      "rows": first["rows"][:1] + [r for part in parts for r in part["rows"][1:]],
+                      "llama_cpp": [r for part in parts for r in part["llama_cpp"]], "merged_from": list(map(str, paths))}
+    write_results(out, result, uniform)
+    print(out.with_suffix(".md").read_text())
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
 """llama.cpp, through llama-cpp-python, as a side-by-side peer of lowbit's generation benchmark.
 
 - GGUF files made by llama.cpp itself from a lowbit/HF float directory: F32 or F16 by its converter
-  (convert_hf_to_gguf.py from the llama-cpp-python source distribution of the installed version), Q4_0, Q4_1, Q4_K_M,
-  Q8_0 by its quantizer (llama_model_quantize with llama.cpp's default parameters); cached by (directory, type).
+  (convert_hf_to_gguf.py from the llama-cpp-python source distribution of the installed version), Q4_0, Q4_1, Q8_0
+  and K-quants (Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M, IQ4_XS; no importance matrix) by its quantizer (llama_model_quantize with llama.cpp's default parameters); cached by (directory, type).
 - A random-weight TinyLlama-1.1B-shaped float directory that lowbit and llama.cpp both load, with the LLaMA
   SentencePiece tokenizer (32000 tokens, rebuilt from the vocabulary file llama.cpp ships for its tokenizer tests).
 - Timing by bench_generate.py's rules: the same prompt ids, every token forced (EOS never stops the loop: greedy
@@ -27,6 +27,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,8 @@ from lowbit.io.fetch import cache_dir
 from lowbit.tokenizer import Tokenizer
 
 FLOAT_TYPES = ("f32", "f16")                                          # written by the converter
-QUANT_FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k_m": 15}        # llama_ftype values of llama.h
+QUANT_FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q3_k_s": 11, "q3_k_m": 12, "q4_k_s": 14, "q4_k_m": 15,
+                "iq4_xs": 30}                                          # llama_ftype values of llama.h
 TYPES = FLOAT_TYPES + tuple(QUANT_FTYPES)
 
 # The parts of llama.cpp's source used here (inside the sdist's vendor/llama.cpp).
@@ -167,14 +169,23 @@ def gguf_file(model_dir: str | Path, gguf_type: str, cache: str | Path, source: 
     return target
 
 
+# The decoder blocks' linear layers in llama.cpp's tensor names: what lowbit's bits/weight (linears) counts.
+LINEAR_SUFFIXES = tuple(f".{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                                  "ffn_down"))
+
+
 def gguf_summary(path: Path) -> dict:
-    """File size, bits per weight over all tensors, and the output head's type (token_embd when tied)."""
+    """File size, bits per weight over all tensors and over the decoder linears (with their types), and the output
+    head's type (token_embd when tied)."""
     import gguf
     reader = gguf.GGUFReader(str(path))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     elements = sum(int(t.n_elements) for t in reader.tensors)
     size = sum(int(t.n_bytes) for t in reader.tensors)
+    linears = [t for t in reader.tensors if t.name.startswith("blk.") and t.name.endswith(LINEAR_SUFFIXES)]
     return {"file_MB": path.stat().st_size / 1e6, "bits_per_weight": 8 * size / elements,
+            "linear_bits_per_weight": 8 * sum(int(t.n_bytes) for t in linears) / sum(int(t.n_elements) for t in linears),
+            "linear_types": dict(Counter(t.tensor_type.name for t in linears).most_common()),
             "head_type": types.get("output.weight", types.get("token_embd.weight"))}
 
 

@@ -54,7 +54,20 @@ def test_choice_fits_the_budget_and_more_bytes_give_less_error(tiny, saliency_or
     assert total(errors, choice) < total(errors, uniform)
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_awq_errors_are_measured_on_a_scaled_copy(tiny):
+    """With AWQ's scales the errors are those of the channel-scaled weights (they differ from the plain ones), and the
+    model itself is not changed by measuring them."""
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    fmts = [(4.0, 32), (4.0, 64), (3.5, 64)]
+    plain, shapes = measure_errors(tiny, calib_tokens(), fmts, True, progress=False)
+    scaled, scaled_shapes = measure_errors(tiny, calib_tokens(), fmts, True, progress=False, awq_format=(4.0, 64))
+    assert all(torch.equal(v, state[k]) for k, v in tiny.state_dict().items())
+    assert scaled_shapes == shapes and scaled.keys() == plain.keys()
+    assert all(e >= 0 and e < float("inf") for errs in scaled.values() for e in errs.values())
+    assert any(abs(scaled[n][f] - plain[n][f]) > 1e-3 * plain[n][f] for n in plain for f in fmts)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
 def test_quantize_model_within_budget(tiny, method):
     """The achieved bits per weight is what lowbit.eval counts, within the target; a budget of uniform int4 g64's
     size gives the quantized linears less output error on the calibration tokens (lowbit.eval.rmse_report, squared

@@ -15,11 +15,16 @@ the late blocks, whose residual stream is largest): 22.12 against 23.38 at 4.25 
 19.03 at 4.5 (at 4.0, near the cheapest choice, 39.83 against 36.61), and it costs no block forwards per
 candidate.
 
+With AWQ's methods the weights that get rounded are channel-scaled ones, on which the formats rank differently
+(SmolLM2's weights, dequantized from group-32 4-bit, are exact in int4 g32 until AWQ scales their columns), so
+there the errors are measured after each block's AWQ scales for int4 are folded into a copy of the block.
+
 Choice (choose_formats): the multiple-choice knapsack, greedily. Every linear starts in its cheapest candidate;
 the upgrades along each linear's lower convex hull of (bytes, error) are taken in decreasing order of error saved
 per byte while they fit; then the bytes left buy the single best further upgrade, again and again, while one fits.
 """
 
+import copy
 import heapq
 from collections import Counter
 
@@ -28,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import formats
-from .awq import block_inputs, run_block, saliency_perm, x_stats
+from .awq import block_inputs, run_block, saliency_perm, scale_block, x_stats
 from .nn import QuantLinear
 from .quantize import fake_quantize
 
@@ -51,26 +56,37 @@ def candidate_bytes(shape: tuple[int, int], fmt: Format, saliency_order: bool) -
 
 
 @torch.inference_mode()
-def measure_errors(model, calib: torch.Tensor, fmts: list[Format], saliency_order: bool, progress: bool = True
+def measure_errors(model, calib: torch.Tensor, fmts: list[Format], saliency_order: bool, progress: bool = True,
+                   awq_format: Format | None = None
                    ) -> tuple[dict[str, dict[Format, float]], dict[str, tuple[int, int]]]:
     """({qualified linear name: {format: output squared error}}, {name: weight shape [N, K]}) for every decoder
     linear of lowbit's or transformers' LlamaForCausalLM (see the module docstring), rounded to nearest on the
     min-max grid: a ranking of the formats, ten times cheaper than on the searched grid (which made choosing for
     SmolLM2 take over 15 minutes on one thread instead of ~100 s). calib: token ids [n_samples, seq_len]. Memory:
-    one block plus the calibration activations."""
+    one block plus the calibration activations.
+
+    awq_format: for the methods that scale channels first (AWQ, AWQ+GPTQ), each block's AWQ scales are searched
+    for this format and folded into a copy of the block (the model is not changed), and the errors are measured
+    on the scaled weights and inputs, as those methods will round them."""
     x, blocks, views = block_inputs(model, calib, "the bits-per-weight budget")
     errors, shapes = {}, {}
     for block_name, block in tqdm(blocks, desc="budget: measuring", disable=not progress):
         view = views(block)
-        inputs = {}
-        hooks = [view.linear(n).register_forward_hook(
-                 lambda module, args, output, n=n: inputs.setdefault(n, []).append(args[0]))
-                 for n in view.linear_names]
-        try:
-            x = run_block(view, x)  # the float block: the next block's input
-        finally:
-            for h in hooks:
-                h.remove()
+        if awq_format is not None:
+            view = views(copy.deepcopy(block))
+            scaled = scale_block(view, x, {n: awq_format for n in view.linear_names}, n_grid=20, n_search=2)
+            inputs = {n: [x_in] for n, (x_in, _) in scaled.items()}
+            x = run_block(view, x)  # the folded block computes what the float one does: the next block's input
+        else:
+            inputs = {}
+            hooks = [view.linear(n).register_forward_hook(
+                     lambda module, args, output, n=n: inputs.setdefault(n, []).append(args[0]))
+                     for n in view.linear_names]
+            try:
+                x = run_block(view, x)  # the float block: the next block's input
+            finally:
+                for h in hooks:
+                    h.remove()
         for name in view.linear_names:
             w = view.linear(name).weight.data.float()
             x_in = torch.cat(inputs.pop(name)).reshape(-1, w.shape[1]).float()
@@ -139,12 +155,12 @@ def choose_formats(errors: dict[str, dict[Format, float]], nbytes: dict[str, dic
 
 
 def choose_for_budget(model, bits_per_weight: float, calib: torch.Tensor, saliency_order: bool,
-                      group_size: int | None = None, fixed: tuple[int, int] = (0, 0), progress: bool = True
-                      ) -> dict[str, Format]:
+                      group_size: int | None = None, fixed: tuple[int, int] = (0, 0), progress: bool = True,
+                      awq_format: Format | None = None) -> dict[str, Format]:
     """{qualified decoder linear name: (bits, group_size)} within bits_per_weight over the quantized linears.
 
     fixed: (weights, bytes) of quantized linears outside the choice (a quantized output head), which count in
-    the budget. group_size: only candidates of this group size. ValueError naming the limits when the budget is
+    the budget. group_size: only candidates of this group size. awq_format: see measure_errors. ValueError naming the limits when the budget is
     below the cheapest choice or above every linear in int8 at the smallest group size (the most precise)."""
     if not isinstance(bits_per_weight, (int, float)) or isinstance(bits_per_weight, bool):
         raise ValueError(f"bits_per_weight must be a number, got {bits_per_weight!r}")
@@ -160,7 +176,7 @@ def choose_for_budget(model, bits_per_weight: float, calib: torch.Tensor, salien
         raise ValueError(f"bits_per_weight must lie in [{low:.4f}, {high:.4f}] for this model (every linear in its "
                          f"cheapest format of {', '.join(map(describe, fmts))}; every linear in "
                          f"{describe(most_precise)}), got {bits_per_weight}")
-    errors, measured = measure_errors(model, calib, fmts, saliency_order, progress)
+    errors, measured = measure_errors(model, calib, fmts, saliency_order, progress, awq_format)
     if measured != shapes:
         raise ValueError(f"the budget chooses formats for the decoder blocks' linears only, but this model has other "
                          f"linears besides its output head: {sorted(set(shapes) - set(measured))[:3]}")

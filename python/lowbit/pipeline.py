@@ -82,9 +82,11 @@ def quantize_model(model: nn.Module, bits: float | None = None, group_size: int 
         fixed = (head.weight.numel(), formats.quantized_nbytes(*head.weight.shape, *head_format, has_perm=False)) \
             if quantize_lm_head else (0, 0)
         # int3.5 stores AWQ's saliency order (a permutation) with every calibrated method.
+        # AWQ's methods round channel-scaled weights: the errors are measured on them (scales searched for int4).
+        awq_format = (4.0, group_size if given_group_size else 64) if method in ("awq", "awq+gptq") else None
         module_formats = choose_for_budget(model, bits_per_weight, calib, saliency_order=method != "rtn",
                                            group_size=group_size if given_group_size else None, fixed=fixed,
-                                           progress=progress)
+                                           progress=progress, awq_format=awq_format)
         (bits, group_size), _ = Counter(module_formats.values()).most_common(1)[0]
     if method == "awq":
         quantize_llama_awq(model, bits, group_size, calib, integer_zeros=integer_zeros, progress=progress,
