@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import lowbit
 from conftest import tiny_hf_llama
 from lowbit.cli import main as cli
+from lowbit.generate import Sampling, Stats, generate_tokens
 from lowbit.gptq import act_order_perm, gptq_quantize, hessian, quantize_llama_gptq
 from lowbit.models.llama import LlamaForCausalLM
 from lowbit.quantize import quantize_weight
@@ -143,6 +144,49 @@ def test_convert_cli_with_gptq(tmp_path, smollm2_dir):
     ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(lowbit.load_quantized(out)(ids), expected(ids))
+
+
+def test_convert_cli_with_act_order_and_more_calibration(tmp_path, smollm2_dir):
+    """`--act-order --calib-samples 2`: every int4 decoder linear stores GPTQ's column order as its permutation, the
+    checkpoint holds what quantize_model computes on 2 calibration windows, and the fused CPU decode runs it as
+    the eager forward does (greedy tokens equal)."""
+    hf = tmp_path / "hf"
+    tiny_hf_llama(hf, vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, hf / name)
+    out = tmp_path / "q"
+    assert cli(["convert", str(hf), str(out), "--bits", "4", "--group-size", "32", "--method", "awq+gptq",
+                "--act-order", "--calib-samples", "2", "--float-dtype", "float32"]) == 0
+    model = LlamaForCausalLM.from_pretrained(hf)
+    calib = lowbit.data.calibration_tokens(model.tokenizer, n_samples=2, seq_len=512)
+    expected = lowbit.quantize_model(model, 4, 32, method="awq+gptq", calib=calib, act_order=True)
+    loaded = lowbit.load_quantized(out)
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, lowbit.QuantLinear)}
+    assert layers and all(m.perm is not None for m in layers.values())
+    saved = load_file(str(out / "model.safetensors"))
+    for name, t in expected.state_dict().items():
+        if name != "lm_head.weight":
+            assert torch.equal(saved[name], t), name
+    ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), expected(ids))
+        runs = {fused: [int(t[0]) for t in generate_tokens(loaded, ids, Sampling(max_new_tokens=8, ignore_eos=True),
+                                                           Stats(), fused=fused)] for fused in (True, False)}
+    assert runs[True] == runs[False]
+
+
+def test_act_order_and_calibration_size_are_checked(tmp_path):
+    tiny_hf_llama(tmp_path / "hf")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    calib = torch.randint(0, 512, (2, 32))
+    with pytest.raises(ValueError, match="act_order needs method 'gptq' or 'awq\\+gptq'"):
+        lowbit.quantize_model(model, 4, 32, method="awq", calib=calib, act_order=True)
+    with pytest.raises(ValueError, match="act_order needs .* one format"):
+        lowbit.quantize_model(model, bits_per_weight=4.5, method="gptq", calib=calib, act_order=True)
+    with pytest.raises(ValueError, match="act_order needs method"):
+        lowbit.convert(tmp_path / "hf", tmp_path / "q", act_order=True)
+    with pytest.raises(ValueError, match="calib_samples must be a positive number"):
+        lowbit.convert(tmp_path / "hf", tmp_path / "q", method="gptq", calib_samples=0)
 
 
 @pytest.mark.slow

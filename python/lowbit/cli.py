@@ -26,6 +26,11 @@ def add_quantization_args(p: argparse.ArgumentParser, converts: bool) -> None:
                    help="default 128; with --bits-per-weight: the only group size to choose from")
     p.add_argument("--method", default="rtn", choices=list(METHODS),
                    help="awq, gptq, awq+gptq: calibrate (minutes on a CPU)")
+    p.add_argument("--act-order", action="store_true",
+                   help="gptq, awq+gptq: round each layer's columns in decreasing order of their inputs' size (a "
+                        "stored permutation, 4 bytes per input feature; int3.5 keeps its saliency order)")
+    p.add_argument("--calib-samples", type=int, default=8, metavar="N",
+                   help="calibrate on N windows of 512 tokens (default 8; more: slower, often better GPTQ)")
     p.add_argument("--grid", default="mse", choices=["mse", "minmax"],
                    help="how round to nearest picks each group's scale and zero point: mse searches for the least "
                         "squared error (default), minmax takes the group's range (about 10x faster)")
@@ -51,14 +56,16 @@ def head_format(args, default: str = "none") -> dict:
 def load_for_cli(args):
     from . import data, fetch, quantize_model
     from .io.fetch import MODELS
+    from .pipeline import check_calib_samples
     from .models.llama import LlamaForCausalLM
     path = fetch(args.model) if args.model in MODELS else args.model
     model = LlamaForCausalLM.from_pretrained(path)
     if args.bits is not None or args.bits_per_weight is not None:
         calibrates = args.method != "rtn" or args.bits_per_weight is not None
-        calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512) if calibrates else None
+        calib = data.calibration_tokens(model.tokenizer, n_samples=check_calib_samples(args.calib_samples),
+                                        seq_len=512) if calibrates else None
         quantize_model(model, args.bits, args.group_size, method=args.method, calib=calib, grid=args.grid,
-                       bits_per_weight=args.bits_per_weight,
+                       bits_per_weight=args.bits_per_weight, act_order=args.act_order,
                        **head_format(args, default="8" if args.device == "cpu" else "none"))
         if args.bits_per_weight is not None:
             print_budget(model)
@@ -141,7 +148,7 @@ def cmd_convert(args) -> int:
     out = convert(args.src, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
                   calib_file=args.calib_file, align=args.align, force=args.force, integer_zeros=args.integer_zeros,
                   grid=args.grid, float_dtype=getattr(torch, args.float_dtype), bits_per_weight=args.bits_per_weight,
-                  **head_format(args))
+                  act_order=args.act_order, calib_samples=args.calib_samples, **head_format(args))
     if args.bits_per_weight is not None:
         from .io.checkpoint import load_quantized
         print_budget(load_quantized(out))

@@ -40,7 +40,7 @@ def quantize_model(model: nn.Module, bits: float | None = None, group_size: int 
                    calib=None, modules_to_not_convert: list[str] | None = None, quantize_lm_head: bool = False,
                    inplace: bool = True, integer_zeros: bool = False, lm_head_bits: float | None = None,
                    lm_head_group_size: int | None = None, bits_per_weight: float | None = None,
-                   progress: bool = True, grid: str = "mse") -> nn.Module:
+                   progress: bool = True, grid: str = "mse", act_order: bool = False) -> nn.Module:
     """Replace every nn.Linear of `model` by a QuantLinear (lowbit's LLaMA or transformers' LlamaForCausalLM).
 
     Every linear in one format, bits (default 4) and group_size (default 128); or, with bits_per_weight instead
@@ -60,8 +60,13 @@ def quantize_model(model: nn.Module, bits: float | None = None, group_size: int 
     zero point; AWQ's layers keep its clipped ranges). The choices are kept in model.quantization (save_quantized
     writes them to config.json): "bits" and "group_size" are the most common format, "module_formats" lists the
     linears in another one, and with a budget "bits_per_weight" holds {"target": bits_per_weight, "achieved": ...}.
+    act_order (GPTQ's methods, one format): round int4/int8 columns in decreasing order of their inputs' energy
+    (lowbit.gptq), stored as each layer's input permutation (4 bytes per input feature).
     """
     check_method(method)
+    if act_order and (method not in ("gptq", "awq+gptq") or bits_per_weight is not None):
+        raise ValueError(f"act_order needs method 'gptq' or 'awq+gptq' and one format (not bits_per_weight), got "
+                         f"method={method!r}, bits_per_weight={bits_per_weight!r}")
     given_group_size = group_size is not None
     if bits_per_weight is not None:
         if bits is not None:
@@ -93,7 +98,7 @@ def quantize_model(model: nn.Module, bits: float | None = None, group_size: int 
                            module_formats=module_formats)
     elif method in ("gptq", "awq+gptq"):
         quantize_llama_gptq(model, bits, group_size, calib, awq=method == "awq+gptq", integer_zeros=integer_zeros,
-                            progress=progress, module_formats=module_formats)
+                            act_order=act_order, progress=progress, module_formats=module_formats)
     keep = list(modules_to_not_convert or []) + ([] if quantize_lm_head else ["lm_head"])
 
     def layer_format(name: str) -> tuple[float, int]:
@@ -120,12 +125,14 @@ def quantize_model(model: nn.Module, bits: float | None = None, group_size: int 
 def convert(src, out, bits: float | None = None, group_size: int | None = None, method: str = "rtn", calib_file=None,
             align: int | None = None, force: bool = False, integer_zeros: bool = False, quantize_lm_head: bool = False,
             float_dtype: torch.dtype = torch.float16, progress: bool = True, lm_head_bits: float | None = None,
-            lm_head_group_size: int | None = None, bits_per_weight: float | None = None, grid: str = "mse") -> Path:
+            lm_head_group_size: int | None = None, bits_per_weight: float | None = None, grid: str = "mse",
+            act_order: bool = False, calib_samples: int = 8) -> Path:
     """Quantize an HF float directory or a .gguf file into a lowbit checkpoint; or import an AutoAWQ one.
 
     RTN in one format streams layer by layer (memory: one decoder layer plus one output shard). AWQ, GPTQ and a
     bits-per-weight budget need calibration forward passes through the whole float model, so they load the model
-    first. bits, group_size, bits_per_weight, grid and the head options are quantize_model's."""
+    first, and calibrate on calib_samples windows of 512 tokens (of calib_file, or lowbit.data). bits, group_size,
+    bits_per_weight, grid, act_order and the head options are quantize_model's."""
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
@@ -139,6 +146,9 @@ def convert(src, out, bits: float | None = None, group_size: int | None = None, 
     if align is not None and (not isinstance(align, int) or align < 8 or align & (align - 1)):
         raise ValueError(f"align must be a power of two >= 8, got {align!r}")
     check_method(method)
+    check_calib_samples(calib_samples)
+    if act_order and method not in ("gptq", "awq+gptq"):
+        raise ValueError(f"act_order needs method 'gptq' or 'awq+gptq', got {method!r}")
     if src.is_dir() and (src / "config.json").is_file():
         raw = json.loads((src / "config.json").read_text())
         qm = (raw.get("quantization_config") or {}).get("quant_method")
@@ -150,15 +160,21 @@ def convert(src, out, bits: float | None = None, group_size: int | None = None, 
     if method != "rtn" or bits_per_weight is not None:
         model = load_model(src)
         text = Path(calib_file).read_text() if calib_file else None
-        calib = data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512, text=text)
+        calib = data.calibration_tokens(model.tokenizer, n_samples=calib_samples, seq_len=512, text=text)
         budget = ({"bits_per_weight": bits_per_weight, "group_size": requested_group_size}
                   if bits_per_weight is not None else {"bits": bits, "group_size": group_size})
         quantize_model(model, method=method, calib=calib, quantize_lm_head=quantize_lm_head,
                        integer_zeros=integer_zeros, lm_head_bits=lm_head_bits, lm_head_group_size=lm_head_group_size,
-                       progress=progress, grid=grid, **budget)
+                       progress=progress, grid=grid, act_order=act_order, **budget)
         return save_quantized(model, out, force, align, float_dtype)
     return quantize_checkpoint_rtn(src, out, bits, group_size, align, force, integer_zeros, quantize_lm_head,
                                    float_dtype, progress, lm_head_format=head_format, grid=grid)
+
+
+def check_calib_samples(n) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"calib_samples must be a positive number of 512-token windows, got {n!r}")
+    return n
 
 
 def check_method(method) -> str:
