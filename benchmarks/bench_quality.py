@@ -10,7 +10,7 @@ SmolLM2's "float" weights are the dequantized Q4_1 GGUF it ships as, so int4 wit
 reproduces them exactly; every table says so.
 
     python benchmarks/bench_quality.py             # writes benchmarks/results/quality_smollm2.{json,md}
-    python benchmarks/bench_quality.py --quick     # group size 64 only, 2048 tokens for the second set
+    python benchmarks/bench_quality.py --quick     # int4 and int3.5, group size 64 only, 2048 tokens for the second set
     python benchmarks/bench_quality.py --ablations # GPTQ settings (damping, act-order, block size, calibration
                                                    # size, clipping) -> results/quality_smollm2_gptq_ablations.*
     python benchmarks/bench_quality.py --budgets 3.75 4 4.25 4.5 --methods rtn
@@ -46,7 +46,8 @@ LLAMA_CPP_TYPES = ["q4_k_m", "q4_k_s", "q3_k_m", "iq4_xs", "q4_0", "q3_k_s", "q8
 CAVEAT = ("The float weights are SmolLM2's dequantized Q4_1 GGUF (group-32 asymmetric 4-bit), so int4 with group "
           "size 32 would reproduce them exactly: these numbers measure re-quantizing already 4-bit weights.")
 # GPTQ settings tried against the defaults (damp 0.01, 8 x 512 calibration, AWQ's clipping, no act-order), at
-# group size 64, most telling first: name, bits, calibration sequences, quantize_llama_gptq options.
+# group size 64, most telling first: name, bits, calibration sequences, quantize_llama_gptq options (and the
+# calibration windows' seed, default 0).
 ABLATIONS = [("AWQ+GPTQ act-order", 4, 8, {"awq": True, "act_order": True}),
              ("AWQ+GPTQ act-order", 4, 32, {"awq": True, "act_order": True}),
              ("AWQ+GPTQ", 4, 32, {"awq": True}),
@@ -54,7 +55,13 @@ ABLATIONS = [("AWQ+GPTQ act-order", 4, 8, {"awq": True, "act_order": True}),
              ("GPTQ act-order", 4, 8, {"act_order": True}),
              ("GPTQ", 3.5, 32, {}),
              ("AWQ+GPTQ", 3.5, 32, {"awq": True}),
-             ("AWQ+GPTQ no clipping", 3.5, 8, {"awq": True, "clip": False})]
+             ("AWQ+GPTQ no clipping", 3.5, 8, {"awq": True, "clip": False}),
+             # Other calibration windows of the same size (calib_seed: lowbit.data.calibration_tokens's seed): how
+             # far the result moves with nothing but the sample.
+             ("AWQ+GPTQ", 4, 8, {"awq": True, "calib_seed": 1}),
+             ("AWQ+GPTQ", 4, 8, {"awq": True, "calib_seed": 2}),
+             ("GPTQ", 3.5, 8, {"calib_seed": 1}),
+             ("GPTQ", 3.5, 8, {"calib_seed": 2})]
 
 
 def machine() -> str:
@@ -199,7 +206,8 @@ def ablation_table(rows: list[dict], big: str) -> list[str]:
     lines = [f"| format | variant | group | calibration | bits/weight | perplexity ({TARGET_TOKENS}) | "
              f"perplexity ({big.split('_')[1]}) | out rel. RMSE | quantize s |", "|---" * 9 + "|"]
     for r in rows[1:]:
-        lines.append(f"| int{r['bits']:g} | {r['variant']} | {r['group_size']} | {r['calib_samples']} x 512 | "
+        seed = f" (seed {r['calib_seed']})" if r.get("calib_seed") else ""
+        lines.append(f"| int{r['bits']:g} | {r['variant']} | {r['group_size']} | {r['calib_samples']} x 512{seed} | "
                      f"{r['bits_per_weight']:.3f} | {r[small]:.2f} | {r[big]:.2f} | {r['output_rel_rmse']:.4f} | "
                      f"{r['quantize_seconds']:.0f} |")
     return lines + [f"\nfloat32: {float_row[small]:.2f} / {float_row[big]:.2f}. The defaults' rows are in "
@@ -212,7 +220,8 @@ def main():
     parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens of the second (larger) set")
     parser.add_argument("--calib-samples", type=int, default=8, help="calibration sequences of 512 tokens")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--bits", nargs="+", type=float, default=[4, 3.5, 8], choices=[4, 3.5, 8])
+    parser.add_argument("--bits", nargs="+", type=float, choices=[4, 3.5, 8],
+                        help="formats (default: 4 3.5 8; with --quick 4 3.5)")
     parser.add_argument("--group-sizes", nargs="+", type=int, default=[64, 128], choices=[32, 64, 128, 256])
     parser.add_argument("--ablations", nargs="*", type=int, help="GPTQ settings instead of the method table: "
                         "all of ABLATIONS, or those of the given indices")
@@ -227,6 +236,7 @@ def main():
     parser.add_argument("--out", type=Path, help="output path without extension (default: benchmarks/results/...)")
     args = parser.parse_args()
     group_sizes = [64] if args.quick else args.group_sizes
+    args.bits = args.bits or ([4, 3.5] if args.quick else [4, 3.5, 8])
     eval_tokens = 2048 if args.quick else args.eval_tokens
     results = Path(__file__).parent / "results"
     ablating = args.ablations is not None
@@ -241,8 +251,11 @@ def main():
     torch.manual_seed(0)
     model = lowbit.LlamaForCausalLM.from_pretrained(lowbit.fetch("smollm2"))
     tok = model.tokenizer
-    calib = {n: data.calibration_tokens(tok, n_samples=n, seq_len=512)
-             for n in {args.calib_samples} | ({32} if ablating else set())}
+    ablations = [(name, bits, n, options.get("calib_seed", 0),
+                  {k: v for k, v in options.items() if k != "calib_seed"})
+                 for i, (name, bits, n, options) in enumerate(ABLATIONS) if not args.ablations or i in args.ablations]
+    calib = {(n, seed): data.calibration_tokens(tok, n_samples=n, seq_len=512, seed=seed)
+             for n, seed in {(args.calib_samples, 0)} | {(a[2], a[3]) for a in ablations if ablating}}
     sets = {n: data.evaluation_tokens(tok, max_tokens=n) for n in sorted({TARGET_TOKENS, eval_tokens + 1})}
     rmse_ids = data.evaluation_tokens(tok, max_tokens=1024).view(2, 512)
     small, big = f"perplexity_{TARGET_TOKENS}", f"perplexity_{eval_tokens + 1}"
@@ -256,17 +269,19 @@ def main():
             f"float; int3.5 with AWQ and GPTQ in the saliency channel order. Machine: {machine()}.", "", CAVEAT, ""]
 
     if ablating:  # name, bits, calibration sequences, quantize_llama_gptq options; group size 64
-        jobs = [(name, bits, 64, n, lambda bits, g, n=n, options=options: quantize_llama_gptq(
-                    copy.deepcopy(model), bits, g, calib[n], progress=False, **options), {"options": options})
-                for i, (name, bits, n, options) in enumerate(ABLATIONS) if not args.ablations or i in args.ablations]
+        jobs = [(name, bits, 64, n, lambda bits, g, key=(n, seed), options=options: quantize_llama_gptq(
+                    copy.deepcopy(model), bits, g, calib[key], progress=False, **options),
+                 {"options": options, "calib_seed": seed})
+                for name, bits, n, seed, options in ablations]
     elif args.budgets:  # the budget in the bits column, no group size: each linear's format is chosen
         jobs = [(f"budget {b:g} {METHODS[m]}", b, None, args.calib_samples, lambda b, _, m=m: lowbit.quantize_model(
-                    model, bits_per_weight=b, method=m, calib=calib[args.calib_samples], inplace=False,
-                    progress=False), {"method": m, "budget": b})
+                    model, bits_per_weight=b, method=m, calib=calib[args.calib_samples, 0],
+                    inplace=False, progress=False), {"method": m, "budget": b})
                 for b in args.budgets for m in args.methods]
     else:
         jobs = [(f"int{bits:g} {METHODS[m]}", bits, g, args.calib_samples, lambda bits, g, m=m: lowbit.quantize_model(
-                    model, bits, g, method=m, calib=calib[args.calib_samples], inplace=False), {"method": m})
+                    model, bits, g, method=m, calib=calib[args.calib_samples, 0], inplace=False),
+                 {"method": m})
                 for g in group_sizes for bits in args.bits for m in args.methods]
     peer = []
     if not (ablating or args.budgets or args.no_llama_cpp) and llama_cpp_peer.available():
