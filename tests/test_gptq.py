@@ -122,13 +122,27 @@ def test_quantize_llama_gptq_is_deterministic(tmp_path):
         lowbit.quantize_model(model, 4, 32, method="awq+gptq", calib=None)
 
 
-def test_convert_cli_with_gptq(tmp_path, smollm2_dir):
-    """`lowbit convert --method gptq` on a tiny model with SmolLM2's tokenizer (calibration from lowbit.data):
-    the checkpoint holds exactly what quantize_model computes, passes inspect and loads as the same model."""
+def tiny_dir_with_smollm2_tokenizer(tmp_path, smollm2_dir):
+    """A tiny HF LLaMA directory with SmolLM2's vocabulary and tokenizer (so lowbit.data can calibrate it)."""
     hf = tmp_path / "hf"
     tiny_hf_llama(hf, vocab_size=49152)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2_dir / name, hf / name)
+    return hf
+
+
+def assert_saved_as(out, expected):
+    """The checkpoint at out holds expected's tensors bit for bit (the tied head aside)."""
+    saved = load_file(str(out / "model.safetensors"))
+    for name, t in expected.state_dict().items():
+        if name != "lm_head.weight":
+            assert torch.equal(saved[name], t), name
+
+
+def test_convert_cli_with_gptq(tmp_path, smollm2_dir):
+    """`lowbit convert --method gptq` on a tiny model with SmolLM2's tokenizer (calibration from lowbit.data):
+    the checkpoint holds exactly what quantize_model computes, passes inspect and loads as the same model."""
+    hf = tiny_dir_with_smollm2_tokenizer(tmp_path, smollm2_dir)
     out = tmp_path / "q"
     assert cli(["convert", str(hf), str(out), "--bits", "3.5", "--group-size", "32", "--method", "gptq",
                 "--float-dtype", "float32"]) == 0
@@ -137,10 +151,7 @@ def test_convert_cli_with_gptq(tmp_path, smollm2_dir):
     model = LlamaForCausalLM.from_pretrained(hf)
     calib = lowbit.data.calibration_tokens(model.tokenizer, n_samples=8, seq_len=512)
     expected = lowbit.quantize_model(model, 3.5, 32, method="gptq", calib=calib)
-    saved = load_file(str(out / "model.safetensors"))
-    for name, t in expected.state_dict().items():
-        if name != "lm_head.weight":
-            assert torch.equal(saved[name], t), name
+    assert_saved_as(out, expected)
     ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(lowbit.load_quantized(out)(ids), expected(ids))
@@ -150,10 +161,7 @@ def test_convert_cli_with_act_order_and_more_calibration(tmp_path, smollm2_dir):
     """`--act-order --calib-samples 2`: every int4 decoder linear stores GPTQ's column order as its permutation, the
     checkpoint holds what quantize_model computes on 2 calibration windows, and the fused CPU decode runs it as
     the eager forward does (greedy tokens equal)."""
-    hf = tmp_path / "hf"
-    tiny_hf_llama(hf, vocab_size=49152)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir / name, hf / name)
+    hf = tiny_dir_with_smollm2_tokenizer(tmp_path, smollm2_dir)
     out = tmp_path / "q"
     assert cli(["convert", str(hf), str(out), "--bits", "4", "--group-size", "32", "--method", "awq+gptq",
                 "--act-order", "--calib-samples", "2", "--float-dtype", "float32"]) == 0
@@ -163,10 +171,7 @@ def test_convert_cli_with_act_order_and_more_calibration(tmp_path, smollm2_dir):
     loaded = lowbit.load_quantized(out)
     layers = {n: m for n, m in loaded.named_modules() if isinstance(m, lowbit.QuantLinear)}
     assert layers and all(m.perm is not None for m in layers.values())
-    saved = load_file(str(out / "model.safetensors"))
-    for name, t in expected.state_dict().items():
-        if name != "lm_head.weight":
-            assert torch.equal(saved[name], t), name
+    assert_saved_as(out, expected)
     ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids), expected(ids))

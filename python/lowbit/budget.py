@@ -71,9 +71,8 @@ def measure_errors(model, calib: torch.Tensor, fmts: list[Format], saliency_orde
     x, blocks, views = block_inputs(model, calib, "the bits-per-weight budget")
     errors, shapes = {}, {}
     for block_name, block in tqdm(blocks, desc="budget: measuring", disable=not progress):
-        view = views(block)
+        view = views(block if awq_format is None else copy.deepcopy(block))
         if awq_format is not None:
-            view = views(copy.deepcopy(block))
             scaled = scale_block(view, x, {n: awq_format for n in view.linear_names}, n_grid=20, n_search=2)
             inputs = {n: [x_in] for n, (x_in, _) in scaled.items()}
             x = run_block(view, x)  # the folded block computes what the float one does: the next block's input
