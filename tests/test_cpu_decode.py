@@ -10,7 +10,8 @@ from lowbit.models.llama import LlamaConfig, LlamaForCausalLM
 from lowbit.nn import QuantLinear, replace_linears
 
 
-# Head sizes: 32 takes the 16-float attention kernel on AVX-512, 24 the 8-float one everywhere.
+# Head sizes: 32, 64 and 128 take the 16-float attention kernel on AVX-512 (compiled per size), 24 the 8-float one
+# everywhere.
 def tiny_model(bits, lm_head_bits=None, perm=False, bias=False, seed=0, head_dim=24):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=224, num_hidden_layers=3,
@@ -46,7 +47,8 @@ def reference_logits(model, prompt, token, cache_len):
 
 @pytest.mark.parametrize("bits,lm_head_bits,perm,bias,head_dim", [
     (4, None, False, False, 24), (3.5, 4, True, True, 32), (4, 3.5, True, False, 24), (8, 8, True, True, 32),
-    (4, 8, False, False, 32), (None, None, False, True, 24), (None, None, False, False, 32)])
+    (4, 8, False, False, 32), (None, None, False, True, 24), (None, None, False, False, 32), (4, 8, False, False, 64),
+    (None, None, False, False, 128)])
 @torch.inference_mode()
 def test_fused_step_matches_the_forward(isa, bits, lm_head_bits, perm, bias, head_dim):
     # Three sequences of different lengths in permuted cache rows, each decoding one token at its own position.
@@ -145,7 +147,7 @@ def test_bad_step_arguments_raise_clear_errors():
             step(tokens, positions, slots)
 
 
-@pytest.mark.parametrize("head_dim", [24, 32])
+@pytest.mark.parametrize("head_dim", [24, 32, 64])
 @torch.inference_mode()
 def test_non_finite_values_propagate(head_dim):
     model = tiny_model(4, head_dim=head_dim)
@@ -156,7 +158,7 @@ def test_non_finite_values_propagate(head_dim):
 
 
 @pytest.mark.parametrize("bits", [4, None])
-@pytest.mark.parametrize("head_dim", [24, 32])
+@pytest.mark.parametrize("head_dim", [24, 32, 64, 128])
 @torch.inference_mode()
 def test_fused_prefill_matches_the_forward(isa, bits, head_dim):
     # Two prompts of 40 tokens in one call (causal attention over each one's own cache row): the last tokens'

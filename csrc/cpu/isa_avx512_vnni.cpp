@@ -285,12 +285,14 @@ void silu_mul_vectors(const float* gate, const float* up, int64_t n, float* out)
 }
 
 // Consecutive items of one row whose heads share a key/value head (grouped-query attention) run together, a
-// block of 16 keys at a time: the block is read from memory once, then from L1 for the other heads.
-void attend_vectors(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
-  constexpr int kMaxVecs = 16;  // head_dim up to 256
+// block of 16 keys at a time: the block is read from memory once, then from L1 for the other heads. V: vectors of
+// 16 floats per head, a compile-time constant so that the 16 dot products and the output stay in registers (with a
+// run-time V they lived on the stack, and each dot product was one chain of dependent FMAs).
+template <int V>
+void attend_heads(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
   constexpr int64_t kMaxRun = 16;
-  const int64_t D = a.D, V = D / 16, group = a.H / a.Hkv;
-  if (D % 16 != 0 || V > kMaxVecs) return attend(a, item_begin, item_end);  // the 8-float kernel
+  constexpr int64_t D = 16 * V;
+  const int64_t group = a.H / a.Hkv;
   for (int64_t first = item_begin; first < item_end;) {
     const int64_t r = first / a.H, g = first % a.H / group, length = a.lengths[r];
     const int64_t group_end = r * a.H + (g + 1) * group, last = item_end < group_end ? item_end : group_end;
@@ -307,10 +309,12 @@ void attend_vectors(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
       for (int64_t i = 0; i < run; ++i) {
         const float* q = a.q + (first + i) * D;
         __m512 dot[16];
+#pragma GCC unroll 16
         for (int j = 0; j < 16; ++j) {
           dot[j] = _mm512_setzero_ps();
           if (j < count)
-            for (int64_t v = 0; v < V; ++v)
+#pragma GCC unroll 16
+            for (int v = 0; v < V; ++v)
               dot[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + v * 16), _mm512_loadu_ps(keys + (j0 + j) * D + v * 16),
                                        dot[j]);
         }
@@ -338,17 +342,34 @@ void attend_vectors(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
       for (int64_t i = 0; i < run; ++i) {
         const float* scores = a.scores + i * length;
         float* out = a.out + (first + i) * D;
-        __m512 acc[kMaxVecs];
-        for (int64_t v = 0; v < V; ++v) acc[v] = j0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(out + v * 16);
+        __m512 acc[V];
+#pragma GCC unroll 16
+        for (int v = 0; v < V; ++v) acc[v] = j0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(out + v * 16);
         for (int64_t j = j0; j < j1; ++j) {
           const __m512 p = _mm512_set1_ps(scores[j]);
-          for (int64_t v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(values + j * D + v * 16), acc[v]);
+#pragma GCC unroll 16
+          for (int v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(values + j * D + v * 16), acc[v]);
         }
         const __m512 scale = _mm512_set1_ps(j1 == length ? 1.0f / total[i] : 1.0f);
-        for (int64_t v = 0; v < V; ++v) _mm512_storeu_ps(out + v * 16, _mm512_mul_ps(acc[v], scale));
+#pragma GCC unroll 16
+        for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + v * 16, _mm512_mul_ps(acc[v], scale));
       }
     }
     first += run;
+  }
+}
+
+// The head sizes of the LLaMA family (64: SmolLM2, TinyLlama; 128: LLaMA-2/3) and a few more; others run the 8-float
+// kernel.
+void attend_vectors(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
+  switch (a.D) {
+    case 32: return attend_heads<2>(a, item_begin, item_end);
+    case 64: return attend_heads<4>(a, item_begin, item_end);
+    case 80: return attend_heads<5>(a, item_begin, item_end);
+    case 96: return attend_heads<6>(a, item_begin, item_end);
+    case 128: return attend_heads<8>(a, item_begin, item_end);
+    case 256: return attend_heads<16>(a, item_begin, item_end);
+    default: return attend(a, item_begin, item_end);
   }
 }
 
