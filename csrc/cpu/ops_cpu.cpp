@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -71,12 +72,20 @@ void quantize_x(const KernelTable& kernels, const int* x_order, const QWeight& w
     lane_scale[i] = lane_odd[i] ? odd_scale : 1.0f;
   }
   const int64_t Kp = w.Kp, group_size = w.group_size, n_groups = Kp / group_size, xblock = int8_xblock(w);
+  // float32 rows already in the kernels' order (no permutation or padding, columns in order, no 3-bit columns to
+  // pre-scale: the decode step's int4 and int8 layers on the interleaved kernels) are quantized where they lie.
+  bool in_place = std::is_same_v<T, float> && odd_scale == 1.0f;
+  for (int64_t j = 0; in_place && j < Kp; ++j) in_place = src[j] == j;
   at::parallel_for(0, M, rows_per_task(Kp), [&](int64_t m_begin, int64_t m_end) {
     for (int64_t m = m_begin; m < m_end; ++m) {
       const T* row = x + m * row_stride;
       for (int64_t b = 0; b < Kp; b += xblock) {
-        float v[kXBlock];
-        for (int64_t i = 0; i < xblock; ++i) v[i] = source_value(row, src[b + i]) * lane_scale[i];
+        float gathered[kXBlock];
+        const float* v = gathered;
+        if constexpr (std::is_same_v<T, float>)
+          if (in_place) v = row + b;
+        if (v == gathered)
+          for (int64_t i = 0; i < xblock; ++i) gathered[i] = source_value(row, src[b + i]) * lane_scale[i];
         const XBlockCodes c = kernels.quantize_block(v, xblock, lane_odd, buf.xq + m * Kp + b);
         // A non-finite block's NaN scale makes every output of the row NaN, as the float product would be NaN or
         // inf there (F.linear), instead of reading the value as 0. The zero-point term uses the sum of the int8
