@@ -222,7 +222,7 @@ def check_prepared(x, qw, bias=None):
 
 @pytest.mark.parametrize("bits", formats.BITS)
 @pytest.mark.parametrize("group_size", formats.GROUP_SIZES)
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 20])
+@pytest.mark.parametrize("m", [1, 3, 6, 8, 9, 15, 20])
 def test_prepared_linear_matches_reference(isa, bits, group_size, m):
     # N = 100: six blocks of 16 rows and a partial one; K = 328 pads up to the group size.
     lin = check_prepared(torch.randn(m, 328), make_weight(100, 328, bits, group_size, with_perm=False))

@@ -143,15 +143,22 @@ inline __m512i x4(const int8_t* x) {
   return _mm512_set1_epi32(v);
 }
 
-// One block's chunk at p against MB activation rows (row m at x + m * stride): adds into acc[m][0..1].
+// Integer accumulators per activation row: two chains each for up to three rows (a dot product's latency is
+// several cycles), one for four or more (the rows' chains interleave; registers are needed for eight rows).
+template <int MB>
+constexpr int kAccs = MB >= 4 ? 1 : 2;
+
+// One block's chunk at p against MB activation rows (row m at x + m * stride): adds into acc[m].
 template <Format F, int MB>
-inline void interleaved_chunk(const uint8_t* p, const int8_t* x, int64_t stride, __m512i (&acc)[MB][2]) {
+inline void interleaved_chunk(const uint8_t* p, const int8_t* x, int64_t stride, __m512i (&acc)[MB][kAccs<MB>]) {
+  constexpr int second = kAccs<MB> - 1;
   const __m512i low4 = _mm512_set1_epi8(15);
   if constexpr (F == Format::kInt8) {
     for (int j = 0; j < 8; ++j) {
       __builtin_prefetch(p + 64 * j + kPrefetchBytes);
       const __m512i q = _mm512_loadu_si512(p + 64 * j);
-      for (int m = 0; m < MB; ++m) acc[m][j % 2] = _mm512_dpbusd_epi32(acc[m][j % 2], q, x4(x + m * stride + 4 * j));
+      for (int m = 0; m < MB; ++m)
+        acc[m][j % kAccs<MB>] = _mm512_dpbusd_epi32(acc[m][j % kAccs<MB>], q, x4(x + m * stride + 4 * j));
     }
   } else if constexpr (F == Format::kInt4) {
     for (int j = 0; j < 4; ++j) {
@@ -160,7 +167,7 @@ inline void interleaved_chunk(const uint8_t* p, const int8_t* x, int64_t stride,
       const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
       for (int m = 0; m < MB; ++m) {
         acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], lo, x4(x + m * stride + 8 * j));
-        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], hi, x4(x + m * stride + 8 * j + 4));
+        acc[m][second] = _mm512_dpbusd_epi32(acc[m][second], hi, x4(x + m * stride + 8 * j + 4));
       }
     }
   } else {
@@ -173,14 +180,14 @@ inline void interleaved_chunk(const uint8_t* p, const int8_t* x, int64_t stride,
       const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
       const __m512i odd = _mm512_permutexvar_epi8(_mm512_load_si512(kInt35Odd.gather), _mm512_loadu_si512(step + 64));
       const __m512i first = _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_load_si512(kInt35Odd.first), odd), low3);
-      const __m512i second =
+      const __m512i second_odd =
           _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_load_si512(kInt35Odd.second), odd), low3);
       for (int m = 0; m < MB; ++m) {
         const int8_t* xm = x + m * stride + 16 * j;
         acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], lo, x4(xm));
-        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], hi, x4(xm + 4));
+        acc[m][second] = _mm512_dpbusd_epi32(acc[m][second], hi, x4(xm + 4));
         acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], first, x4(xm + 8));
-        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], second, x4(xm + 12));
+        acc[m][second] = _mm512_dpbusd_epi32(acc[m][second], second_odd, x4(xm + 12));
       }
     }
   }
@@ -194,8 +201,8 @@ void interleaved_rows(const GemvArgs& a, int64_t b_begin, int64_t b_end) {
   constexpr int64_t kBlockChunk = interleaved_chunk_bytes(F);
   for (int64_t b = b_begin; b < b_end; ++b) {
     const uint8_t* codes = w.codes + b * n_chunks * kBlockChunk;
-    __m512 total[MB], zero_term[MB];
-    for (int m = 0; m < MB; ++m) total[m] = zero_term[m] = _mm512_setzero_ps();
+    __m512 total[MB];
+    for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps();
     // Group g adds s * (sum_k q_k x_k - z * sum_k x_k), for the block's 16 rows at once.
     for (int64_t g = 0; g < n_groups; ++g) {
       const int64_t offset = (b * n_groups + g) * kInterleave;
@@ -205,24 +212,26 @@ void interleaved_rows(const GemvArgs& a, int64_t b_begin, int64_t b_end) {
       __m512 group_total[MB];
       for (int m = 0; m < MB; ++m) group_total[m] = _mm512_setzero_ps();
       for (int64_t xb = g * xblocks_per_group; xb < (g + 1) * xblocks_per_group; ++xb) {
-        __m512i acc[MB][2];
-        for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+        __m512i acc[MB][kAccs<MB>];
+        for (int m = 0; m < MB; ++m)
+          for (int i = 0; i < kAccs<MB>; ++i) acc[m][i] = _mm512_setzero_si512();
         for (int64_t c = xb * chunks_per_xblock; c < (xb + 1) * chunks_per_xblock; ++c)
           interleaved_chunk<F, MB>(codes + c * kBlockChunk, a.xq + c * kChunk, w.Kp, acc);
-        for (int m = 0; m < MB; ++m)
-          group_total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[m][0], acc[m][1])),
-                                           _mm512_set1_ps(a.xscale[m * n_xblocks + xb]), group_total[m]);
+        for (int m = 0; m < MB; ++m) {
+          const __m512i sum = kAccs<MB> == 1 ? acc[m][0] : _mm512_add_epi32(acc[m][0], acc[m][kAccs<MB> - 1]);
+          group_total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.xscale[m * n_xblocks + xb]),
+                                           group_total[m]);
+        }
       }
       for (int m = 0; m < MB; ++m) {
         total[m] = _mm512_fmadd_ps(group_total[m], s, total[m]);
-        zero_term[m] = _mm512_fmadd_ps(sz, _mm512_set1_ps(a.xsum[m * n_groups + g]), zero_term[m]);
+        total[m] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(a.xsum[m * n_groups + g]), total[m]);
       }
     }
     const int64_t n0 = b * kInterleave;
     const __mmask16 valid = n0 + kInterleave <= w.N ? 0xFFFF : static_cast<__mmask16>((1u << (w.N - n0)) - 1);
     const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(valid, a.bias + n0) : _mm512_setzero_ps();
-    for (int m = 0; m < MB; ++m)
-      _mm512_mask_storeu_ps(a.y + m * w.N + n0, valid, _mm512_add_ps(_mm512_sub_ps(total[m], zero_term[m]), bias));
+    for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(a.y + m * w.N + n0, valid, _mm512_add_ps(total[m], bias));
   }
 }
 
@@ -233,6 +242,10 @@ void interleaved_rows(const GemvArgs& a, int64_t b_begin, int64_t b_end) {
     case 2: return interleaved_rows<F, 2>(a, b_begin, b_end);
     case 3: return interleaved_rows<F, 3>(a, b_begin, b_end);
     case 4: return interleaved_rows<F, 4>(a, b_begin, b_end);
+    case 5: return interleaved_rows<F, 5>(a, b_begin, b_end);
+    case 6: return interleaved_rows<F, 6>(a, b_begin, b_end);
+    case 7: return interleaved_rows<F, 7>(a, b_begin, b_end);
+    case 8: return interleaved_rows<F, 8>(a, b_begin, b_end);
     default: return;  // the op layer never passes M outside [1, kInterleavedRows]
   }
 }

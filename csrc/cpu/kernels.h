@@ -54,9 +54,9 @@ constexpr int64_t kXBlock = 64;
 // int4, columns 0, 2, 4, 6 low and 8 .. 14 high) and 48 of the 8 odd columns' 3-bit codes (row r's 24 bits at
 // byte 3r, odd column 2c + 1 at bit 3c). Scales and zeros: float16 [blocks, groups, 16].
 constexpr int64_t kInterleave = 16;
-// Activation rows per pass of the interleaved GEMV (GemvArgs::M <= this): beyond 4, its accumulators and decoded
-// codes outgrow the 32 vector registers (SmolLM2's int8 head, 8 rows: 1.67 ms in one pass, 0.96 ms in two).
-constexpr int64_t kInterleavedRows = 4;
+// Activation rows per pass of the interleaved GEMV (GemvArgs::M <= this): eight rows' accumulators and running
+// sums fill the 32 vector registers, with one integer accumulator per row.
+constexpr int64_t kInterleavedRows = 8;
 // Lane position i of a chunk holds column interleaved_x_order(f, i): in order, but int3.5's evens, then
 // odds, per 16 columns (each 4-column run of x feeds one dot product).
 constexpr int interleaved_x_order(Format f, int i) {
