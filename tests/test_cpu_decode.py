@@ -178,6 +178,62 @@ def test_fused_prefill_matches_the_forward(isa, bits, head_dim):
         assert (layer.attn.kv_cache.v - v).abs().max().item() < tolerance * v.abs().max().item()
 
 
+@pytest.mark.parametrize("bits,head_dim", [(4, 24), (4, 64), (None, 64)])
+@torch.inference_mode()
+def test_float16_kv_cache(isa, bits, head_dim):
+    # A float16 cache under a float32 model: the fused step stores keys and values rounded as the forward stores
+    # them, and its prefill and decode logits match the forward's; both stay close to a float32 cache's (float
+    # linears show the cache's own rounding; quantized ones may move an int8 activation code by a step, as in
+    # test_fused_step_matches_the_forward).
+    model = tiny_model(bits, bits and 8, head_dim=head_dim)
+    tolerance, float16_tolerance = (3e-2, 3e-2) if bits else (1e-4, 3e-3)
+    prompts, tokens = torch.randint(0, 300, (2, 40)), torch.randint(0, 300, (2,))
+
+    def forward_run():
+        model.setup_cache(2, 64)
+        prefill = model(prompts, torch.arange(40))[:, -1]
+        decode = model(tokens[:, None], torch.tensor([40]))[:, -1]
+        return prefill, decode, [(l.attn.kv_cache.k.clone(), l.attn.kv_cache.v.clone()) for l in model.layers]
+
+    exact = forward_run()
+    model.kv_cache_dtype = torch.float16
+    ref = forward_run()
+    assert ref[2][0][0].dtype == torch.float16
+    model.setup_cache(2, 64)
+    step = FusedDecoder(model)
+    fused = (step.prefill(prompts), step(tokens, torch.tensor([40, 40]), torch.arange(2)))
+    for got, want, full in zip(fused, ref, exact):
+        assert (got - want).abs().max().item() < tolerance * want.abs().max().item()
+        assert (want - full).abs().max().item() < float16_tolerance * full.abs().max().item()
+    for layer, (k, v) in zip(model.layers, ref[2]):
+        for new, old in ((layer.attn.kv_cache.k, k), (layer.attn.kv_cache.v, v)):
+            assert new.dtype == torch.float16
+            assert (new.float() - old.float()).abs().max().item() <= max(tolerance, 1e-3) * old.abs().max().item()
+
+
+def test_kv_cache_dtypes_the_model_and_the_fused_step_take():
+    model = tiny_model(4)
+    for bad in (torch.int8, torch.float64):
+        model.kv_cache_dtype = bad
+        with pytest.raises(ValueError, match="kv_cache_dtype must be a floating dtype no wider"):
+            model.setup_cache(1, 16)
+    model.kv_cache_dtype = torch.bfloat16  # the forward keeps it; the fused step does not
+    model.setup_cache(1, 16)
+    assert "the KV cache is torch.bfloat16" in unsupported(model)
+    assert decode_step(model, 1).path == "eager"
+
+
+def test_cli_defaults_to_a_float16_kv_cache_on_the_cpu(smollm2_dir):
+    from lowbit.cli import build_parser, load_for_cli
+    parse = build_parser().parse_args
+    model = load_for_cli(parse(["generate", str(smollm2_dir), "--bits", "4"]))
+    assert model.kv_cache_dtype == torch.float16
+    model = load_for_cli(parse(["serve", str(smollm2_dir), "--kv-cache-dtype", "float32"]))
+    assert model.kv_cache_dtype == torch.float32
+    model = load_for_cli(parse(["generate", str(smollm2_dir), "--dtype", "bfloat16"]))
+    assert model.kv_cache_dtype is None  # the model's own
+
+
 def test_cli_defaults_to_an_int8_head_and_the_fused_step(smollm2_dir, capsys):
     from lowbit.cli import build_parser, head_format, main
     parse = build_parser().parse_args

@@ -1,6 +1,8 @@
 #include "decode.h"
 
 #include <cmath>
+#include <utility>
+#include <vector>
 
 #include <ATen/Parallel.h>
 
@@ -58,9 +60,16 @@ void LlamaDecoder::add_layer(at::Tensor attn_norm, at::Tensor ffn_norm, at::Tens
   check_float32(attn_norm, "attn_norm", {D_});
   check_float32(ffn_norm, "ffn_norm", {D_});
   TORCH_CHECK_VALUE(k_cache.dim() == 4, kOp, ": k_cache must be [batch, n_kv_heads, max_seq_len, head_dim]");
-  if (layers_.empty()) B_ = k_cache.size(0);
-  check_float32(k_cache, "k_cache", {B_, Hkv_, S_, Dh_});
-  check_float32(v_cache, "v_cache", {B_, Hkv_, S_, Dh_});
+  if (layers_.empty()) B_ = k_cache.size(0), kv_half_ = k_cache.scalar_type() == at::kHalf;
+  const at::ScalarType kv_type = kv_half_ ? at::kHalf : at::kFloat;
+  for (const auto& [cache, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}}) {
+    TORCH_CHECK_TYPE(cache->scalar_type() == kv_type, kOp, ": ", name, " must be ", kv_type,
+                     " (float32 or float16, the same in every layer), got ", cache->scalar_type());
+    TORCH_CHECK_VALUE(cache->device().is_cpu() && cache->is_contiguous(), kOp, ": ", name,
+                      " must be a contiguous CPU tensor");
+    TORCH_CHECK_VALUE(cache->sizes() == at::IntArrayRef({B_, Hkv_, S_, Dh_}), kOp, ": ", name, " must be ",
+                      at::IntArrayRef({B_, Hkv_, S_, Dh_}), ", got ", cache->sizes());
+  }
   layers_.push_back({attn_norm, ffn_norm, k_cache, v_cache});
   checked_ = false;
 }
@@ -223,16 +232,25 @@ void LlamaDecoder::attention(const DecoderLayer& layer, const float* qkv, int64_
     }
   };
   float* q = sized(q_, n * q_rows);
-  float* k_cache = layer.k_cache.data_ptr<float>();
-  float* v_cache = layer.v_cache.data_ptr<float>();
+  // A float16 cache gets the keys and values rounded to nearest even, as torch's conversion does.
+  const auto store = [&](const at::Tensor& cache, int64_t offset, const float* values) {
+    if (kv_half_) {
+      at::Half* out = cache.data_ptr<at::Half>() + offset;
+      for (int64_t i = 0; i < Dh_; ++i) out[i] = static_cast<at::Half>(values[i]);
+    } else {
+      std::copy(values, values + Dh_, cache.data_ptr<float>() + offset);
+    }
+  };
   at::parallel_for(0, n, rows_per_task(qkv_rows), [&](int64_t begin, int64_t end) {
+    std::vector<float> key(Dh_);
     for (int64_t r = begin; r < end; ++r) {
       const float* row = qkv + r * qkv_rows;
       for (int64_t h = 0; h < H_; ++h) rope(row + h * Dh_, pos[r], q + (r * H_ + h) * Dh_);
       for (int64_t h = 0; h < Hkv_; ++h) {
         const int64_t offset = ((slot[r] * Hkv_ + h) * S_ + pos[r]) * Dh_;
-        rope(row + q_rows + h * Dh_, pos[r], k_cache + offset);
-        std::copy(row + q_rows + kv_rows + h * Dh_, row + q_rows + kv_rows + (h + 1) * Dh_, v_cache + offset);
+        rope(row + q_rows + h * Dh_, pos[r], key.data());
+        store(layer.k_cache, offset, key.data());
+        store(layer.v_cache, offset, row + q_rows + kv_rows + h * Dh_);
       }
     }
   });
@@ -245,7 +263,13 @@ void LlamaDecoder::attention(const DecoderLayer& layer, const float* qkv, int64_
   const int64_t group = H_ / Hkv_, units = n * Hkv_, threads = at::get_num_threads();
   const auto args = [&](std::vector<float>& scores) {  // a thread's arguments, with its own score scratch
     scores.resize(group * max_length);
-    return AttendArgs{q, k_cache, v_cache, slot, lengths, scores.data(), att, H_, Hkv_, S_, Dh_,
+    const bool half = kv_half_;
+    return AttendArgs{q,
+                      half ? nullptr : layer.k_cache.data_ptr<float>(),
+                      half ? nullptr : layer.v_cache.data_ptr<float>(),
+                      half ? reinterpret_cast<const uint16_t*>(layer.k_cache.data_ptr<at::Half>()) : nullptr,
+                      half ? reinterpret_cast<const uint16_t*>(layer.v_cache.data_ptr<at::Half>()) : nullptr,
+                      slot, lengths, scores.data(), att, H_, Hkv_, S_, Dh_,
                       1.0f / std::sqrt(static_cast<float>(Dh_))};
   };
   if (units >= 4 * threads) {

@@ -64,7 +64,7 @@ class PreparedLinear : public torch::CustomClassHolder {
 // Weights and cache of one transformer block.
 struct DecoderLayer {
   at::Tensor attn_norm, ffn_norm;  // [D] float32
-  at::Tensor k_cache, v_cache;     // [B, Hkv, S, Dh] float32, written in place
+  at::Tensor k_cache, v_cache;     // [B, Hkv, S, Dh] float32 or float16, written in place
 };
 
 class LlamaDecoder : public torch::CustomClassHolder {
@@ -92,6 +92,7 @@ class LlamaDecoder : public torch::CustomClassHolder {
                  const int64_t* slot, float* att);
 
   int64_t H_, Hkv_, Dh_, D_, V_, S_ = 0, B_ = 0;
+  bool kv_half_ = false;  // the caches are float16 (halves the bytes attention reads), else float32
   float eps_;
   at::Tensor embed_, norm_, rope_cos_, rope_sin_;
   std::vector<DecoderLayer> layers_;

@@ -301,8 +301,11 @@ void silu_mul_vectors(const float* gate, const float* up, int64_t n, float* out)
 // block of 16 keys at a time: the block is read from memory once, then from L1 for the other heads. V: vectors of
 // 16 floats per head, a compile-time constant so that the 16 dot products and the output stay in registers (with a
 // run-time V they lived on the stack, and each dot product was one chain of dependent FMAs).
-template <int V>
-void attend_heads(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+template <int V, typename T>
+void attend_heads(const AttendArgs& a, const T* k_cache, const T* v_cache, int64_t item_begin, int64_t item_end) {
   constexpr int64_t kMaxRun = 16;
   constexpr int64_t D = 16 * V;
   const int64_t group = a.H / a.Hkv;
@@ -311,8 +314,8 @@ void attend_heads(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
     const int64_t group_end = r * a.H + (g + 1) * group, last = item_end < group_end ? item_end : group_end;
     const int64_t run = last - first < kMaxRun ? last - first : kMaxRun;  // items first .. first + run - 1
     const int64_t cache_row = (a.slots[r] * a.Hkv + g) * a.S * D;
-    const float* keys = a.k + cache_row;
-    const float* values = a.v + cache_row;
+    const T* keys = k_cache + cache_row;
+    const T* values = v_cache + cache_row;
     float top[kMaxRun], total[kMaxRun];
     bool nan[kMaxRun];  // a NaN score (from a NaN query or key) makes the output NaN
     for (int64_t i = 0; i < run; ++i) top[i] = -__builtin_inff(), nan[i] = false;
@@ -328,8 +331,7 @@ void attend_heads(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
           if (j < count)
 #pragma GCC unroll 16
             for (int v = 0; v < V; ++v)
-              dot[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + v * 16), _mm512_loadu_ps(keys + (j0 + j) * D + v * 16),
-                                       dot[j]);
+              dot[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + v * 16), load16(keys + (j0 + j) * D + v * 16), dot[j]);
         }
         const __m512 s = _mm512_mul_ps(sum16(dot), _mm512_set1_ps(a.scale));
         _mm512_mask_storeu_ps(a.scores + i * length + j0, valid, s);
@@ -361,7 +363,7 @@ void attend_heads(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
         for (int64_t j = j0; j < j1; ++j) {
           const __m512 p = _mm512_set1_ps(scores[j]);
 #pragma GCC unroll 16
-          for (int v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(values + j * D + v * 16), acc[v]);
+          for (int v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(p, load16(values + j * D + v * 16), acc[v]);
         }
         const __m512 scale = _mm512_set1_ps(j1 == length ? 1.0f / total[i] : 1.0f);
 #pragma GCC unroll 16
@@ -370,6 +372,12 @@ void attend_heads(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
     }
     first += run;
   }
+}
+
+template <int V>
+void attend_heads(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
+  if (a.k_half) attend_heads<V>(a, a.k_half, a.v_half, item_begin, item_end);
+  else attend_heads<V>(a, a.k, a.v, item_begin, item_end);
 }
 
 // The head sizes of the LLaMA family (64: SmolLM2, TinyLlama; 128: LLaMA-2/3) and a few more; others run the 8-float

@@ -232,7 +232,18 @@ void dequant(const DequantArgs& a, int64_t n_begin, int64_t n_end) {
   else dequant_to<false>(a.w, a.out, n_begin, n_end);
 }
 
-void attend(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
+// The cache's values as float32: a vector of them, or one.
+template <typename I>
+typename I::Vec load_cache(const float* p) { return I::load(p); }
+template <typename I>
+typename I::Vec load_cache(const uint16_t* p) { return I::load_halves(p); }
+template <typename I>
+float cache_value(const float* p) { return *p; }
+template <typename I>
+float cache_value(const uint16_t* p) { return I::half_to_float(*p); }
+
+template <typename T>
+void attend_cache(const AttendArgs& a, const T* k_cache, const T* v_cache, int64_t item_begin, int64_t item_end) {
   using I = Isa;
   constexpr int W = I::kWidth;
   const int64_t D = a.D, Dv = a.D / W * W;  // vector part, then a scalar tail (head_dim need not be a multiple)
@@ -240,17 +251,17 @@ void attend(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
     const int64_t r = item / a.H, h = item % a.H, length = a.lengths[r];
     const int64_t cache_row = (a.slots[r] * a.Hkv + h / (a.H / a.Hkv)) * a.S * D;
     const float* q = a.q + item * D;
-    const float* keys = a.k + cache_row;
-    const float* values = a.v + cache_row;
+    const T* keys = k_cache + cache_row;
+    const T* values = v_cache + cache_row;
     float* scores = a.scores;
     float top = -__builtin_inff();
     for (int64_t j = 0; j < length; ++j) {
-      const float* key = keys + j * D;
+      const T* key = keys + j * D;
       typename I::Vec acc = I::zero();  // positions are independent: no need for several chains
       int64_t d = 0;
-      for (; d < Dv; d += W) acc = I::fma(I::load(q + d), I::load(key + d), acc);
+      for (; d < Dv; d += W) acc = I::fma(I::load(q + d), load_cache<I>(key + d), acc);
       float dot = I::vec_sum(acc);
-      for (; d < D; ++d) dot += q[d] * key[d];
+      for (; d < D; ++d) dot += q[d] * cache_value<I>(key + d);
       scores[j] = dot * a.scale;
       top = scores[j] > top ? scores[j] : top;
     }
@@ -268,16 +279,21 @@ void attend(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
       typename I::Vec acc[4] = {I::zero(), I::zero(), I::zero(), I::zero()};
       for (int64_t j = 0; j < length; ++j) {
         const typename I::Vec p = I::set1(scores[j]);
-        for (int v = 0; v < nv; ++v) acc[v] = I::fma(p, I::load(values + j * D + d0 + v * W), acc[v]);
+        for (int v = 0; v < nv; ++v) acc[v] = I::fma(p, load_cache<I>(values + j * D + d0 + v * W), acc[v]);
       }
       for (int v = 0; v < nv; ++v) I::store(out + d0 + v * W, I::mul(acc[v], I::set1(inv_total)));
     }
     for (int64_t d = Dv; d < D; ++d) {
       float acc = 0.0f;
-      for (int64_t j = 0; j < length; ++j) acc += scores[j] * values[j * D + d];
+      for (int64_t j = 0; j < length; ++j) acc += scores[j] * cache_value<I>(values + j * D + d);
       out[d] = acc * inv_total;
     }
   }
+}
+
+void attend(const AttendArgs& a, int64_t item_begin, int64_t item_end) {
+  if (a.k_half) attend_cache(a, a.k_half, a.v_half, item_begin, item_end);
+  else attend_cache(a, a.k, a.v, item_begin, item_end);
 }
 
 // Plain loops over a block, which the compiler vectorizes with each ISA file's own instruction set.

@@ -80,8 +80,10 @@ struct DequantArgs {
 // key/value head h / (H / Hkv); softmax(q . k * scale) . v goes to out[r, h].
 struct AttendArgs {
   const float* q;          // [n, H, D]
-  const float* k;          // [B, Hkv, S, D] the cache
+  const float* k;          // [B, Hkv, S, D] the cache, float32 ...
   const float* v;          // [B, Hkv, S, D]
+  const uint16_t* k_half;  // ... or float16 (then k and v are null, else these)
+  const uint16_t* v_half;
   const int64_t* slots;    // [n] cache rows
   const int64_t* lengths;  // [n] positions attended, 1 .. S
   float* scores;           // [H / Hkv, max(lengths)] scratch: the scores of up to one key/value head's items

@@ -53,6 +53,21 @@ def head_format(args, default: str = "none") -> dict:
     return {"quantize_lm_head": True, "lm_head_bits": float(bits), "lm_head_group_size": args.lm_head_group_size}
 
 
+def add_runtime_args(p, device_help: str) -> None:
+    p.add_argument("--device", default="cpu", help=device_help)
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="of the float parts and activations")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *DTYPES],
+                   help="of the KV cache (auto: float16 for a float32 model on the CPU, as llama.cpp's default "
+                   "cache, which halves the bytes attention reads; else the model's dtype)")
+
+
+def kv_cache_dtype(name: str, model) -> torch.dtype | None:
+    """The KV cache dtype --kv-cache-dtype asks for (None: the model's own)."""
+    if name != "auto":
+        return DTYPES[name]
+    return torch.float16 if model.device.type == "cpu" and model.dtype == torch.float32 else None
+
+
 def load_for_cli(args):
     from . import data, fetch, quantize_model
     from .io.fetch import MODELS
@@ -69,7 +84,9 @@ def load_for_cli(args):
                        **head_format(args, default="8" if args.device == "cpu" else "none"))
         if args.bits_per_weight is not None:
             print_budget(model)
-    return model.to(args.device, DTYPES[args.dtype])
+    model = model.to(args.device, DTYPES[args.dtype])
+    model.kv_cache_dtype = kv_cache_dtype(args.kv_cache_dtype, model)
+    return model
 
 
 def print_budget(model) -> None:
@@ -181,8 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, read turns from stdin")
     p.add_argument("--system", help="system message for --chat")
     add_quantization_args(p, converts=False)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA each decode step is one CUDA graph)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="of the float parts and activations")
+    add_runtime_args(p, "cpu or cuda (on CUDA each decode step is one CUDA graph)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)
@@ -200,8 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with batched decoding and a chat page")
     p.add_argument("model", help="HF directory, lowbit checkpoint, .gguf file, or a bundled model name (smollm2)")
     add_quantization_args(p, converts=False)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="of the float parts and activations")
+    add_runtime_args(p, "cpu or cuda")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache rows)")

@@ -30,8 +30,11 @@ def unsupported(model: LlamaForCausalLM) -> str | None:
         return f"the model is on {model.device}, the fused step runs on the CPU"
     if model.dtype != torch.float32:
         return f"the model is {model.dtype}, the fused step runs float32"
-    if model.layers[0].attn.kv_cache is None:
+    cache = model.layers[0].attn.kv_cache
+    if cache is None:
         return "the model has no KV cache (setup_cache)"
+    if cache.k.dtype not in (torch.float32, torch.float16):
+        return f"the KV cache is {cache.k.dtype}, the fused step keeps it in float32 or float16"
     for name, m in _linears(model):
         if isinstance(m, QuantLinear):
             if m.layout != "canonical":

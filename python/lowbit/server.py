@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 import uuid
+import weakref
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Literal
@@ -109,13 +110,48 @@ def model_info(model: LlamaForCausalLM, name: str) -> dict:
             "size_mb": round(model_bytes(model) / 1e6, 1), "device": str(model.device)}
 
 
+class EventRelay:
+    """Hands the engine thread's events to one event loop's queues: a decode step's events (one per running
+    request) go over in one wake-up of the loop, not one each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, tuple]] = []
+
+    def send(self, queue: asyncio.Queue, event: tuple) -> None:
+        with self.lock:
+            self.pending.append((queue, event))
+            if len(self.pending) > 1:  # a wake-up is already on its way
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop has closed: nobody is listening any more
+            pass
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+_relays: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventRelay]" = weakref.WeakKeyDictionary()
+
+
+def relay_for(loop: asyncio.AbstractEventLoop) -> EventRelay:
+    if loop not in _relays:
+        _relays[loop] = EventRelay(loop)
+    return _relays[loop]
+
+
 class Run:
     """One request in the engine as the event loop sees it: the engine's events arrive in an asyncio queue, and a
     client that goes away cancels the request (its slot is free before the next decode step)."""
 
     def __init__(self, engine: Engine, request: Request, prompt_ids: list[int], sampling: Sampling, param: str):
         self.engine, self.prompt_tokens = engine, len(prompt_ids)
-        self.loop = asyncio.get_running_loop()
+        self.relay = relay_for(asyncio.get_running_loop())
         self.events: asyncio.Queue = asyncio.Queue()
         try:
             self.seq: Sequence = engine.submit(prompt_ids, sampling, self._emit)
@@ -128,10 +164,7 @@ class Run:
         self.watcher = asyncio.create_task(self._watch(request))
 
     def _emit(self, text: str, finish_reason: str | None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (text, finish_reason))
-        except RuntimeError:  # the event loop has closed: nobody is listening any more
-            pass
+        self.relay.send(self.events, (text, finish_reason))
 
     async def _watch(self, request: Request) -> None:
         while (await request.receive())["type"] != "http.disconnect":

@@ -177,7 +177,9 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Static cache: k, v [B, n_kv_heads, max_seq_len, head_dim], written in place at each step."""
+    """Static cache: k, v [B, n_kv_heads, max_seq_len, head_dim], written in place at each step. Its dtype may be
+    narrower than the model's (float16 under a float32 model: half the memory, and half the bytes attention reads);
+    keys and values are rounded to it when written and read back in the dtype of the queries."""
 
     def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
                  device=None):
@@ -187,10 +189,11 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, H, T, D] at positions input_pos [T]; return the whole cache [B, H, max_seq_len, D]."""
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+        """Write k, v [B, H, T, D] at positions input_pos [T]; return the whole cache [B, H, max_seq_len, D] in
+        k's dtype."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k.to(k.dtype), self.v.to(v.dtype)
 
     def write(self, slots: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [B, H, T, D] at (slots [B], input_pos [B, T])."""
@@ -198,8 +201,8 @@ class KVCache(nn.Module):
         # Each (slot, head, position) is one row of the cache seen as [rows * H * max_seq_len, D].
         heads = torch.arange(h, device=k.device)[None, :, None]
         index = ((slots[:, None, None] * h + heads) * self.k.shape[2] + input_pos[:, None, :]).reshape(-1)
-        self.k.view(-1, d).index_copy_(0, index, k.reshape(-1, d))
-        self.v.view(-1, d).index_copy_(0, index, v.reshape(-1, d))
+        self.k.view(-1, d).index_copy_(0, index, k.reshape(-1, d).to(self.k.dtype))
+        self.v.view(-1, d).index_copy_(0, index, v.reshape(-1, d).to(self.v.dtype))
 
     def read(self, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` positions of cache rows slots [n]: k, v [n, H, length, D], a view when the rows are
@@ -240,6 +243,7 @@ class ServingStep:
         """q [B, H, T, D] -> attention over each row's cache row [B, H, T, D]. Decode rows (T = 1) use
         rowwise_attention; longer inputs (a prompt, which the engine prefills alone) the fused kernel."""
         def attention(q, k, v, mask):
+            k, v = k.to(q.dtype), v.to(q.dtype)
             if q.shape[2] == 1:
                 return rowwise_attention(q, k, v, mask)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -333,6 +337,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.tokenizer = None  # set by from_pretrained
+        self.kv_cache_dtype: torch.dtype | None = None  # the KV cache's dtype (setup_cache); None: the model's
         # Set by setup_cache: the cache length, RoPE tables [S, D] and causal mask [S, S] for it.
         self.max_seq_len = 0
         self.rope_cos = self.rope_sin = self.causal_mask = None
@@ -357,11 +362,15 @@ class LlamaForCausalLM(nn.Module):
 
     def setup_cache(self, batch: int, max_seq_len: int) -> None:
         """Preallocate the KV cache for `batch` sequences of up to `max_seq_len` tokens, with the RoPE tables and
-        the causal mask of that length."""
+        the causal mask of that length. The cache holds self.kv_cache_dtype (default: the model's dtype)."""
         c = self.config
+        kv_dtype = self.kv_cache_dtype or self.dtype
+        if not kv_dtype.is_floating_point or kv_dtype.itemsize > self.dtype.itemsize:
+            raise ValueError(f"kv_cache_dtype must be a floating dtype no wider than the model's {self.dtype}, "
+                             f"got {kv_dtype}")
         with torch.inference_mode(False):  # ordinary tensors, usable in and out of inference mode
             for layer in self.layers:
-                layer.attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_seq_len, c.head_dim, self.dtype,
+                layer.attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_seq_len, c.head_dim, kv_dtype,
                                               self.device)
             positions = torch.arange(max_seq_len, device=self.device)
             self.rope_cos, self.rope_sin = rope_tables(self.inv_freq, positions)         # [S, D] each
