@@ -43,7 +43,7 @@ $(STAMP): $(SOURCES)
 	  $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install numpy safetensors tokenizers jinja2 gguf tqdm transformers sentencepiece pybind11 pytest \
 	  nbclient nbformat ipykernel matplotlib "scikit-build-core>=0.10" ninja cmake \
-	  fastapi uvicorn httpx openai selenium
+	  fastapi "uvicorn[standard]" httpx openai selenium
 	$(PY) -m pip install --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -16,6 +16,7 @@ import asyncio
 import json
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -71,7 +72,8 @@ async def one_request(http: httpx.AsyncClient, url: str, prompt: str, new_tokens
             "gaps": [b - a for a, b in zip(chunk_times, chunk_times[1:])]}
 
 
-async def run_level(url: str, clients: int, requests_per_client: int, new_tokens: int) -> dict:
+async def run_level(url: str, clients: int, requests_per_client: int, new_tokens: int) -> tuple[list[dict], float]:
+    """One level: every request's result, and the level's wall time."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=clients)) as http:
         async def client(i: int) -> list[dict]:
             return [await one_request(http, url, PROMPTS[(i + r) % len(PROMPTS)], new_tokens)
@@ -79,14 +81,20 @@ async def run_level(url: str, clients: int, requests_per_client: int, new_tokens
 
         start = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(client(i) for i in range(clients))) for r in rs]
-        wall = time.perf_counter() - start
+        return results, time.perf_counter() - start
+
+
+def level_row(clients: int, rounds: list[tuple[list[dict], float]]) -> dict:
+    """A level over its rounds: tokens/s of each round (the median reported), latencies pooled."""
+    results = [r for rs, _ in rounds for r in rs]
     good = [r for r in results if r["ok"]]
     ttft = [r["ttft"] for r in good]
     gaps = [g for r in good for g in r["gaps"]]
+    per_round = [sum(r["tokens"] for r in rs if r["ok"]) / wall for rs, wall in rounds]
     return {"clients": clients, "requests": len(results), "failed": len(results) - len(good),
             "errors": sorted({r["error"] for r in results if not r["ok"]})[:5],
-            "tokens": sum(r["tokens"] for r in good), "seconds": wall,
-            "tokens_per_s": sum(r["tokens"] for r in good) / wall,
+            "tokens": sum(r["tokens"] for r in good), "seconds": sum(wall for _, wall in rounds),
+            "tokens_per_s": statistics.median(per_round), "tokens_per_s_rounds": per_round,
             "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
             "itl_p50_ms": 1e3 * percentile(gaps, 50), "itl_p99_ms": 1e3 * percentile(gaps, 99)}
 
@@ -125,7 +133,8 @@ def table(result: dict) -> str:
     lines = [f"{result['machine']}; torch {result['torch']}, {result['threads']}; SmolLM2-135M-Instruct int4 (RTN, "
              f"group size {result['group_size']}) on {result['device']}, `lowbit serve --max-batch "
              f"{result['max_batch']}`; streaming chat requests, greedy, {result['new_tokens']} new tokens each "
-             f"(ignore_eos), {result['requests_per_client']} requests per client one after another", "",
+             f"(ignore_eos), {result['requests_per_client']} requests per client one after another; total tok/s: "
+             f"median of {result['rounds']} interleaved rounds (each in the JSON), latencies over all rounds", "",
              "| clients | requests | failed | total tok/s | vs 1 client | TTFT p50 s | TTFT p99 s | ITL p50 ms "
              "| ITL p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -141,6 +150,7 @@ def main():
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every level (median tok/s)")
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     parser.add_argument("--max-seq-len", type=int, default=512, help="the server's --max-seq-len")
     parser.add_argument("--group-size", type=int, default=64)
@@ -149,19 +159,21 @@ def main():
     parser.add_argument("--out", default=None, help="output path without extension")
     args = parser.parse_args()
     if args.quick:
-        args.new_tokens, args.requests_per_client = 16, 1
+        args.new_tokens, args.requests_per_client, args.rounds = 16, 1, 1
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(args, port)
     try:
-        asyncio.run(run_level(url, 1, 1, 8))  # warm-up
-        levels = []
-        for clients in args.clients:
-            row = asyncio.run(run_level(url, clients, args.requests_per_client, args.new_tokens))
-            levels.append(row)
-            print(f"{clients:>3} clients: {row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_s']:.2f} s "
-                  f"p99 {row['ttft_p99_s']:.2f} s, ITL p50 {row['itl_p50_ms']:.0f} ms p99 {row['itl_p99_ms']:.0f} ms, "
-                  f"{row['failed']} failed of {row['requests']}", flush=True)
+        asyncio.run(run_level(url, max(args.clients), 1, 8))  # warm-up: every cache row and buffer size once
+        runs = {clients: [] for clients in args.clients}
+        for i in range(args.rounds):  # interleaved: every level once per round
+            for clients in args.clients:
+                results, wall = asyncio.run(run_level(url, clients, args.requests_per_client, args.new_tokens))
+                runs[clients].append((results, wall))
+                tokens = sum(r["tokens"] for r in results if r["ok"])
+                print(f"round {i + 1}: {clients:>3} clients: {tokens / wall:.1f} tok/s, "
+                      f"{sum(not r['ok'] for r in results)} failed of {len(results)}", flush=True)
+        levels = [level_row(clients, rounds) for clients, rounds in runs.items()]
     finally:
         proc.terminate()
         proc.wait(60)
@@ -170,7 +182,7 @@ def main():
     result = {"machine": machine, "torch": torch.__version__, "device": args.device,
               "threads": f"server threads {args.threads or 'default'}", "group_size": args.group_size,
               "max_batch": args.max_batch, "max_seq_len": args.max_seq_len, "new_tokens": args.new_tokens,
-              "requests_per_client": args.requests_per_client, "levels": levels}
+              "requests_per_client": args.requests_per_client, "rounds": args.rounds, "levels": levels}
     out = Path(args.out or Path(__file__).parent / "results" / f"serve_{args.device}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
