@@ -196,7 +196,7 @@ class Engine:
         device, n = self.model.device, len(seq.prompt_ids)
         prompt = torch.tensor([seq.prompt_ids], device=device)
         logits = self.model(prompt, torch.arange(n, device=device), slots=torch.tensor([seq.slot], device=device))
-        self._advance(seq, logits[:, -1])
+        self._advance_all([seq], logits[:, -1])
 
     def _fused_step(self, decoding: list[Sequence], prompts: list[Sequence]) -> None:
         """One fused call: a row per decoding sequence (its last token), then every row of each new prompt."""
@@ -216,8 +216,7 @@ class Engine:
                             torch.tensor(logit_rows))
         if decoding:
             self.steps += 1
-        for i, seq in enumerate(decoding + prompts):
-            self._advance(seq, logits[i:i + 1])
+        self._advance_all(decoding + prompts, logits)
 
     def _decode(self, seqs: list[Sequence]) -> None:
         device = self.model.device
@@ -226,16 +225,28 @@ class Engine:
         slots = torch.tensor([s.slot for s in seqs], device=device)
         logits = decode_logits(self.model, tokens, positions, slots, self.fused)
         self.steps += 1
-        for i, seq in enumerate(seqs):
-            self._advance(seq, logits[i:i + 1])
+        self._advance_all(seqs, logits)
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample seq's next token from logits [1, vocab] and pass on its text; finish it when it is done."""
+    def _advance_all(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Each sequence's next token from its row of logits [len(seqs), vocab]: the greedy ones' argmax in one
+        call (a call per row cost as much as a tenth of a 16-row step), the others sampled one by one."""
+        greedy = logits.argmax(-1).tolist()
+        for i, seq in enumerate(seqs):
+            s = seq.sampling
+            plain_greedy = s.temperature == 0 and s.repetition_penalty == 1.0
+            self._advance(seq, greedy[i] if plain_greedy else self._sample(seq, logits[i:i + 1]))
+
+    @staticmethod
+    def _sample(seq: Sequence, logits: torch.Tensor) -> int:
         s = seq.sampling
         # The history matters only to the repetition penalty: built only then.
         history = (torch.tensor([seq.prompt_ids + seq.tokens], device=logits.device)
                    if s.repetition_penalty != 1.0 else None)
-        token = int(next_token(logits, history, s, seq.generator)[0])
+        return int(next_token(logits, history, s, seq.generator)[0])
+
+    def _advance(self, seq: Sequence, token: int) -> None:
+        """Take seq's next token and pass on its text; finish it when it is done."""
+        s = seq.sampling
         if token in self.eos and not s.ignore_eos:
             self._finish(seq, "stop", seq.text.flush())
             return

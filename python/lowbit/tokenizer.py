@@ -1,5 +1,6 @@
 """Tokenizer: HF `tokenizers` (tokenizer.json) or SentencePiece (tokenizer.model), chat templates, streaming."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -60,19 +61,26 @@ class Tokenizer:
         """The prompt text for a conversation [{"role": ..., "content": ...}, ...], from the model's template."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                           extensions=["jinja2.ext.loopcontrols"])
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
+        return compiled_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_template(source: str) -> jinja2.Template:
+    """A chat template compiled once (compiling took a few ms, more than the rest of a server request's
+    handling), in a sandbox, as transformers renders them."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=["jinja2.ext.loopcontrols"])
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
 
 
 def token_text(token) -> str | None:
