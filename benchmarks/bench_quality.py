@@ -332,11 +332,17 @@ def merge(paths: list[Path], out: Path, uniform: list[dict]):
         if part["kind"] != first["kind"] or part["eval_tokens"] != first["eval_tokens"] or \
                 part["rows"][0] != first["rows"][0]:
             raise ValueError(f"{p}: not a parallel run of {paths[0]} (kind, evaluation tokens or float row differ)")
-    note = (f"Merged from {len(parts)} parallel runs of this script on the same calibration and evaluation tokens "
-            f"({', '.join(p.stem for p in paths)}).")
-    result = first | {"head": first["head"] + [note, ""],
+    # A part may itself be a merge: its own parts are listed, and its note replaced by the new one.
+    sources = [s for p, part in zip(paths, parts) for s in part.get("merged_from", [str(p)])]
+    note = (f"Merged from {len(sources)} parallel runs of this script on the same calibration and evaluation tokens "
+            f"({', '.join(Path(s).stem for s in sources)}).")
+    head = first["head"]
+    if "merged_from" in first:  # drop the first part's note and the blank line after it
+        i = next(i for i, line in enumerate(head) if line.startswith("Merged from"))
+        head = head[:i] + head[i + 2:]
+    result = first | {"head": head + [note, ""],
                       "rows": first["rows"][:1] + [r for part in parts for r in part["rows"][1:]],
-                      "llama_cpp": [r for part in parts for r in part["llama_cpp"]], "merged_from": list(map(str, paths))}
+                      "llama_cpp": [r for part in parts for r in part["llama_cpp"]], "merged_from": sources}
     write_results(out, result, uniform)
     print(out.with_suffix(".md").read_text())
 

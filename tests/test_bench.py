@@ -1,10 +1,13 @@
 """`lowbit bench`: runs the quick benchmark scripts of the source checkout and prints their tables."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from lowbit.cli import main as cli
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_list(capsys):
@@ -30,3 +33,23 @@ def test_bench_kernels_quick(tmp_path, capsys):
     table = (tmp_path / "kernels_cpu.md").read_text()
     assert "| 4096x4096 | 1 | int4 |" in table
     assert table.strip() in capsys.readouterr().out  # the summary prints the table
+
+
+def test_quality_merge_of_a_merge(tmp_path, monkeypatch):
+    # bench_quality --merge on its own committed ablation parts: merging a merge with another part gives the
+    # merge of all three, one note naming each part once; a part from another kind of run is refused.
+    results = REPO / "benchmarks" / "results"
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_quality
+    a, b, c = (results / f"quality_smollm2_gptq_ablations_{p}.json" for p in "abc")
+    bench_quality.merge([a, b], tmp_path / "ab", [])
+    bench_quality.merge([tmp_path / "ab.json", c], tmp_path / "abc", [])
+    bench_quality.merge([a, b, c], tmp_path / "direct", [])
+    nested, direct = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("abc", "direct"))
+    assert nested["rows"] == direct["rows"] and len(direct["rows"]) == 1 + sum(
+        len(json.loads(p.read_text())["rows"]) - 1 for p in (a, b, c))
+    assert nested["merged_from"] == direct["merged_from"] == [str(a), str(b), str(c)]
+    table = (tmp_path / "abc.md").read_text()
+    assert table.count("Merged from") == 1 and table == (tmp_path / "direct.md").read_text()
+    with pytest.raises(ValueError, match="not a parallel run"):
+        bench_quality.merge([a, results / "quality_smollm2_budget.json"], tmp_path / "bad", [])
