@@ -40,13 +40,15 @@ NAME = "tiny"
 
 @pytest.fixture(scope="module")
 def tiny(smollm2_dir):
-    """Random int4 weights (the output head too), SmolLM2's vocabulary, tokenizer and chat template."""
+    """Random int4 weights (the output head too), SmolLM2's vocabulary, tokenizer and chat template; a float16 KV
+    cache, as `lowbit serve` keeps it on the CPU."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(config)
     model.tokenizer = Tokenizer.from_dir(smollm2_dir)
+    model.kv_cache_dtype = torch.float16
     return lowbit.quantize_model(model, 4, 128, quantize_lm_head=True)
 
 
@@ -97,7 +99,7 @@ def test_models_and_health(server, client):
     assert [m.id for m in models] == [NAME]
     info = models[0].model_extra["lowbit"]
     assert info["format"] == "int4 RTN, group size 128" and 4 < info["bits_per_weight"] < 5
-    assert info["context"] == 256 and info["size_mb"] > 0
+    assert info["context"] == 256 and info["size_mb"] > 0 and info["kv_cache_dtype"] == "float16"
     health = httpx.get(server[0] + "/health").json()
     assert health["status"] == "ok" and health["max_batch"] == 16
 
@@ -206,7 +208,8 @@ def test_api_key(tiny):
 
 
 def test_disconnect_frees_the_slot_and_a_full_queue_gives_429(tiny):
-    long = {"model": NAME, "prompt": "Tell me a long story.", "max_tokens": 4000, "temperature": 0, "stream": True}
+    long = {"model": NAME, "prompt": "Tell me a long story.", "max_tokens": 4000, "temperature": 0, "stream": True,
+            "ignore_eos": True}  # the random model might say EOS early
     with serving(tiny, max_batch=1, max_seq_len=4096, max_queue=1) as (url, engine), httpx.Client() as http:
         with http.stream("POST", url + "/v1/completions", json=long) as first:
             events = first.iter_lines()
