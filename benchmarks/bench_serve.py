@@ -150,7 +150,7 @@ def main():
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every level (median tok/s)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of every level (median tok/s)")
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     parser.add_argument("--max-seq-len", type=int, default=512, help="the server's --max-seq-len")
     parser.add_argument("--group-size", type=int, default=64)
