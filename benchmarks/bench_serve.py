@@ -1,10 +1,11 @@
 """`lowbit serve` under load: 1, 4, 16 and 32 concurrent streaming clients against SmolLM2-135M-Instruct int4.
 
-Starts the real server (`python -m lowbit.cli serve smollm2 --bits 4 ...`) as a child process, then for each
-concurrency level runs that many clients at once; each sends its requests one after another (fixed chat prompts,
+Starts the real server (`python -m lowbit.cli serve smollm2 --bits 4 ...`) as a child process, then in interleaved
+rounds runs each concurrency level's clients at once; each sends its requests one after another (fixed chat prompts,
 greedy, a fixed number of new tokens: ignore_eos) and reads the server-sent events as they come. Per level:
 total generated tokens per second (all tokens over the level's wall time), time to first token (request sent to
-first text) and inter-token latency (gaps between text chunks) p50 and p99, and the failed requests.
+first text) and inter-token latency (gaps between text chunks) p50 and p99, and the failed requests; tokens/s is
+the median over the rounds.
 
     python benchmarks/bench_serve.py                   # writes benchmarks/results/serve_cpu.{json,md}
     python benchmarks/bench_serve.py --quick           # fewer tokens and requests
