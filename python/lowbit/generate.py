@@ -177,7 +177,7 @@ def generate_tokens(model: LlamaForCausalLM, tokens: torch.Tensor, sampling: Sam
     total = t + sampling.max_new_tokens
     cache = model.layers[0].attn.kv_cache
     if (cache is None or model.max_seq_len < total or cache.k.shape[0] != b
-            or cache.k.dtype != (model.kv_cache_dtype or model.dtype)):
+            or cache.k.dtype != model.cache_dtype):
         model.setup_cache(b, max(-(-total // 256) * 256, 256))
     generator = None
     if sampling.seed is not None:

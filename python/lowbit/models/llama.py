@@ -360,11 +360,16 @@ class LlamaForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype setup_cache gives the KV cache: kv_cache_dtype, else the model's."""
+        return self.kv_cache_dtype or self.dtype
+
     def setup_cache(self, batch: int, max_seq_len: int) -> None:
         """Preallocate the KV cache for `batch` sequences of up to `max_seq_len` tokens, with the RoPE tables and
         the causal mask of that length. The cache holds self.kv_cache_dtype (default: the model's dtype)."""
         c = self.config
-        kv_dtype = self.kv_cache_dtype or self.dtype
+        kv_dtype = self.cache_dtype
         if not kv_dtype.is_floating_point or kv_dtype.itemsize > self.dtype.itemsize:
             raise ValueError(f"kv_cache_dtype must be a floating dtype no wider than the model's {self.dtype}, "
                              f"got {kv_dtype}")
