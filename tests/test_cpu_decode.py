@@ -211,6 +211,32 @@ def test_float16_kv_cache(isa, bits, head_dim):
             assert (new.float() - old.float()).abs().max().item() <= max(tolerance, 1e-3) * old.abs().max().item()
 
 
+@torch.inference_mode()
+def test_float16_cache_values_are_rounded_as_torch_rounds(isa):
+    """Layer 0's keys and values (nothing before them differs): the float16 cache holds the float32 cache's values
+    as torch converts them, bit for bit, also where they overflow float16 (inf) or fall to its subnormals."""
+    model = tiny_model(None, head_dim=64)
+    kv_rows = slice(8 * 64, None)  # wqkv's key and value rows
+    with torch.no_grad():
+        w = model.layers[0].attn.wqkv.weight[kv_rows]
+        w[::3] *= 1e6    # beyond float16's range
+        w[1::3] *= 1e-6  # float16 subnormals
+    prompts, tokens = torch.randint(0, 300, (2, 12)), torch.randint(0, 300, (2,))
+    caches = {}
+    for dtype in (torch.float32, torch.float16):
+        model.kv_cache_dtype = dtype
+        model.setup_cache(2, 16)
+        step = FusedDecoder(model)
+        step.prefill(prompts)
+        step(tokens, torch.tensor([12, 12]), torch.arange(2))
+        cache = model.layers[0].attn.kv_cache
+        caches[dtype] = (cache.k[:, :, :13].clone(), cache.v[:, :, :13].clone())
+    for exact, rounded in zip(*caches.values()):
+        assert rounded.dtype == torch.float16
+        assert torch.isinf(exact.half()).any() and ((exact.half() != 0) & (exact.half().abs() < 6.1e-5)).any()
+        assert torch.equal(rounded.view(torch.int16), exact.half().view(torch.int16))
+
+
 def test_kv_cache_dtypes_the_model_and_the_fused_step_take():
     model = tiny_model(4)
     for bad in (torch.int8, torch.float64):

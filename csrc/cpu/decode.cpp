@@ -218,44 +218,32 @@ void LlamaDecoder::rms_norm(const float* x, const at::Tensor& weight, int64_t n,
 // RoPE on q and k, k and v into the cache at (slot, position), then every (row, head) attends.
 void LlamaDecoder::attention(const DecoderLayer& layer, const float* qkv, int64_t n, const int64_t* pos,
                              const int64_t* lengths, const int64_t* slot, float* att) {
-  const int64_t q_rows = H_ * Dh_, kv_rows = Hkv_ * Dh_, qkv_rows = q_rows + 2 * kv_rows, half = Dh_ / 2;
+  const int64_t q_rows = H_ * Dh_, kv_rows = Hkv_ * Dh_, qkv_rows = q_rows + 2 * kv_rows;
+  const KernelTable& kernels = active_kernels();
   const float* cos_table = rope_cos_.data_ptr<float>();
   const float* sin_table = rope_sin_.data_ptr<float>();
-  // The two halves of one head (models.llama.apply_rope): (a, b) -> (a cos - b sin, b cos + a sin).
-  const auto rope = [&](const float* in, int64_t p, float* out) {
-    const float* c = cos_table + p * Dh_;
-    const float* s = sin_table + p * Dh_;
-    for (int64_t i = 0; i < half; ++i) {
-      const float a = in[i], b = in[i + half];
-      out[i] = a * c[i] - b * s[i];
-      out[i + half] = b * c[i + half] + a * s[i + half];
-    }
-  };
   float* q = sized(q_, n * q_rows);
-  // A float16 cache gets the keys and values rounded to nearest even, as torch's conversion does.
-  const auto store = [&](const at::Tensor& cache, int64_t offset, const float* values) {
-    if (kv_half_) {
-      at::Half* out = cache.data_ptr<at::Half>() + offset;
-      for (int64_t i = 0; i < Dh_; ++i) out[i] = static_cast<at::Half>(values[i]);
-    } else {
-      std::copy(values, values + Dh_, cache.data_ptr<float>() + offset);
-    }
-  };
   at::parallel_for(0, n, rows_per_task(qkv_rows), [&](int64_t begin, int64_t end) {
     std::vector<float> key(Dh_);
     for (int64_t r = begin; r < end; ++r) {
       const float* row = qkv + r * qkv_rows;
-      for (int64_t h = 0; h < H_; ++h) rope(row + h * Dh_, pos[r], q + (r * H_ + h) * Dh_);
+      const float *c = cos_table + pos[r] * Dh_, *s = sin_table + pos[r] * Dh_;
+      for (int64_t h = 0; h < H_; ++h) kernels.rope(row + h * Dh_, c, s, Dh_, q + (r * H_ + h) * Dh_);
       for (int64_t h = 0; h < Hkv_; ++h) {
         const int64_t offset = ((slot[r] * Hkv_ + h) * S_ + pos[r]) * Dh_;
-        rope(row + q_rows + h * Dh_, pos[r], key.data());
-        store(layer.k_cache, offset, key.data());
-        store(layer.v_cache, offset, row + q_rows + kv_rows + h * Dh_);
+        const float* value = row + q_rows + kv_rows + h * Dh_;
+        if (kv_half_) {  // rounded to nearest even, as torch converts
+          kernels.rope(row + q_rows + h * Dh_, c, s, Dh_, key.data());
+          kernels.to_half(key.data(), Dh_, reinterpret_cast<uint16_t*>(layer.k_cache.data_ptr<at::Half>()) + offset);
+          kernels.to_half(value, Dh_, reinterpret_cast<uint16_t*>(layer.v_cache.data_ptr<at::Half>()) + offset);
+        } else {
+          kernels.rope(row + q_rows + h * Dh_, c, s, Dh_, layer.k_cache.data_ptr<float>() + offset);
+          std::copy(value, value + Dh_, layer.v_cache.data_ptr<float>() + offset);
+        }
       }
     }
   });
   const int64_t max_length = *std::max_element(lengths, lengths + n);
-  const KernelTable& kernels = active_kernels();
   // Items (row, head) in units of one row's heads that share a key/value head, which the kernels may run
   // together. Many units go round-robin over the threads: a prompt's rows attend over 1 .. n positions, and
   // contiguous ranges would leave the thread with the first rows idle for most of the step. A few (one

@@ -22,9 +22,30 @@ struct Isa {
   static Vec set1(float v) { return v; }
   static Vec load(const float* p) { return *p; }
   static void store(float* p, Vec v) { *p = v; }
+  static Vec add(Vec a, Vec b) { return a + b; }
+  static Vec sub(Vec a, Vec b) { return a - b; }
   static Vec mul(Vec a, Vec b) { return a * b; }
   static Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
   static float vec_sum(Vec v) { return v; }
+  // float16 bits of v, rounded to nearest even (subnormals, overflow to infinity, NaN kept NaN).
+  static uint16_t float_to_half(float v) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &v, sizeof bits);
+    const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+    uint32_t magnitude = bits & 0x7fffffffu;
+    if (magnitude > 0x7f800000u) return sign | 0x7e00u;      // NaN
+    if (magnitude >= 0x477ff000u) return sign | 0x7c00u;     // rounds to infinity (or is infinity)
+    if (magnitude < 0x38800000u) {                           // a float16 subnormal or zero: add 0.5 so that the
+      float f;                                               // float adder rounds at float16's last subnormal bit
+      __builtin_memcpy(&f, &magnitude, sizeof f);
+      f += 0.5f;
+      __builtin_memcpy(&magnitude, &f, sizeof f);
+      return sign | static_cast<uint16_t>(magnitude - 0x3f000000u);
+    }
+    magnitude += ((15u - 127u) << 23) + 0xfffu + ((magnitude >> 13) & 1u);  // rebias, round to nearest even
+    return sign | static_cast<uint16_t>(magnitude >> 13);
+  }
+  static void store_halves(uint16_t* p, Vec v) { *p = float_to_half(v); }
   static void store_bf16(uint16_t* p, Vec v) {
     uint32_t bits;
     __builtin_memcpy(&bits, &v, sizeof bits);

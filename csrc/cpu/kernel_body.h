@@ -2,9 +2,10 @@
 //
 // Included by each isa_*.cpp inside its own namespace, after that file defines `struct Isa`:
 //   Vec, kWidth, kVecs = 32 / kWidth        float vector, and how many cover one 32-column chunk
-//   zero, set1, load, store, mul, fma        the obvious float vector operations
+//   zero, set1, load, store, add, sub, mul, fma  the obvious float vector operations
 //   vec_sum(Vec)                             the sum of a vector's lanes
 //   half_to_float(uint16_t), load_halves(const uint16_t*)  one / kWidth float16 values as float32
+//   float_to_half(float), store_halves(uint16_t*, Vec)     one / kWidth floats as float16, nearest even
 //   Codes, decode<F>(const uint8_t*)         the 32 codes of one chunk, as bytes in the ISA's x-order
 //   IntAcc, int_zero()                       integer partial sums of code * x
 //   dot_acc(IntAcc, Codes, const int8_t* x)  adds one chunk's products (exact over an activation block)
@@ -322,13 +323,36 @@ XBlockCodes quantize_block(const float* v, int64_t n, const int32_t* lane_odd, i
   return {amax / 127.0f, all, odd};
 }
 
+void rope(const float* x, const float* cos, const float* sin, int64_t d, float* out) {
+  using I = Isa;
+  constexpr int W = I::kWidth;
+  const int64_t half = d / 2, vector_part = half / W * W;
+  int64_t i = 0;
+  for (; i < vector_part; i += W) {
+    const typename I::Vec a = I::load(x + i), b = I::load(x + i + half);
+    I::store(out + i, I::sub(I::mul(a, I::load(cos + i)), I::mul(b, I::load(sin + i))));
+    I::store(out + i + half, I::add(I::mul(b, I::load(cos + i + half)), I::mul(a, I::load(sin + i + half))));
+  }
+  for (; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    out[i] = a * cos[i] - b * sin[i];
+    out[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+void to_half(const float* x, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + Isa::kWidth <= n; i += Isa::kWidth) Isa::store_halves(out + i, Isa::load(x + i));
+  for (; i < n; ++i) out[i] = Isa::float_to_half(x[i]);
+}
+
 void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + __builtin_expf(-gate[i])) * up[i];
 }
 
 KernelTable make_table(const char* name) {
-  KernelTable t{name, {}, Isa::kInt8MaxRows, Isa::kInt8MaxRowsVsBf16, gemv, dequant, attend, silu_mul,
-                quantize_block, nullptr};
+  KernelTable t{name, {}, Isa::kInt8MaxRows, Isa::kInt8MaxRowsVsBf16, gemv, dequant, attend, rope, to_half,
+                silu_mul, quantize_block, nullptr};
   for (int f = 0; f < kFormats; ++f)
     for (int i = 0; i < kChunk; ++i) t.x_order[f][i] = Isa::kOrder[f][i];
   return t;

@@ -111,6 +111,11 @@ struct KernelTable {
   void (*gemv)(const GemvArgs& args, int64_t n_begin, int64_t n_end);
   void (*dequant)(const DequantArgs& args, int64_t n_begin, int64_t n_end);
   void (*attend)(const AttendArgs& args, int64_t item_begin, int64_t item_end);
+  // RoPE of one head x [d] with the tables of its position, cos, sin [d], as models.llama.apply_rope computes it:
+  // halves (a, b) -> (a cos - b sin, b cos + a sin), into out [d].
+  void (*rope)(const float* x, const float* cos, const float* sin, int64_t d, float* out);
+  // out [n] = x [n] as float16 bits, rounded to nearest even (as torch converts).
+  void (*to_half)(const float* x, int64_t n, uint16_t* out);
   // out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + e^-gate[i]) * up[i], i < n (SwiGLU).
   void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
   // v [n] (n <= kXBlock) -> q [n], codes round(v / scale) rounded half away from zero; lane_odd [n]: 0 or 1.
