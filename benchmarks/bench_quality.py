@@ -45,23 +45,40 @@ INT8_TARGET = 0.005               # int8 g128: perplexity within 0.5 % of float 
 LLAMA_CPP_TYPES = ["q4_k_m", "q4_k_s", "q3_k_m", "iq4_xs", "q4_0", "q3_k_s", "q8_0"]
 CAVEAT = ("The float weights are SmolLM2's dequantized Q4_1 GGUF (group-32 asymmetric 4-bit), so int4 with group "
           "size 32 would reproduce them exactly: these numbers measure re-quantizing already 4-bit weights.")
-# GPTQ settings tried against the defaults (damp 0.01, 8 x 512 calibration, AWQ's clipping, no act-order), at
-# group size 64, most telling first: name, bits, calibration sequences, quantize_llama_gptq options (and the
-# calibration windows' seed, default 0).
-ABLATIONS = [("AWQ+GPTQ act-order", 4, 8, {"awq": True, "act_order": True}),
-             ("AWQ+GPTQ act-order", 4, 32, {"awq": True, "act_order": True}),
-             ("AWQ+GPTQ", 4, 32, {"awq": True}),
-             ("AWQ+GPTQ damp 0.1", 4, 8, {"awq": True, "damp": 0.1}),
-             ("GPTQ act-order", 4, 8, {"act_order": True}),
-             ("GPTQ", 3.5, 32, {}),
-             ("AWQ+GPTQ", 3.5, 32, {"awq": True}),
-             ("AWQ+GPTQ no clipping", 3.5, 8, {"awq": True, "clip": False}),
+# GPTQ settings tried against the defaults (damp 0.01, 8 x 512 calibration, AWQ's clipping, the grid search weighted
+# by the inputs' energy, no act-order), at group size 64, most telling first: name, bits, calibration sequences,
+# quantize_llama_gptq options (and the calibration windows' seed, default 0).
+ABLATIONS = [("GPTQ act-order", 4, 8, {"act_order": "order"}),
+             ("GPTQ act-order", 4, 32, {"act_order": "order"}),
+             ("GPTQ act-order", 3.5, 8, {"act_order": "order"}),
+             ("GPTQ act-order", 3.5, 32, {"act_order": "order"}),
+             ("AWQ+GPTQ no clipping", 4, 8, {"awq": True, "clip": False}),
              # Other calibration windows of the same size (calib_seed: lowbit.data.calibration_tokens's seed): how
              # far the result moves with nothing but the sample.
-             ("AWQ+GPTQ", 4, 8, {"awq": True, "calib_seed": 1}),
-             ("AWQ+GPTQ", 4, 8, {"awq": True, "calib_seed": 2}),
-             ("GPTQ", 3.5, 8, {"calib_seed": 1}),
-             ("GPTQ", 3.5, 8, {"calib_seed": 2})]
+             ("GPTQ act-order", 4, 8, {"act_order": "order", "calib_seed": 1}),
+             ("GPTQ act-order", 4, 8, {"act_order": "order", "calib_seed": 2}),
+             # Before the weighted grid (measured with the grid search of round-to-nearest): act-order with and
+             # without a stored permutation, damping, clipping, calibration size and sample.
+             ("AWQ+GPTQ act-order perm, unweighted grid", 4, 8,
+              {"awq": True, "act_order": "perm", "weighted_grid": False}),
+             ("AWQ+GPTQ act-order perm, unweighted grid", 4, 32,
+              {"awq": True, "act_order": "perm", "weighted_grid": False}),
+             ("GPTQ act-order perm, unweighted grid", 4, 8, {"act_order": "perm", "weighted_grid": False}),
+             ("AWQ+GPTQ act-order, unweighted grid", 4, 8,
+              {"awq": True, "act_order": "order", "weighted_grid": False}),
+             ("AWQ+GPTQ act-order, unweighted grid", 4, 32,
+              {"awq": True, "act_order": "order", "weighted_grid": False}),
+             ("GPTQ act-order, unweighted grid", 4, 8, {"act_order": "order", "weighted_grid": False}),
+             ("GPTQ act-order, unweighted grid", 4, 32, {"act_order": "order", "weighted_grid": False}),
+             ("GPTQ act-order, unweighted grid", 3.5, 8, {"act_order": "order", "weighted_grid": False}),
+             ("AWQ+GPTQ damp 0.1, unweighted grid", 4, 8, {"awq": True, "damp": 0.1, "weighted_grid": False}),
+             ("GPTQ, unweighted grid", 3.5, 32, {"weighted_grid": False}),
+             ("AWQ+GPTQ, unweighted grid", 3.5, 32, {"awq": True, "weighted_grid": False}),
+             ("AWQ+GPTQ no clipping, unweighted grid", 3.5, 8, {"awq": True, "clip": False, "weighted_grid": False}),
+             ("AWQ+GPTQ, unweighted grid", 4, 8, {"awq": True, "weighted_grid": False, "calib_seed": 1}),
+             ("AWQ+GPTQ, unweighted grid", 4, 8, {"awq": True, "weighted_grid": False, "calib_seed": 2}),
+             ("GPTQ, unweighted grid", 3.5, 8, {"weighted_grid": False, "calib_seed": 1}),
+             ("GPTQ, unweighted grid", 3.5, 8, {"weighted_grid": False, "calib_seed": 2})]
 
 
 def machine() -> str:
@@ -229,6 +246,7 @@ def main():
                         "calibration and evaluation tokens, one float row) into --out, instead of measuring")
     parser.add_argument("--budgets", nargs="+", type=float, help="bits-per-weight budgets (with each of --methods) "
                         "instead of the method table")
+    parser.add_argument("--act-order", action="store_true", help="budgets: GPTQ's methods round in act-order")
     parser.add_argument("--llama-cpp-types", nargs="+", default=LLAMA_CPP_TYPES,
                         help="llama.cpp GGUF types of the same float weights (method table, when llama_cpp is "
                         "importable)")
@@ -274,9 +292,12 @@ def main():
                  {"options": options, "calib_seed": seed})
                 for name, bits, n, seed, options in ablations]
     elif args.budgets:  # the budget in the bits column, no group size: each linear's format is chosen
-        jobs = [(f"budget {b:g} {METHODS[m]}", b, None, args.calib_samples, lambda b, _, m=m: lowbit.quantize_model(
+        ordered = {m: args.act_order and m in ("gptq", "awq+gptq") for m in args.methods}
+        jobs = [(f"budget {b:g} {METHODS[m]}" + (" act-order" if ordered[m] else ""), b, None, args.calib_samples,
+                 lambda b, _, m=m: lowbit.quantize_model(
                     model, bits_per_weight=b, method=m, calib=calib[args.calib_samples, 0],
-                    inplace=False, progress=False), {"method": m, "budget": b})
+                    inplace=False, progress=False, act_order=ordered[m]),
+                 {"method": m, "budget": b, "act_order": ordered[m]})
                 for b in args.budgets for m in args.methods]
     else:
         jobs = [(f"int{bits:g} {METHODS[m]}", bits, g, args.calib_samples, lambda bits, g, m=m: lowbit.quantize_model(

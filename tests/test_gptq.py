@@ -33,18 +33,36 @@ def output_error(w, qw, x) -> float:
 
 @pytest.mark.parametrize("bits", [4, 3.5])
 def test_diagonal_hessian_gives_round_to_nearest(bits):
-    """With uncorrelated inputs no error is spread: GPTQ's codes, scales and zeros are RTN's, bit for bit
-    (K = 200 also checks the padding columns; perm and clip as quantize_weight takes them)."""
+    """With uncorrelated inputs no error is spread: GPTQ's codes, scales and zeros are RTN's, bit for bit, with
+    the unweighted grid, or with the weighted one when every input has the same energy (K = 200 also checks the
+    padding columns; perm and clip as quantize_weight takes them)."""
     w = torch.randn(48, 200)
     perm = torch.randperm(200).to(torch.int32)
     clip = torch.rand(48, 4) * 0.5 + 0.5
     h = torch.diag(torch.rand(200) + 0.1)
     for p, c in ((None, None), (perm, clip)):
-        ours = gptq_quantize(w, h, bits, 64, perm=p, clip=c).tensors()
         ref = quantize_weight(w, bits, 64, perm=p, clip=c).tensors()
-        assert ours.keys() == ref.keys()
-        for name in ref:
-            assert torch.equal(ours[name], ref[name]), name
+        for ours in (gptq_quantize(w, h, bits, 64, perm=p, clip=c, weighted_grid=False).tensors(),
+                     gptq_quantize(w, torch.eye(200), bits, 64, perm=p, clip=c).tensors()):
+            assert ours.keys() == ref.keys()
+            for name in ref:
+                assert torch.equal(ours[name], ref[name]), name
+
+
+def test_weighted_grid_fits_the_columns_with_large_inputs():
+    """Inputs of very uneven size: the weighted grid gives a smaller output error than the unweighted one, and the
+    large-input columns' weights a smaller error."""
+    k = 256
+    size = torch.ones(k)
+    size[::8] = 30.0  # one column in 8 carries most of the output
+    x = torch.randn(2048, k, generator=torch.Generator().manual_seed(4)) * size
+    w = torch.randn(64, k, generator=torch.Generator().manual_seed(5))
+    h = torch.diag(hessian(x).diagonal())  # uncorrelated inputs: no error spreading, only the grids differ
+    plain = gptq_quantize(w, h, 4, 64, weighted_grid=False)
+    weighted = gptq_quantize(w, h, 4, 64)
+    assert output_error(w, weighted, x) < 0.9 * output_error(w, plain, x)
+    large = slice(0, None, 8)
+    assert (weighted.dequantize() - w)[:, large].norm() < (plain.dequantize() - w)[:, large].norm()
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 128), (3.5, 64), (3.5, 256)])
@@ -53,12 +71,41 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size):
     k = 256
     w = torch.randn(96, k)
     calib, held_out = correlated_inputs(2048, k, seed=1), correlated_inputs(512, k, seed=2)
-    perm = act_order_perm(hessian(calib))
+    order = act_order_perm(hessian(calib))
     rtn = output_error(w, quantize_weight(w, bits, group_size), held_out)
     gptq = output_error(w, gptq_quantize(w, hessian(calib), bits, group_size), held_out)
-    ordered = output_error(w, gptq_quantize(w, hessian(calib), bits, group_size, perm=perm), held_out)
+    ordered = gptq_quantize(w, hessian(calib), bits, group_size, order=order)
+    assert ordered.perm is None  # act-order stores nothing
     assert gptq < 0.7 * rtn, (gptq, rtn)
-    assert ordered < 0.7 * rtn, (ordered, rtn)
+    assert output_error(w, ordered, held_out) < 0.7 * rtn, (output_error(w, ordered, held_out), rtn)
+
+
+@pytest.mark.parametrize("bits", [4, 3.5, 8])
+def test_rounding_order(bits):
+    """order=arange is the default, bit for bit; with a diagonal Hessian any order is round-to-nearest on the
+    unweighted grid (each group's grid comes from its own, uncorrected columns); and a group's grid sees the
+    corrections of the columns rounded before it in other blocks: blocks of one group agree with one block of all
+    columns up to rounding ties (K = 200: a partial last group, int3.5's 4-/3-bit column parity under a perm)."""
+    k = 200
+    w, x = torch.randn(64, k), correlated_inputs(1024, k, seed=3)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(1)).to(torch.int32)
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(2))
+    h = hessian(x)
+    for p in (None, perm):
+        default = gptq_quantize(w, h, bits, 32, perm=p).tensors()
+        ordered = gptq_quantize(w, h, bits, 32, perm=p, order=torch.arange(k)).tensors()
+        assert all(torch.equal(default[n], ordered[n]) for n in default)
+        diagonal = torch.diag(h.diagonal())
+        rtn = quantize_weight(w, bits, 32, perm=p).tensors()
+        ours = gptq_quantize(w, diagonal, bits, 32, perm=p, order=order, weighted_grid=False).tensors()
+        assert all(torch.equal(ours[n], rtn[n]) for n in rtn)
+        one_block = gptq_quantize(w, h, bits, 32, perm=p, order=order, block_size=k).tensors()
+        blocks = gptq_quantize(w, h, bits, 32, perm=p, order=order, block_size=32).tensors()
+        codes = [lowbit.formats.unpack(t["qweight"], bits) for t in (one_block, blocks)]
+        assert (codes[0] != codes[1]).float().mean() < 0.01
+        assert torch.allclose(one_block["scales"].float(), blocks["scales"].float(), rtol=0.01, atol=1e-3)
+    with pytest.raises(ValueError, match="order must be a permutation of the 200 input features"):
+        gptq_quantize(w, h, bits, 32, order=torch.zeros(k, dtype=torch.long))
 
 
 def test_gptq_is_deterministic_and_block_size_invariant():
@@ -157,21 +204,31 @@ def test_convert_cli_with_gptq(tmp_path, smollm2_dir):
         assert torch.equal(lowbit.load_quantized(out)(ids), expected(ids))
 
 
-def test_convert_cli_with_act_order_and_more_calibration(tmp_path, smollm2_dir):
-    """`--act-order --calib-samples 2`: every int4 decoder linear stores GPTQ's column order as its permutation, the
+def qlinears(model) -> list:
+    return [m for m in model.modules() if isinstance(m, lowbit.QuantLinear)]
+
+
+@pytest.mark.parametrize("mode", ["order", "perm"])
+def test_convert_cli_with_act_order_and_more_calibration(tmp_path, smollm2_dir, mode):
+    """`--act-order [order|perm] --calib-samples 2`: the int4 decoder linears hold other codes than left-to-right
+    rounding; "order" stores no permutation (the plain format's size), "perm" stores one in every layer. The
     checkpoint holds what quantize_model computes on 2 calibration windows, and the fused CPU decode runs it as
     the eager forward does (greedy tokens equal)."""
     hf = tiny_dir_with_smollm2_tokenizer(tmp_path, smollm2_dir)
     out = tmp_path / "q"
+    flags = ["--act-order"] if mode == "order" else ["--act-order", "perm"]
     assert cli(["convert", str(hf), str(out), "--bits", "4", "--group-size", "32", "--method", "awq+gptq",
-                "--act-order", "--calib-samples", "2", "--float-dtype", "float32"]) == 0
+                *flags, "--calib-samples", "2", "--float-dtype", "float32"]) == 0
     model = LlamaForCausalLM.from_pretrained(hf)
     calib = lowbit.data.calibration_tokens(model.tokenizer, n_samples=2, seq_len=512)
-    expected = lowbit.quantize_model(model, 4, 32, method="awq+gptq", calib=calib, act_order=True)
+    expected = lowbit.quantize_model(model, 4, 32, method="awq+gptq", calib=calib, act_order=mode)
     loaded = lowbit.load_quantized(out)
-    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, lowbit.QuantLinear)}
-    assert layers and all(m.perm is not None for m in layers.values())
+    assert qlinears(loaded) and all((m.perm is not None) == (mode == "perm") for m in qlinears(loaded))
     assert_saved_as(out, expected)
+    plain = lowbit.quantize_model(LlamaForCausalLM.from_pretrained(hf), 4, 32, method="awq+gptq", calib=calib)
+    plain_bytes, ordered_bytes = lowbit.eval.linear_stats(plain)[1], lowbit.eval.linear_stats(expected)[1]
+    assert ordered_bytes == plain_bytes if mode == "order" else ordered_bytes > plain_bytes
+    assert any(not torch.equal(a.qweight, b.qweight) for a, b in zip(qlinears(plain), qlinears(expected)))
     ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids), expected(ids))
@@ -184,11 +241,13 @@ def test_act_order_and_calibration_size_are_checked(tmp_path):
     tiny_hf_llama(tmp_path / "hf")
     model = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
     calib = torch.randint(0, 512, (2, 32))
-    with pytest.raises(ValueError, match="act_order needs method 'gptq' or 'awq\\+gptq'"):
+    with pytest.raises(ValueError, match="act_order must be .* needs method 'gptq' or 'awq\\+gptq'"):
         lowbit.quantize_model(model, 4, 32, method="awq", calib=calib, act_order=True)
-    with pytest.raises(ValueError, match="act_order needs .* one format"):
-        lowbit.quantize_model(model, bits_per_weight=4.5, method="gptq", calib=calib, act_order=True)
-    with pytest.raises(ValueError, match="act_order needs method"):
+    with pytest.raises(ValueError, match="act_order must be False, 'order' \\(or True\\) or 'perm'"):
+        lowbit.quantize_model(model, 4, 32, method="gptq", calib=calib, act_order="desc")
+    with pytest.raises(ValueError, match="act_order='perm' adds a permutation .* budget"):
+        lowbit.quantize_model(model, bits_per_weight=4.5, method="gptq", calib=calib, act_order="perm")
+    with pytest.raises(ValueError, match="needs method 'gptq'"):
         lowbit.convert(tmp_path / "hf", tmp_path / "q", act_order=True)
     with pytest.raises(ValueError, match="calib_samples must be a positive number"):
         lowbit.convert(tmp_path / "hf", tmp_path / "q", method="gptq", calib_samples=0)

@@ -26,9 +26,10 @@ def add_quantization_args(p: argparse.ArgumentParser, converts: bool) -> None:
                    help="default 128; with --bits-per-weight: the only group size to choose from")
     p.add_argument("--method", default="rtn", choices=list(METHODS),
                    help="awq, gptq, awq+gptq: calibrate (minutes on a CPU)")
-    p.add_argument("--act-order", action="store_true",
-                   help="gptq, awq+gptq: round each layer's columns in decreasing order of their inputs' size (a "
-                        "stored permutation, 4 bytes per input feature; int3.5 keeps its saliency order)")
+    p.add_argument("--act-order", nargs="?", const="order", default=False, choices=["order", "perm"],
+                   help="gptq, awq+gptq: round each layer's columns in decreasing order of their inputs' size; "
+                        "order (default): the format and its size unchanged; perm: the order stored as each "
+                        "int4/int8 layer's input permutation (4 bytes per input feature)")
     p.add_argument("--calib-samples", type=int, default=8, metavar="N",
                    help="calibrate on N windows of 512 tokens (default 8; more: slower, often better GPTQ)")
     p.add_argument("--grid", default="mse", choices=["mse", "minmax"],

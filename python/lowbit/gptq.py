@@ -7,12 +7,19 @@ Hessian H = 2 X^T X. GPTQ rounds the stored columns one at a time, left to right
 rounding error onto the columns not yet rounded in the proportions that minimise that quadratic form (the
 rows of the upper Cholesky factor of H^-1). A group's scale and zero point are fixed from the current,
 error-updated weights when the group's first column is reached, so the codes, scales and zeros are
-exactly lowbit's formats: checkpoints and kernels are the same as for round-to-nearest.
+exactly lowbit's formats: checkpoints and kernels are the same as for round-to-nearest. The grid is the one
+with the least squared error of the group's weights, each column's error weighted by its input energy
+diag(H) (the weighting llama.cpp's importance matrix applies to its grid searches), unless AWQ's clipping
+ratios fix it.
 
-Column order: groups are contiguous in the stored column order, so any processing order other than left to
-right is expressed through the format's input permutation `perm`. int3.5 uses AWQ's saliency order (the most
-salient channels on the 4-bit positions, roughly in decreasing saliency); `act_order=True` orders int4's
-columns by decreasing diag(H) (costs 4 bytes per input feature for the stored permutation; off by default).
+Column order: columns are rounded left to right in the stored order unless an order is given. int3.5's
+stored order is AWQ's saliency order (the most salient channels on the 4-bit positions; the format's input
+permutation `perm`). Act-order rounds the columns in decreasing diag(H) instead, so that the largest inputs
+are rounded while most columns can still absorb their error, in one of two ways. act_order="order" (or True)
+keeps the groups contiguous in the stored order (no bytes added): a group's grid is fixed when the first of its
+columns is reached, from the group's error-updated weights at that moment (the columns not yet rounded hold
+every correction made so far). act_order="perm" stores the order as the layer's input permutation (int4/int8;
+4 bytes per input feature), so that the groups are runs of columns of similar input size.
 
 quantize_llama_gptq runs the decoder blocks one after another (memory: one block plus the calibration
 activations). Within a block the linears are quantized in the order the data flows (q/k/v, o, gate/up,
@@ -31,6 +38,15 @@ from .awq import BlockView, block_formats, block_inputs, run_block, saliency_per
 from .nn import QuantLinear
 from .quantize import check_clip, checked_weight, grid_values, group_grid, round_to_grid
 from .weight import QuantizedWeight
+
+
+ACT_ORDERS = (False, True, "order", "perm")
+
+
+def check_act_order(act_order, method: str):
+    if act_order not in ACT_ORDERS or (act_order and method not in ("gptq", "awq+gptq")):
+        raise ValueError(f"act_order must be False, 'order' (or True) or 'perm', and needs method 'gptq' or "
+                         f"'awq+gptq': got act_order={act_order!r}, method={method!r}")
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -73,12 +89,17 @@ def one_thread():
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: float = 4, group_size: int = 128,
                   perm: torch.Tensor | None = None, clip: torch.Tensor | None = None, damp: float = 0.01,
-                  block_size: int = 128, integer_zeros: bool = False) -> QuantizedWeight:
+                  block_size: int = 128, integer_zeros: bool = False,
+                  order: torch.Tensor | None = None, weighted_grid: bool = True) -> QuantizedWeight:
     """GPTQ of one weight W [N, K] (nn.Linear layout) with the Hessian h [K, K] of its inputs (see hessian).
 
     perm, clip and integer_zeros mean what they mean for quantize_weight; damp adds damp * mean(diag H) to
-    H's diagonal; columns are updated lazily in blocks of block_size (rounded up to whole groups, so that
-    a group's grid sees every earlier column's correction). With H diagonal this is round-to-nearest.
+    H's diagonal; columns are updated lazily in blocks of block_size (rounded up to whole groups). order
+    (optional, e.g. act_order_perm of the Hessian in the stored order): the order in which the stored columns
+    are rounded, default left to right; a group's grid is fixed when its first column in this order is reached.
+    weighted_grid (groups without clip ratios): each group's grid is quantize_weight's "mse" search with each
+    column's squared error weighted by its input energy diag(H) (off: unweighted, as round-to-nearest). With H
+    diagonal, this is round-to-nearest on that weighted grid, whatever the order.
     """
     bits = formats.check_bits(bits)
     group_size = formats.check_group_size(group_size)
@@ -91,20 +112,29 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: float = 4, group_size:
             and isinstance(block_size, int) and block_size > 0):
         raise ValueError(f"GPTQ: damp must be a positive number and block_size a positive integer, got "
                          f"damp={damp!r}, block_size={block_size!r}")
+    if order is None:
+        order = torch.arange(k)
+    elif not (isinstance(order, torch.Tensor) and order.dim() == 1 and len(order) == k
+              and torch.equal(torch.sort(order.cpu().long()).values, torch.arange(k))):
+        raise ValueError(f"GPTQ: order must be a permutation of the {k} input features (a 1-d integer tensor)")
     n_groups = -(-k // group_size)
     check_clip(clip, n, n_groups)
     h = h.to(w.device)
     if perm is not None:
-        order = perm.long()
-        w, h = w[:, order], h[order][:, order]
-    else:
-        w = w.clone()
+        w, h = w[:, perm.long()], h[perm.long()][:, perm.long()]
+    order = order.to(w.device).long()
+    importance = h.diagonal().clone()               # the stored columns' input energy (weighted_grid)
+    w, h = w[:, order], h[order][:, order]          # in rounding order from here on
     u = inverse_cholesky(h, damp)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(k, device=w.device)  # where each stored column is rounded
+    columns = order.tolist()
 
     kp = formats.padded_in_features(k, group_size)
     codes = torch.empty(n, kp, device=w.device)
     scales = torch.empty(n, n_groups, dtype=torch.float16, device=w.device)
     zeros = torch.empty_like(scales)
+    has_grid = [False] * n_groups
     block = -(-block_size // group_size) * group_size
     with one_thread():
         for b0 in range(0, k, block):
@@ -112,16 +142,25 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: float = 4, group_size:
             wb = w[:, b0:b1]                     # rounded in place, column by column
             err = torch.empty(n, b1 - b0, device=w.device)
             for j in range(b1 - b0):
-                col = b0 + j
+                col = columns[b0 + j]
                 g = col // group_size
-                if col % group_size == 0:
+                if not has_grid[g]:
+                    # The group's columns (stored order), none rounded yet: those in later blocks still lack
+                    # this block's corrections so far.
+                    at = position[g * group_size:min(g * group_size + group_size, k)]
+                    current = w[:, at]
+                    later = at >= b1
+                    if bool(later.any()):
+                        current[:, later] -= err[:, :j] @ u[b0:b0 + j][:, at[later]]
                     ratio = None if clip is None else clip[:, g]
-                    scales[:, g], zeros[:, g] = group_grid(wb[:, j:j + group_size], bits, ratio, integer_zeros)
+                    weight = importance[g * group_size:g * group_size + group_size] if weighted_grid else None
+                    scales[:, g], zeros[:, g] = group_grid(current, bits, ratio, integer_zeros, columns=weight)
+                    has_grid[g] = True
                 s, z = scales[:, g], zeros[:, g]
                 q = round_to_grid(wb[:, j:j + 1], s, z, bits, col)
                 codes[:, col] = q[:, 0]
-                err[:, j] = (wb[:, j] - grid_values(q, s, z, bits, col)[:, 0]) / u[col, col]
-                wb[:, j + 1:].addmm_(err[:, j:j + 1], u[col:col + 1, col + 1:b1], alpha=-1)  # (addr_ is slow)
+                err[:, j] = (wb[:, j] - grid_values(q, s, z, bits, col)[:, 0]) / u[b0 + j, b0 + j]
+                wb[:, j + 1:].addmm_(err[:, j:j + 1], u[b0 + j:b0 + j + 1, b0 + j + 1:b1], alpha=-1)  # (addr_ is slow)
             w[:, b1:].addmm_(err, u[b0:b1, b1:], alpha=-1)   # the block's corrections to every later column
     # Padding columns hold the codes of 0.0 (docs/FORMAT.md).
     codes[:, k:] = round_to_grid(torch.zeros(n, kp - k, device=w.device), scales[:, -1], zeros[:, -1], bits, k)
@@ -142,16 +181,16 @@ def capture_input(view: BlockView, x: torch.Tensor, name: str) -> torch.Tensor:
 def quantize_llama_gptq(model, bits: float, group_size: int, calib: torch.Tensor, awq: bool = False,
                         damp: float = 0.01, block_size: int = 128, act_order: bool = False,
                         saliency_order: bool = True, clip: bool = True, n_grid: int = 20, n_search: int = 2,
-                        integer_zeros: bool = False, progress: bool = True,
+                        integer_zeros: bool = False, progress: bool = True, weighted_grid: bool = True,
                         module_formats: dict[str, tuple[float, int]] | None = None):
     """GPTQ (awq=True: AWQ scales and clipping, then GPTQ) of every decoder block's linears, in place, for
     lowbit's or transformers' LlamaForCausalLM.
 
-    calib: token ids [n_samples, seq_len]. damp, block_size: see gptq_quantize. act_order: columns in
-    decreasing diag(H) order (a stored permutation; int3.5 takes the saliency order instead unless
-    saliency_order=False). saliency_order: int3.5's channel order (lowbit.awq).
-    clip, n_grid, n_search: AWQ's clipping search and scale search (awq=True only). module_formats: as
-    lowbit.awq.quantize_llama_awq's."""
+    calib: token ids [n_samples, seq_len]. damp, block_size: see gptq_quantize. act_order: False, "order" (or
+    True) or "perm", as the module docstring says (int3.5 keeps its saliency order as the stored one unless
+    saliency_order=False). saliency_order: int3.5's stored channel order (lowbit.awq).
+    clip, n_grid, n_search: AWQ's clipping search and scale search (awq=True only). weighted_grid: see
+    gptq_quantize. module_formats: as lowbit.awq.quantize_llama_awq's."""
     bits = formats.check_bits(bits)
     group_size = formats.check_group_size(group_size)
     name = "AWQ+GPTQ" if awq else "GPTQ"
@@ -172,17 +211,19 @@ def quantize_llama_gptq(model, bits: float, group_size: int, calib: torch.Tensor
                     linear = view.linear(lin_name)
                     w = linear.weight.data
                     fmt = layer_formats[lin_name]
-                    perm = None
+                    perm = order = None
                     if fmt[0] == 3.5 and saliency_order:
                         perm = saliency_perm(x_stats(x_in), w)
-                    elif act_order:
+                    if act_order == "perm" and perm is None:
                         perm = act_order_perm(h)
+                    elif act_order:
+                        order = act_order_perm(h if perm is None else h[perm.long()][:, perm.long()])
                     ratio = None
                     if awq and clip and lin_name in view.clip_rows:
                         ratio = search_clip(w, x_in, *fmt, perm,
                                             rows=view.clip_rows[lin_name], integer_zeros=integer_zeros)
                     qlinear = QuantLinear(gptq_quantize(w, h, *fmt, perm, ratio, damp, block_size,
-                                                        integer_zeros), linear.bias)
+                                                        integer_zeros, order, weighted_grid), linear.bias)
                     qlinear.awq_scales = folded.get(lin_name)
                     view.block.set_submodule(lin_name, qlinear)
             x = run_block(view, x)

@@ -16,7 +16,7 @@ from . import data, formats
 from .awq import quantize_llama_awq
 from .budget import choose_for_budget
 from .eval import linear_stats
-from .gptq import quantize_llama_gptq
+from .gptq import check_act_order, quantize_llama_gptq
 from .io.autoawq import import_awq
 from .io.checkpoint import quantize_checkpoint_rtn, save_quantized
 from .io.hf import CheckpointError
@@ -40,7 +40,7 @@ def quantize_model(model: nn.Module, bits: float | None = None, group_size: int 
                    calib=None, modules_to_not_convert: list[str] | None = None, quantize_lm_head: bool = False,
                    inplace: bool = True, integer_zeros: bool = False, lm_head_bits: float | None = None,
                    lm_head_group_size: int | None = None, bits_per_weight: float | None = None,
-                   progress: bool = True, grid: str = "mse", act_order: bool = False) -> nn.Module:
+                   progress: bool = True, grid: str = "mse", act_order: bool | str = False) -> nn.Module:
     """Replace every nn.Linear of `model` by a QuantLinear (lowbit's LLaMA or transformers' LlamaForCausalLM).
 
     Every linear in one format, bits (default 4) and group_size (default 128); or, with bits_per_weight instead
@@ -60,13 +60,15 @@ def quantize_model(model: nn.Module, bits: float | None = None, group_size: int 
     zero point; AWQ's layers keep its clipped ranges). The choices are kept in model.quantization (save_quantized
     writes them to config.json): "bits" and "group_size" are the most common format, "module_formats" lists the
     linears in another one, and with a budget "bits_per_weight" holds {"target": bits_per_weight, "achieved": ...}.
-    act_order (GPTQ's methods, one format): round int4/int8 columns in decreasing order of their inputs' energy
-    (lowbit.gptq), stored as each layer's input permutation (4 bytes per input feature).
+    act_order (GPTQ's methods): round each layer's columns in decreasing order of their inputs' energy
+    (lowbit.gptq): "order" (or True) with the format and its size unchanged, "perm" with that order stored as
+    each int4/int8 layer's input permutation (4 bytes per input feature).
     """
     check_method(method)
-    if act_order and (method not in ("gptq", "awq+gptq") or bits_per_weight is not None):
-        raise ValueError(f"act_order needs method 'gptq' or 'awq+gptq' and one format (not bits_per_weight), got "
-                         f"method={method!r}, bits_per_weight={bits_per_weight!r}")
+    check_act_order(act_order, method)
+    if act_order == "perm" and bits_per_weight is not None:
+        raise ValueError("act_order='perm' adds a permutation to the layers that a bits_per_weight budget does not "
+                         "count: use act_order='order' with a budget")
     given_group_size = group_size is not None
     if bits_per_weight is not None:
         if bits is not None:
@@ -126,7 +128,7 @@ def convert(src, out, bits: float | None = None, group_size: int | None = None, 
             align: int | None = None, force: bool = False, integer_zeros: bool = False, quantize_lm_head: bool = False,
             float_dtype: torch.dtype = torch.float16, progress: bool = True, lm_head_bits: float | None = None,
             lm_head_group_size: int | None = None, bits_per_weight: float | None = None, grid: str = "mse",
-            act_order: bool = False, calib_samples: int = 8) -> Path:
+            act_order: bool | str = False, calib_samples: int = 8) -> Path:
     """Quantize an HF float directory or a .gguf file into a lowbit checkpoint; or import an AutoAWQ one.
 
     RTN in one format streams layer by layer (memory: one decoder layer plus one output shard). AWQ, GPTQ and a
@@ -147,8 +149,7 @@ def convert(src, out, bits: float | None = None, group_size: int | None = None, 
         raise ValueError(f"align must be a power of two >= 8, got {align!r}")
     check_method(method)
     check_calib_samples(calib_samples)
-    if act_order and method not in ("gptq", "awq+gptq"):
-        raise ValueError(f"act_order needs method 'gptq' or 'awq+gptq', got {method!r}")
+    check_act_order(act_order, method)
     if src.is_dir() and (src / "config.json").is_file():
         raw = json.loads((src / "config.json").read_text())
         qm = (raw.get("quantization_config") or {}).get("quant_method")

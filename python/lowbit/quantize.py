@@ -140,7 +140,8 @@ def group_grid(groups: torch.Tensor, bits: float, clip=None, integer_zeros: bool
     scale and offset to the codes it rounds to (w ~ s * step + c, the codes rounded again after each fit), the
     one with the least squared error of the group's weights (data-free, like llama.cpp's k-quant searches), or
     the min-max grid where none is better.
-    columns (bool, broadcasting to groups, optional): the real columns; the search ignores padding.
+    columns (broadcasting to groups, optional): each column's weight in the "mse" search's squared error, e.g.
+    0 for padding (bool: the real columns) or the size of its inputs (lowbit.gptq).
     """
     if grid == "mse" and clip is None:
         weight = 1.0 if columns is None else columns.float()
@@ -170,14 +171,14 @@ def _mse_grid(groups: torch.Tensor, bits: float, integer_zeros: bool, weight):
 
 
 def _refit(groups, weight, steps, scales, zeros, bits, integer_zeros):
-    """Least-squares scale and zero point of w ~ (steps - z) * s over each group's columns (weight: 1 for a
-    column, 0 for padding); groups whose codes are all equal (or whose fit is not a positive float16 scale or a
-    finite float16 zero point) keep theirs."""
-    steps = steps * weight
+    """Weighted least-squares scale and zero point of w ~ (steps - z) * s over each group's columns (weight: a
+    column's weight in the squared error, 0 for padding); groups whose codes are all equal (or whose fit is not a
+    positive float16 scale or a finite float16 zero point) keep theirs."""
+    weighted = steps * weight
     n = torch.broadcast_to(torch.as_tensor(weight, device=groups.device), groups.shape).sum(-1)
-    sum_x, sum_w = steps.sum(-1), groups.sum(-1)  # (padding columns are zeros)
-    det = n * steps.square().sum(-1) - sum_x.square()
-    slope = (n * (steps * groups).sum(-1) - sum_x * sum_w) / torch.where(det > 0, det, 1.0)
+    sum_x, sum_w = weighted.sum(-1), (groups * weight).sum(-1)
+    det = n * (weighted * steps).sum(-1) - sum_x.square()
+    slope = (n * (weighted * groups).sum(-1) - sum_x * sum_w) / torch.where(det > 0, det, 1.0)
     new_scales = slope.to(torch.float16)
     new_scales = torch.where((det > 0) & (new_scales > 0) & torch.isfinite(new_scales), new_scales, scales)
     new_zeros = (sum_x - sum_w / new_scales.float()) / n  # the offset c = -z * s, with the float16 scale
