@@ -43,10 +43,14 @@ from .weight import QuantizedWeight
 ACT_ORDERS = (False, True, "order", "perm")
 
 
-def check_act_order(act_order, method: str):
+def check_act_order(act_order, method: str, budget: bool = False):
+    """budget: a bits-per-weight budget chooses the formats (it does not count a stored permutation)."""
     if act_order not in ACT_ORDERS or (act_order and method not in ("gptq", "awq+gptq")):
         raise ValueError(f"act_order must be False, 'order' (or True) or 'perm', and needs method 'gptq' or "
                          f"'awq+gptq': got act_order={act_order!r}, method={method!r}")
+    if act_order == "perm" and budget:
+        raise ValueError("act_order='perm' adds a permutation to the layers that a bits_per_weight budget does not "
+                         "count: use act_order='order' with a budget")
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:

@@ -65,10 +65,7 @@ def quantize_model(model: nn.Module, bits: float | None = None, group_size: int 
     each int4/int8 layer's input permutation (4 bytes per input feature).
     """
     check_method(method)
-    check_act_order(act_order, method)
-    if act_order == "perm" and bits_per_weight is not None:
-        raise ValueError("act_order='perm' adds a permutation to the layers that a bits_per_weight budget does not "
-                         "count: use act_order='order' with a budget")
+    check_act_order(act_order, method, budget=bits_per_weight is not None)
     given_group_size = group_size is not None
     if bits_per_weight is not None:
         if bits is not None:
@@ -149,7 +146,7 @@ def convert(src, out, bits: float | None = None, group_size: int | None = None, 
         raise ValueError(f"align must be a power of two >= 8, got {align!r}")
     check_method(method)
     check_calib_samples(calib_samples)
-    check_act_order(act_order, method)
+    check_act_order(act_order, method, budget=bits_per_weight is not None)
     if src.is_dir() and (src / "config.json").is_file():
         raw = json.loads((src / "config.json").read_text())
         qm = (raw.get("quantization_config") or {}).get("quant_method")

@@ -203,7 +203,7 @@ def sse(data: dict | str) -> str:
 def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
     model = engine.model
     info = {**model_info(model, model_name), "context": engine.max_seq_len, "max_batch": engine.max_batch,
-            "kv_cache_dtype": str(model.layers[0].attn.kv_cache.k.dtype).removeprefix("torch.")}
+            "kv_cache_dtype": str(model.cache_dtype).removeprefix("torch.")}
     created = int(time.time())
 
     @asynccontextmanager
