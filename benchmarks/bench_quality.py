@@ -207,6 +207,14 @@ def budget_table(rows: list[dict], big: str, uniform: list[dict]) -> list[str]:
             if u:
                 line += (f"; uniform int{bits:g} g64 {METHODS[r['method']]} {u[small]:.2f} at "
                          f"{u['bits_per_weight']:.2f} ({r[small] - u[small]:+.2f})")
+        low, high = by.get((3.5, r["method"])), by.get((4, r["method"]))
+        if low and high and low["bits_per_weight"] < r["bits_per_weight"] < high["bits_per_weight"]:
+            # Equal size: the straight line between the two uniform formats, which mixing them layer by layer
+            # would follow if each layer's share of the error were the same.
+            t = (r["bits_per_weight"] - low["bits_per_weight"]) / (high["bits_per_weight"] - low["bits_per_weight"])
+            line_value = low[small] + t * (high[small] - low[small])
+            line += (f"; the line between them at {r['bits_per_weight']:.2f}: {line_value:.2f} "
+                     f"({r[small] - line_value:+.2f})")
         if r["budget"] == 4.25:
             line += (f"; issue 19's target <= {TARGETS[3.5]}: {'met' if r[small] <= TARGETS[3.5] else 'missed'} by "
                      f"{abs(r[small] - TARGETS[3.5]):.2f}")

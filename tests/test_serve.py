@@ -8,6 +8,7 @@ handling); the browser test uses SmolLM2 int4 itself for a readable screenshot.
 import contextlib
 import copy
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -276,6 +277,53 @@ def test_engine_limits_queue_and_cancel(tiny):
         engine.submit([1, 2, 3], Sampling(max_new_tokens=2), emit)
 
 
+def _run_alone(engine: Engine, prompt: list[int], new_tokens: int = 12):
+    """One greedy request on its own: its sequence once finished."""
+    done = threading.Event()
+    seq = engine.submit(prompt, Sampling(max_new_tokens=new_tokens, ignore_eos=True),
+                        lambda text, finish_reason: finish_reason and done.set())
+    assert done.wait(60), "the request did not finish"
+    assert seq.finish_reason == "length", seq.error
+    return seq
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-step", "pytorch-forward"])
+def test_prefix_reuse_gives_the_tokens_of_a_full_prefill(tiny, fused):
+    tok = tiny.tokenizer
+
+    def chat(messages):
+        return tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+
+    first = chat(CHAT)
+    engine = Engine(copy.deepcopy(tiny), max_batch=4, max_seq_len=256)
+    fresh = Engine(copy.deepcopy(tiny), max_batch=4, max_seq_len=256, prefix_reuse=False)
+    if not fused:
+        engine.fused = fresh.fused = None
+    try:
+        one = _run_alone(engine, first)
+        assert one.reused == 0 and one.slot == 0
+        # The next turn: the first prompt, its reply and a new question. Its row holds all but the reply's last
+        # token (sampled, never fed back).
+        reply = tok.decode(one.tokens)
+        second = chat(CHAT + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And another?"}])
+        shared = len(os.path.commonprefix([second, first + one.tokens]))
+        two = _run_alone(engine, second)
+        assert two.slot == 0 and two.reused == min(shared, len(first) + len(one.tokens) - 1) > len(first) // 2
+        # Another conversation shares the chat template's start with it, and takes that row too.
+        other = chat([{"role": "user", "content": "What is a prime number?"}])
+        three = _run_alone(engine, other)
+        assert three.slot == 0 and 0 < three.reused < len(other) - 1
+        load = engine.load()
+        assert load["prompt_tokens"] == len(first) + len(second) + len(other)
+        assert load["prompt_tokens_reused"] == two.reused + three.reused
+        # The same prompts computed in full on a copy of the model: the same tokens.
+        assert [_run_alone(fresh, p).tokens for p in (second, other)] == [two.tokens, three.tokens]
+        assert fresh.load()["prompt_tokens_reused"] == 0
+    finally:
+        engine.stop()
+        fresh.stop()
+
+
 @pytest.mark.slow
 def test_sigterm_finishes_open_requests(tiny, tmp_path):
     checkpoint = lowbit.save_quantized(tiny, tmp_path / "tiny-int4")
@@ -374,4 +422,6 @@ def test_bench_serve_quick(tmp_path):
     for level in result["levels"]:
         assert level["failed"] == 0 and level["tokens"] == 16 * level["clients"] and level["tokens_per_s"] > 0
         assert 0 < level["ttft_p50_s"] <= level["ttft_p99_s"] and 0 < level["itl_p50_ms"] <= level["itl_p99_ms"]
+        # Distinct questions after a shared system prompt: the server reuses that prefix and computes the rest.
+        assert 0 < level["prompt_tokens_reused"] < level["prompt_tokens"]
     assert "| 3 | 3 | 0 |" in out.with_suffix(".md").read_text()

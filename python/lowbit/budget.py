@@ -5,15 +5,23 @@ Candidates: {int3.5, int4, int8} x {32, 64, 128, 256} per linear, each costing t
 (formats.quantized_nbytes: codes with the padding up to whole groups, float16 scales and zeros, int3.5's int32
 channel permutation where the method stores one) - the count lowbit.eval.linear_stats reports as bits per weight.
 
-Error of a candidate (measure_errors): the squared error of the linear's own output on the float model's
-calibration activations X (all calibration tokens, taken decoder block by block) when its weight is
-round-to-nearest quantized in that format (int3.5 in AWQ's saliency channel order where the method uses it):
-trace(dW X^T X dW^T) with dW = W - W_q, summed over the linears. Chosen by measurement on SmolLM2 (RTN, perplexity
-on the 4,097-token set; benchmarks/README.md): it beat the squared error of the block's output with only that
-linear quantized (which weighs q/k/v/gate/up/o/down by their effect on the block but, summed over blocks, favours
-the late blocks, whose residual stream is largest): 22.12 against 23.38 at 4.25 bits per weight and 17.81 against
-19.03 at 4.5 (at 4.0, near the cheapest choice, 39.83 against 36.61), and it costs no block forwards per
-candidate.
+Error of a candidate (measure_errors): each output feature's squared error on the float model's calibration
+activations X (all calibration tokens, taken decoder block by block) when the linear's weight is round-to-nearest
+quantized in that format on the min-max grid (int3.5 in AWQ's saliency channel order where the method uses it),
+weighted by that output's sensitivity f (output_sensitivity: the diagonal of the Fisher information of the float
+model's next-token distributions, from one backward pass per calibration sequence), summed over the linears:
+sum_o f_o ||X dW_o||^2 with dW = W - W_q, about twice the KL divergence from the float model's outputs that the
+rounding adds. The unweighted sum (every output alike) gave late blocks the bits, early ones matter more: on
+SmolLM2 their outputs' sensitivities differ by ~100x between the first block and the middle ones. Measured
+(GPTQ act-order, perplexity on the 4,097-token set; benchmarks/README.md): FISHER_NUMBERS.
+
+GPTQ's methods leave less error than round-to-nearest, and less in some layers than in others: a column's
+rounding error is spread over the columns rounded after it, so what remains of it costs only the part of the
+column's input energy those columns cannot reproduce, 1 / U_cc^2 (U the upper Cholesky factor of the damped H^-1
+in rounding order, H = X^T X; gptq.inverse_cholesky) instead of H_cc: ||X dW_o||^2 becomes
+sum_c dW_oc^2 / U_cc^2, GPTQ's per-column losses with the round-to-nearest errors in place of the compensated
+ones. On three of SmolLM2's blocks this is within 0.7-1.5x of the error GPTQ really leaves for every candidate,
+where ||X dW||^2 is 2.4-8.5x it, by a factor that differs between attention and feed-forward linears.
 
 With AWQ's methods the weights that get rounded are channel-scaled ones, on which the formats rank differently
 (SmolLM2's weights, dequantized from group-32 4-bit, are exact in int4 g32 until AWQ scales their columns), so
@@ -29,11 +37,14 @@ import heapq
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import formats
 from .awq import block_inputs, run_block, saliency_perm, scale_block, x_stats
+from .gptq import DAMP, act_order_perm, inverse_cholesky
+from .models.llama import LlamaForCausalLM
 from .nn import QuantLinear
 from .quantize import fake_quantize
 
@@ -55,10 +66,49 @@ def candidate_bytes(shape: tuple[int, int], fmt: Format, saliency_order: bool) -
     return formats.quantized_nbytes(*shape, bits, group_size, has_perm=saliency_order and bits == 3.5)
 
 
+def output_sensitivity(model, calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{qualified decoder linear name: f [N]}: each output feature's diagonal of the Fisher information of the
+    float model's next-token distributions on calib, summed over the calibration tokens (the squared gradient of
+    the log-likelihood of a token sampled from the model, seed 0): an error e in that output at every token
+    moves the summed KL divergence from the float model's outputs by about f e^2 / 2. Memory: one sequence's
+    forward and backward through the float model."""
+    linears = {m: n for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.rpartition(".")[2] != "lm_head"}
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, grad: torch.Tensor) -> None:
+        g = grad.float().reshape(-1, grad.shape[-1]).square().sum(0)
+        sums[name] = sums[name] + g if name in sums else g
+
+    def watch(module, args, output):
+        output.register_hook(lambda grad, name=linears[module]: add(name, grad))
+
+    embed = model.embed if isinstance(model, LlamaForCausalLM) else model.model.embed_tokens
+    start = []  # the embeddings of the sequence being run: what the gradients are taken against
+    handles = [m.register_forward_hook(watch) for m in linears]
+    handles.append(embed.register_forward_hook(lambda module, args, output: start.append(output.requires_grad_())))
+    try:
+        generator = torch.Generator(model.device).manual_seed(0)
+        with torch.inference_mode(False), torch.enable_grad():
+            for ids in calib.to(model.device).clone():  # (a clone: calib may be an inference-mode tensor)
+                start.clear()
+                out = model(ids[None])
+                logits = out if isinstance(out, torch.Tensor) else out.logits
+                # Labels drawn from the model's own next-token distribution: the gradients' squares then average
+                # to the Fisher information, the curvature of the KL divergence from the float model's outputs.
+                labels = torch.multinomial(logits[0].detach().float().softmax(-1), 1, generator=generator)[:, 0]
+                loss = F.cross_entropy(logits[0].float(), labels, reduction="sum")
+                torch.autograd.grad(loss, start)  # the parameters' gradients are not needed
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
+
+
 @torch.inference_mode()
 def measure_errors(model, calib: torch.Tensor, fmts: list[Format], saliency_order: bool, progress: bool = True,
-                   awq_format: Format | None = None
-                   ) -> tuple[dict[str, dict[Format, float]], dict[str, tuple[int, int]]]:
+                   awq_format: Format | None = None, gptq: bool = False, act_order: bool = False,
+                   weighted: bool = True) -> tuple[dict[str, dict[Format, float]], dict[str, tuple[int, int]]]:
     """({qualified linear name: {format: output squared error}}, {name: weight shape [N, K]}) for every decoder
     linear of lowbit's or transformers' LlamaForCausalLM (see the module docstring), rounded to nearest on the
     min-max grid: a ranking of the formats, ten times cheaper than on the searched grid (which made choosing for
@@ -67,8 +117,11 @@ def measure_errors(model, calib: torch.Tensor, fmts: list[Format], saliency_orde
 
     awq_format: for the methods that scale channels first (AWQ, AWQ+GPTQ), each block's AWQ scales are searched
     for this format and folded into a copy of the block (the model is not changed), and the errors are measured
-    on the scaled weights and inputs, as those methods will round them."""
+    on the scaled weights and inputs, as those methods will round them. gptq: the error GPTQ leaves (see the
+    module docstring), its columns rounded in the stored order (int3.5: the saliency order) or, with act_order,
+    by decreasing input energy."""
     x, blocks, views = block_inputs(model, calib, "the bits-per-weight budget")
+    sensitivity = output_sensitivity(model, calib) if weighted else None
     errors, shapes = {}, {}
     for block_name, block in tqdm(blocks, desc="budget: measuring", disable=not progress):
         view = views(block if awq_format is None else copy.deepcopy(block))
@@ -87,16 +140,38 @@ def measure_errors(model, calib: torch.Tensor, fmts: list[Format], saliency_orde
                 for h in hooks:
                     h.remove()
         for name in view.linear_names:
+            qualified = f"{block_name}.{name}"
+            f = None if sensitivity is None else sensitivity[qualified].to(model.device)
             w = view.linear(name).weight.data.float()
             x_in = torch.cat(inputs.pop(name)).reshape(-1, w.shape[1]).float()
             h = x_in.T @ x_in
             perm = saliency_perm(x_stats(x_in), w) if saliency_order else None
+            energy = {}  # {rounded in the saliency order: each column's weight in GPTQ's error [K]}
             errs = {}
             for bits, group_size in fmts:
-                dw = w - fake_quantize(w, bits, group_size, perm if bits == 3.5 else None, grid="minmax")
-                errs[bits, group_size] = ((dw @ h) * dw).sum().item()  # ||x_in dw^T||^2
-            errors[f"{block_name}.{name}"], shapes[f"{block_name}.{name}"] = errs, tuple(w.shape)
+                p = perm if bits == 3.5 else None
+                dw = w - fake_quantize(w, bits, group_size, p, grid="minmax")
+                if gptq:
+                    by_saliency = p is not None and not act_order
+                    if by_saliency not in energy:
+                        order = p if by_saliency else act_order_perm(h) if act_order else torch.arange(len(h))
+                        energy[by_saliency] = residual_energy(h, order.long())
+                    row_errors = dw.square() @ energy[by_saliency]
+                else:
+                    row_errors = ((dw @ h) * dw).sum(1)  # each output's ||x_in dw_o||^2
+                errs[bits, group_size] = (row_errors.sum() if f is None else row_errors @ f).item()
+            errors[qualified], shapes[qualified] = errs, tuple(w.shape)
     return errors, shapes
+
+
+def residual_energy(h: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """1 / U_cc^2 for each input feature c (stored order) of a linear with input Gram matrix h [K, K], its columns
+    rounded by GPTQ in `order`: the input energy a column's rounding error still costs after GPTQ has spread it
+    over the columns rounded after it."""
+    u = inverse_cholesky(h[order][:, order], DAMP)
+    energy = torch.empty(len(order))
+    energy[order] = u.diagonal().double().square().reciprocal().float()
+    return energy
 
 
 def _hull(points: list[tuple[int, float, Format]]) -> list[tuple[int, float, Format]]:
@@ -155,12 +230,14 @@ def choose_formats(errors: dict[str, dict[Format, float]], nbytes: dict[str, dic
 
 def choose_for_budget(model, bits_per_weight: float, calib: torch.Tensor, saliency_order: bool,
                       group_size: int | None = None, fixed: tuple[int, int] = (0, 0), progress: bool = True,
-                      awq_format: Format | None = None) -> dict[str, Format]:
+                      awq_format: Format | None = None, gptq: bool = False, act_order: bool = False,
+                      weighted: bool = True) -> dict[str, Format]:
     """{qualified decoder linear name: (bits, group_size)} within bits_per_weight over the quantized linears.
 
     fixed: (weights, bytes) of quantized linears outside the choice (a quantized output head), which count in
-    the budget. group_size: only candidates of this group size. awq_format: see measure_errors. ValueError naming the limits when the budget is
-    below the cheapest choice or above every linear in int8 at the smallest group size (the most precise)."""
+    the budget. group_size: only candidates of this group size. awq_format, gptq, act_order: see measure_errors.
+    ValueError naming the limits when the budget is below the cheapest choice or above every linear in int8 at
+    the smallest group size (the most precise)."""
     if not isinstance(bits_per_weight, (int, float)) or isinstance(bits_per_weight, bool):
         raise ValueError(f"bits_per_weight must be a number, got {bits_per_weight!r}")
     fmts = candidates(group_size)
@@ -175,7 +252,8 @@ def choose_for_budget(model, bits_per_weight: float, calib: torch.Tensor, salien
         raise ValueError(f"bits_per_weight must lie in [{low:.4f}, {high:.4f}] for this model (every linear in its "
                          f"cheapest format of {', '.join(map(describe, fmts))}; every linear in "
                          f"{describe(most_precise)}), got {bits_per_weight}")
-    errors, measured = measure_errors(model, calib, fmts, saliency_order, progress, awq_format)
+    errors, measured = measure_errors(model, calib, fmts, saliency_order, progress, awq_format, gptq, act_order,
+                                      weighted)
     if measured != shapes:
         raise ValueError(f"the budget chooses formats for the decoder blocks' linears only, but this model has other "
                          f"linears besides its output head: {sorted(set(shapes) - set(measured))[:3]}")

@@ -157,7 +157,7 @@ def cmd_serve(args) -> int:
     model = load_for_cli(args)
     serve(model, args.model_name or Path(str(args.model)).name, host=args.host, port=args.port,
           max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue, api_key=args.api_key,
-          shutdown_timeout=args.shutdown_timeout)
+          shutdown_timeout=args.shutdown_timeout, prefix_reuse=args.prefix_reuse)
     return 0
 
 
@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache rows)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="tokens per sequence, prompt and reply")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (more get 429)")
+    p.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
+                   help="compute every prompt in full instead of reusing the longest prefix a free cache row holds")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: $LOWBIT_API_KEY)",
                    default=os.environ.get("LOWBIT_API_KEY"))
     p.add_argument("--model-name", help="the model's id in the API (default: the MODEL argument's last part)")

@@ -10,10 +10,15 @@ between steps; a cancelled one gives its slot back before the next step.
 
 Rows do not mix in the model (attention reads each sequence's own cache row, the kernels quantize activations
 per row), so a request's tokens do not depend on what else is running.
+
+Prefix reuse: a cache row keeps the keys and values of the last sequence that held it. A new request takes the
+free row whose contents share the longest prefix with its prompt (chat requests share their template and
+system prompt; a conversation's next turn extends the last one) and computes only the rest of its prompt. A
+token's keys and values depend only on the tokens before it, and the CPU kernels compute each row alike
+whatever else is in the step, so the output is the same as without reuse (test).
 """
 
 import collections
-import heapq
 import threading
 from typing import Callable
 
@@ -58,6 +63,8 @@ class Sequence:
         self.text = StopText(tokenizer, sampling.stop)
         self.generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
         self.slot: int | None = None
+        self.reused = 0        # prompt tokens whose keys and values its cache row held already
+        self.cached = 0        # positions of its cache row that hold its own tokens' keys and values
         self.cancelled = False
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -74,11 +81,12 @@ class Engine:
 
     max_batch: rows of the KV cache (sequences decoded together); max_seq_len: tokens per sequence, prompt
     and completion (capped at the model's max_position_embeddings); max_queue: requests that may wait for a
-    slot before submit raises QueueFull.
+    slot before submit raises QueueFull; prefix_reuse: a new prompt starts from the longest prefix of it that a
+    free cache row holds (the module docstring).
     """
 
     def __init__(self, model: LlamaForCausalLM, max_batch: int = 8, max_seq_len: int = 2048, max_queue: int = 64,
-                 start: bool = True):
+                 start: bool = True, prefix_reuse: bool = True):
         if model.tokenizer is None:
             raise ValueError("the model has no tokenizer")
         for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("max_queue", max_queue)):
@@ -91,12 +99,15 @@ class Engine:
         # The fused C++ step where the model allows it (lowbit.cpu_decode), else the model's forward.
         self.fused = FusedDecoder(model) if unsupported(model) is None else None
         self.eos = set(model.config.eos_token_ids)
-        self.free_slots = list(range(max_batch))               # a heap: the lowest free row first
+        self.prefix_reuse = prefix_reuse
+        self.free_slots = list(range(max_batch))
+        self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # a free row's cached tokens, from 0
         self.running: list[Sequence] = []                      # the engine thread's alone
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.lock = threading.Condition()                      # guards waiting and stopping
         self.stopping = False
         self.steps = 0                                         # decode steps run (for tests and stats)
+        self.prompt_tokens = self.reused_tokens = 0            # prompts admitted, and their tokens reused
         self.thread = threading.Thread(target=self.run, name="lowbit-engine", daemon=True) if start else None
         if self.thread is not None:
             self.thread.start()
@@ -136,7 +147,8 @@ class Engine:
     def load(self) -> dict:
         with self.lock:
             return {"running": len(self.running), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                    "max_queue": self.max_queue, "decode_steps": self.steps}
+                    "max_queue": self.max_queue, "decode_steps": self.steps, "prompt_tokens": self.prompt_tokens,
+                    "prompt_tokens_reused": self.reused_tokens}
 
     def stop(self, timeout: float = 30.0) -> None:
         """Take no more requests, end the ones still waiting or running (finish_reason "error"), join the thread
@@ -190,12 +202,34 @@ class Engine:
                 if seq.finish_reason is None:
                     self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
 
-    def _prefill(self, seq: Sequence) -> None:
-        seq.slot = heapq.heappop(self.free_slots)
+    def _take_slot(self, seq: Sequence) -> None:
+        """Give seq the free cache row holding the longest prefix of its prompt (the lowest row on ties, so that
+        rows are often consecutive and the PyTorch forward reads them in place); at least the prompt's last
+        token is computed (its logits give the first new token)."""
+        def shared(slot: int) -> int:
+            n = 0
+            for a, b in zip(self.row_tokens[slot], seq.prompt_ids):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        lengths = {slot: shared(slot) if self.prefix_reuse else 0 for slot in self.free_slots}
+        seq.slot = max(self.free_slots, key=lambda slot: (lengths[slot], -slot))
+        self.free_slots.remove(seq.slot)
+        self.row_tokens[seq.slot] = []
+        seq.reused = seq.cached = min(lengths[seq.slot], len(seq.prompt_ids) - 1)
+        self.prompt_tokens += len(seq.prompt_ids)
+        self.reused_tokens += seq.reused
         self.running.append(seq)
-        device, n = self.model.device, len(seq.prompt_ids)
-        prompt = torch.tensor([seq.prompt_ids], device=device)
-        logits = self.model(prompt, torch.arange(n, device=device), slots=torch.tensor([seq.slot], device=device))
+
+    def _prefill(self, seq: Sequence) -> None:
+        self._take_slot(seq)
+        device, n, start = self.model.device, len(seq.prompt_ids), seq.reused
+        prompt = torch.tensor([seq.prompt_ids[start:]], device=device)
+        logits = self.model(prompt, torch.arange(start, n, device=device),
+                            slots=torch.tensor([seq.slot], device=device))
+        seq.cached = n
         self._advance_all([seq], logits[:, -1])
 
     def _fused_step(self, decoding: list[Sequence], prompts: list[Sequence]) -> None:
@@ -205,17 +239,20 @@ class Engine:
         slots = [s.slot for s in decoding]
         logit_rows = list(range(len(decoding)))
         for seq in prompts:
-            seq.slot = heapq.heappop(self.free_slots)
-            self.running.append(seq)
+            self._take_slot(seq)
             n = len(seq.prompt_ids)
-            tokens += seq.prompt_ids
-            positions += range(n)
-            slots += [seq.slot] * n
+            tokens += seq.prompt_ids[seq.reused:]
+            positions += range(seq.reused, n)
+            slots += [seq.slot] * (n - seq.reused)
             logit_rows.append(len(tokens) - 1)
         logits = self.fused(torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots),
                             torch.tensor(logit_rows))
         if decoding:
             self.steps += 1
+        for seq, position in zip(decoding, positions):
+            seq.cached = position + 1
+        for seq in prompts:
+            seq.cached = len(seq.prompt_ids)
         self._advance_all(decoding + prompts, logits)
 
     def _decode(self, seqs: list[Sequence]) -> None:
@@ -225,6 +262,8 @@ class Engine:
         slots = torch.tensor([s.slot for s in seqs], device=device)
         logits = decode_logits(self.model, tokens, positions, slots, self.fused)
         self.steps += 1
+        for seq in seqs:
+            seq.cached = seq.position + 1
         self._advance_all(seqs, logits)
 
     def _advance_all(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
@@ -262,7 +301,9 @@ class Engine:
     def _release(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
-            heapq.heappush(self.free_slots, seq.slot)
+            self.free_slots.append(seq.slot)
+            # What the row holds now: a failed step leaves seq.cached where it was, and wrote only beyond it.
+            self.row_tokens[seq.slot] = (seq.prompt_ids + seq.tokens)[:seq.cached]
 
     def _finish(self, seq: Sequence, reason: str, piece: str = "", error: str | None = None) -> None:
         self._release(seq)

@@ -41,6 +41,7 @@ from .weight import QuantizedWeight
 
 
 ACT_ORDERS = (False, True, "order", "perm")
+DAMP = 0.01  # added to H's diagonal, times mean(diag H): the damping of GPTQ's paper
 
 
 def check_act_order(act_order, method: str, budget: bool = False):
@@ -92,7 +93,7 @@ def one_thread():
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: float = 4, group_size: int = 128,
-                  perm: torch.Tensor | None = None, clip: torch.Tensor | None = None, damp: float = 0.01,
+                  perm: torch.Tensor | None = None, clip: torch.Tensor | None = None, damp: float = DAMP,
                   block_size: int = 128, integer_zeros: bool = False,
                   order: torch.Tensor | None = None, weighted_grid: bool = True) -> QuantizedWeight:
     """GPTQ of one weight W [N, K] (nn.Linear layout) with the Hessian h [K, K] of its inputs (see hessian).
@@ -183,7 +184,7 @@ def capture_input(view: BlockView, x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def quantize_llama_gptq(model, bits: float, group_size: int, calib: torch.Tensor, awq: bool = False,
-                        damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                        damp: float = DAMP, block_size: int = 128, act_order: bool = False,
                         saliency_order: bool = True, clip: bool = True, n_grid: int = 20, n_search: int = 2,
                         integer_zeros: bool = False, progress: bool = True, weighted_grid: bool = True,
                         module_formats: dict[str, tuple[float, int]] | None = None):

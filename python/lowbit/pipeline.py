@@ -90,7 +90,8 @@ def quantize_model(model: nn.Module, bits: float | None = None, group_size: int 
         awq_format = (4.0, group_size if given_group_size else 64) if method in ("awq", "awq+gptq") else None
         module_formats = choose_for_budget(model, bits_per_weight, calib, saliency_order=method != "rtn",
                                            group_size=group_size if given_group_size else None, fixed=fixed,
-                                           progress=progress, awq_format=awq_format)
+                                           progress=progress, awq_format=awq_format,
+                                           gptq=method in ("gptq", "awq+gptq"), act_order=bool(act_order))
         (bits, group_size), _ = Counter(module_formats.values()).most_common(1)[0]
     if method == "awq":
         quantize_llama_awq(model, bits, group_size, calib, integer_zeros=integer_zeros, progress=progress,

@@ -332,13 +332,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 
 def serve(model: LlamaForCausalLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           max_seq_len: int = 2048, max_queue: int = 64, api_key: str | None = None,
-          shutdown_timeout: float = 60.0) -> None:
+          shutdown_timeout: float = 60.0, prefix_reuse: bool = True) -> None:
     """Serve until SIGINT or SIGTERM; open requests get up to shutdown_timeout seconds to finish.
 
     The engine runs in this (the main) thread, where the model was loaded (Engine.run says why), and uvicorn in
     a second one; the signals reach uvicorn's handler from here. The app's shutdown stops the engine once the
     open requests are done, and a server that could not start stops it too."""
-    engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, max_queue=max_queue, start=False)
+    engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, max_queue=max_queue, start=False,
+                    prefix_reuse=prefix_reuse)
     app = create_app(engine, model_name, api_key)
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_timeout,
                             log_level="info")
