@@ -24,8 +24,10 @@ rounding error is spread over the columns rounded after it, so what remains of i
 column's input energy those columns cannot reproduce, 1 / U_cc^2 (U the upper Cholesky factor of the damped H^-1
 in rounding order, H = X^T X; gptq.inverse_cholesky) instead of H_cc: ||X dW_o||^2 becomes
 sum_c dW_oc^2 / U_cc^2, GPTQ's per-column losses with the round-to-nearest errors in place of the compensated
-ones. On three of SmolLM2's blocks this is within 0.7-1.5x of the error GPTQ really leaves for every candidate,
-where ||X dW||^2 is 2.4-8.5x it, by a factor that differs between attention and feed-forward linears.
+ones. On three of SmolLM2's blocks this is within 0.8-1.5x of the error GPTQ really leaves for every candidate of
+group size 64 and more, where ||X dW||^2 is 2.4-8.5x it, by a factor that differs between attention and
+feed-forward linears (the g32 candidates' errors are tiny, int4 g32 reproducing SmolLM2's weights almost
+exactly, and there this estimate is 0.25-0.85x of it).
 
 With AWQ's methods the weights that get rounded are channel-scaled ones, on which the formats rank differently
 (SmolLM2's weights, dequantized from group-32 4-bit, are exact in int4 g32 until AWQ scales their columns), so
@@ -123,7 +125,8 @@ def measure_errors(model, calib: torch.Tensor, fmts: list[Format], saliency_orde
     for this format and folded into a copy of the block (the model is not changed), and the errors are measured
     on the scaled weights and inputs, as those methods will round them. gptq: the error GPTQ leaves (see the
     module docstring), its columns rounded in the stored order (int3.5: the saliency order) or, with act_order,
-    by decreasing input energy."""
+    by decreasing input energy. weighted: each output's error times its Fisher weight (output_sensitivity; one
+    backward pass per calibration sequence), else every output alike."""
     x, blocks, views = block_inputs(model, calib, "the bits-per-weight budget")
     sensitivity = output_sensitivity(model, calib) if weighted else None
     errors, shapes = {}, {}
@@ -173,7 +176,7 @@ def residual_energy(h: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     rounded by GPTQ in `order`: the input energy a column's rounding error still costs after GPTQ has spread it
     over the columns rounded after it."""
     u = inverse_cholesky(h[order][:, order], DAMP)
-    energy = torch.empty(len(order))
+    energy = torch.empty(len(order), device=h.device)
     energy[order] = u.diagonal().double().square().reciprocal().float()
     return energy
 
@@ -239,7 +242,8 @@ def choose_for_budget(model, bits_per_weight: float, calib: torch.Tensor, salien
     """{qualified decoder linear name: (bits, group_size)} within bits_per_weight over the quantized linears.
 
     fixed: (weights, bytes) of quantized linears outside the choice (a quantized output head), which count in
-    the budget. group_size: only candidates of this group size. awq_format, gptq, act_order: see measure_errors.
+    the budget. group_size: only candidates of this group size. awq_format, gptq, act_order, weighted: see
+    measure_errors.
     ValueError naming the limits when the budget is below the cheapest choice or above every linear in int8 at
     the smallest group size (the most precise)."""
     if not isinstance(bits_per_weight, (int, float)) or isinstance(bits_per_weight, bool):
