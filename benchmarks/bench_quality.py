@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import lowbit
-from lowbit import data
+from lowbit import data, formats
 from lowbit.budget import describe, format_table, model_formats
 from lowbit.eval import model_bytes, perplexity, rmse_report
 from lowbit.gptq import quantize_llama_gptq
@@ -186,12 +186,12 @@ def budget_table(rows: list[dict], big: str, uniform: list[dict]) -> list[str]:
     lines = [f"| variant | group | bits/weight (linears) | {columns} | increase vs float ({big.split('_')[1]}) | "
              "model MB | out rel. RMSE | quantize s | linears per format |", "|---" * (8 + len(sets)) + "|"]
     for r in rows:
-        formats = ", ".join(f"{f} x{c}" for f, c in r.get("formats", {}).items())
+        counts = ", ".join(f"{f} x{c}" for f, c in r.get("formats", {}).items())
         rmse = f"{r['output_rel_rmse']:.4f}" if "output_rel_rmse" in r else ""
-        lines.append(f"| {r['variant']} | {r.get('group_size') or ('chosen' if formats else '')} | "
+        lines.append(f"| {r['variant']} | {r.get('group_size') or ('chosen' if counts else '')} | "
                      f"{r['bits_per_weight']:.2f} | " + " | ".join(f"{r[k]:.2f}" for k in sets)
                      + f" | {r[big] - float_row[big]:+.2f} | {r['model_mb']:.1f} | {rmse} | "
-                     f"{r['quantize_seconds']:.0f} | {formats} |")
+                     f"{r['quantize_seconds']:.0f} | {counts} |")
     lines += ["", "bits/weight: as in quality_smollm2.md (real bytes of the quantized linears: codes, float16 scales "
               "and zeros, int3.5's permutation; the head is float and outside the budget). Budget rows: lowbit.budget "
               "chose each decoder linear's format and group size from {int3.5, int4, int8} x {32, 64, 128, 256} on "
@@ -300,7 +300,7 @@ def main():
                  {"options": options, "calib_seed": seed})
                 for name, bits, n, seed, options in ablations]
     elif args.budgets:  # the budget in the bits column, no group size: each linear's format is chosen
-        ordered = {m: args.act_order and m in ("gptq", "awq+gptq") for m in args.methods}
+        ordered = {m: args.act_order and m in formats.GPTQ_METHODS for m in args.methods}
         jobs = [(f"budget {b:g} {METHODS[m]}" + (" act-order" if ordered[m] else ""), b, None, args.calib_samples,
                  lambda b, _, m=m: lowbit.quantize_model(
                     model, bits_per_weight=b, method=m, calib=calib[args.calib_samples, 0],

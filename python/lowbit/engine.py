@@ -19,6 +19,7 @@ whatever else is in the step, so the output is the same as without reuse (test).
 """
 
 import collections
+import os
 import threading
 from typing import Callable
 
@@ -206,15 +207,8 @@ class Engine:
         """Give seq the free cache row holding the longest prefix of its prompt (the lowest row on ties, so that
         rows are often consecutive and the PyTorch forward reads them in place); at least the prompt's last
         token is computed (its logits give the first new token)."""
-        def shared(slot: int) -> int:
-            n = 0
-            for a, b in zip(self.row_tokens[slot], seq.prompt_ids):
-                if a != b:
-                    break
-                n += 1
-            return n
-
-        lengths = {slot: shared(slot) if self.prefix_reuse else 0 for slot in self.free_slots}
+        lengths = {slot: len(os.path.commonprefix([self.row_tokens[slot], seq.prompt_ids])) if self.prefix_reuse
+                   else 0 for slot in self.free_slots}
         seq.slot = max(self.free_slots, key=lambda slot: (lengths[slot], -slot))
         self.free_slots.remove(seq.slot)
         self.row_tokens[seq.slot] = []

@@ -19,6 +19,7 @@ BITS = (4, 3.5, 8)
 STEP3 = 15.0 / 7.0  # int3.5: a 3-bit step spans 15/7 four-bit steps, so both cover the same range
 # How the codes were chosen (a checkpoint's quantization_config.method); every method writes the same format.
 METHODS = ("rtn", "awq", "gptq", "awq+gptq")
+GPTQ_METHODS = ("gptq", "awq+gptq")  # those that round with GPTQ (act-order applies to them)
 
 
 def check_bits(bits) -> float:

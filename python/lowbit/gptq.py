@@ -46,7 +46,7 @@ DAMP = 0.01  # added to H's diagonal, times mean(diag H): the damping of GPTQ's 
 
 def check_act_order(act_order, method: str, budget: bool = False):
     """budget: a bits-per-weight budget chooses the formats (it does not count a stored permutation)."""
-    if act_order not in ACT_ORDERS or (act_order and method not in ("gptq", "awq+gptq")):
+    if act_order not in ACT_ORDERS or (act_order and method not in formats.GPTQ_METHODS):
         raise ValueError(f"act_order must be False, 'order' (or True) or 'perm', and needs method 'gptq' or "
                          f"'awq+gptq': got act_order={act_order!r}, method={method!r}")
     if act_order == "perm" and budget:

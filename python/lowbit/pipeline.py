@@ -91,12 +91,12 @@ def quantize_model(model: nn.Module, bits: float | None = None, group_size: int 
         module_formats = choose_for_budget(model, bits_per_weight, calib, saliency_order=method != "rtn",
                                            group_size=group_size if given_group_size else None, fixed=fixed,
                                            progress=progress, awq_format=awq_format,
-                                           gptq=method in ("gptq", "awq+gptq"), act_order=bool(act_order))
+                                           gptq=method in formats.GPTQ_METHODS, act_order=bool(act_order))
         (bits, group_size), _ = Counter(module_formats.values()).most_common(1)[0]
     if method == "awq":
         quantize_llama_awq(model, bits, group_size, calib, integer_zeros=integer_zeros, progress=progress,
                            module_formats=module_formats)
-    elif method in ("gptq", "awq+gptq"):
+    elif method in formats.GPTQ_METHODS:
         quantize_llama_gptq(model, bits, group_size, calib, awq=method == "awq+gptq", integer_zeros=integer_zeros,
                             act_order=act_order, progress=progress, module_formats=module_formats)
     keep = list(modules_to_not_convert or []) + ([] if quantize_lm_head else ["lm_head"])
