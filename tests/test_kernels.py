@@ -8,6 +8,9 @@ Which path runs depends on the row count, the activation dtype and the ISA
   bfloat16 / float16 outputs add their rounding:  8e-3 / 1e-3
 """
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -271,6 +274,62 @@ def test_prepared_linear_threads_and_bad_input():
         lin.forward(torch.randn(2, 1024).double())
     with pytest.raises(ValueError, match="bits must be 4, 3.5 or 8"):
         torch.classes.lowbit.PreparedLinear(5.0, qw.qweight, qw.scales, qw.zeros, None, None, 128, 1024)
+
+
+def hugepage_advised_kib():
+    """KiB of this process's memory advised for transparent huge pages (VmFlags "hg" in /proc/self/smaps)."""
+    total, size = 0, 0
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line.startswith("Size:"):
+                size = int(line.split()[1])
+            elif line.startswith("VmFlags:") and " hg" in line:
+                total += size
+    return total
+
+
+def test_prepared_linears_share_and_release_their_memory(isa):
+    # Repacked weights are carved from shared mappings (cpu/weight_memory.cpp): a layer freed before or after
+    # others leaves theirs intact, and so does a layer too large for a shared mapping.
+    small = [make_weight(48, 256, bits, 64, with_perm=False) for bits in formats.BITS]
+    x, x_large = torch.randn(3, 256), torch.randn(2, 1024)
+    expected = [prepared(qw).forward(x) for qw in small]
+    large = random_int8_weight(70_000, 1024)  # 72 MB of codes, more than a shared mapping holds
+    y_large = prepared(large).forward(x_large)
+    assert (y_large - lowbit.linear(x_large, large)).abs().max().item() <= 1e-5 * y_large.abs().max().item()
+    for _ in range(2):
+        lins = [prepared(qw) for qw in small]
+        big = prepared(large)
+        assert torch.equal(big.forward(x_large), y_large)
+        del lins[1]
+        more = [prepared(qw) for qw in small]
+        for lin, y in zip(lins, expected[:1] + expected[2:]):
+            assert torch.equal(lin.forward(x), y)
+        del big
+        for lin, y in zip(more, expected):
+            assert torch.equal(lin.forward(x), y)
+
+
+def random_int8_weight(n, k):
+    """An int8 g128 weight of random codes, without quantizing a float matrix of its size."""
+    g = torch.Generator().manual_seed(0)
+    return lowbit.QuantizedWeight(torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=g),
+                                  (torch.rand(n, k // 128, generator=g) * 1e-3).half(),
+                                  torch.full((n, k // 128), 128.0).half(), None, 8, 128, k)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not os.path.exists("/sys/kernel/mm/transparent_hugepage"),
+                    reason="transparent huge pages are a Linux feature that this kernel lacks")
+def test_prepared_linear_asks_for_huge_pages(isa):
+    # The interleaved copy of a layer larger than a shared mapping gets a mapping of its own, advised for
+    # 2 MiB pages ("hg" in /proc/self/smaps), whatever the system then grants.
+    if isa != "avx512_vnni":
+        pytest.skip("only the interleaved layout is repacked (AVX-512 VNNI)")
+    before = hugepage_advised_kib()
+    held = prepared(random_int8_weight(70_000, 1024))
+    assert hugepage_advised_kib() >= before + 70_000 * 1024 // 1024
+    del held
+    assert hugepage_advised_kib() < before + 70_000 * 1024 // 1024  # unmapped with the last tensor
 
 
 @pytest.mark.parametrize("bits", formats.BITS)

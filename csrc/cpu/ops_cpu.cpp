@@ -13,6 +13,7 @@
 #include "../op_entries.h"
 #include "isa.h"
 #include "linear.h"
+#include "weight_memory.h"
 
 namespace lowbit {
 namespace cpu {
@@ -126,9 +127,9 @@ InterleavedWeight interleave(const QWeight& w) {
   const int64_t n_blocks = (w.N + R - 1) / R, n_groups = w.Kp / w.group_size, n_chunks = w.Kp / kChunk;
   const int64_t chunk_bytes_in = chunk_bytes(w.format), block_chunk = interleaved_chunk_bytes(w.format);
   InterleavedWeight out;
-  out.codes = at::zeros({n_blocks * n_chunks * block_chunk + kInterleavedTailBytes}, at::kByte);
-  out.scales = at::zeros({n_blocks, n_groups, R}, at::kHalf);
-  out.zeros = at::zeros({n_blocks, n_groups, R}, at::kHalf);
+  out.codes = zeros_for_streaming({n_blocks * n_chunks * block_chunk + kInterleavedTailBytes}, at::kByte);
+  out.scales = zeros_for_streaming({n_blocks, n_groups, R}, at::kHalf);
+  out.zeros = zeros_for_streaming({n_blocks, n_groups, R}, at::kHalf);
   uint8_t* codes = out.codes.data_ptr<uint8_t>();
   uint16_t* scales = reinterpret_cast<uint16_t*>(out.scales.data_ptr<at::Half>());
   uint16_t* zeros = reinterpret_cast<uint16_t*>(out.zeros.data_ptr<at::Half>());
