@@ -283,6 +283,11 @@ def quantize_block(view: BlockView, inputs: dict, layer_formats: dict[str, tuple
         view.block.set_submodule(name, qlinear)
 
 
+def token_embedding(model: nn.Module) -> nn.Embedding:
+    """The token embedding of lowbit's or transformers' LlamaForCausalLM."""
+    return model.embed if isinstance(model, LlamaForCausalLM) else model.model.embed_tokens
+
+
 def block_inputs(model: nn.Module, calib: torch.Tensor, method: str = "AWQ"):
     """Calibration set-up shared by the block-by-block quantizers (AWQ here, GPTQ in lowbit.gptq).
 
@@ -297,10 +302,10 @@ def block_inputs(model: nn.Module, calib: torch.Tensor, method: str = "AWQ"):
     ids = calib.to(model.device)
     positions = torch.arange(calib.shape[1], device=model.device)
     if isinstance(model, LlamaForCausalLM):
-        x = model.embed(ids)                      # [n, T, H]: the activations entering block 0
+        x = token_embedding(model)(ids)           # [n, T, H]: the activations entering block 0
         cos, sin = rope_tables(model.inv_freq, positions)
         return x, [(f"layers.{i}", b) for i, b in enumerate(model.layers)], lambda b: lowbit_block_view(b, cos, sin)
-    x = model.model.embed_tokens(ids)
+    x = token_embedding(model)(ids)
     cos, sin = model.model.rotary_emb(x, positions.unsqueeze(0))
     t = calib.shape[1]
     mask = torch.full((t, t), float("-inf"), dtype=x.dtype, device=x.device).triu(1)[None, None]

@@ -48,9 +48,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import formats
-from .awq import block_inputs, run_block, saliency_perm, scale_block, x_stats
+from .awq import block_inputs, run_block, saliency_perm, scale_block, token_embedding, x_stats
 from .gptq import DAMP, act_order_perm, inverse_cholesky
-from .models.llama import LlamaForCausalLM
 from .nn import QuantLinear
 from .quantize import fake_quantize
 
@@ -89,10 +88,9 @@ def output_sensitivity(model, calib: torch.Tensor) -> dict[str, torch.Tensor]:
     def watch(module, args, output):
         output.register_hook(lambda grad, name=linears[module]: add(name, grad))
 
-    embed = model.embed if isinstance(model, LlamaForCausalLM) else model.model.embed_tokens
     start = []  # the embeddings of the sequence being run: what the gradients are taken against
     handles = [m.register_forward_hook(watch) for m in linears]
-    handles.append(embed.register_forward_hook(lambda module, args, output: start.append(output.requires_grad_())))
+    handles.append(token_embedding(model).register_forward_hook(lambda module, args, output: start.append(output.requires_grad_())))
     try:
         generator = torch.Generator(model.device).manual_seed(0)
         with torch.inference_mode(False), torch.enable_grad():
