@@ -32,7 +32,7 @@ import lowbit
 from lowbit import data, formats
 from lowbit.budget import describe, format_table, model_formats
 from lowbit.eval import model_bytes, perplexity, rmse_report
-from lowbit.gptq import quantize_llama_gptq
+from lowbit.calibration import GPTQ, quantize_blocks
 from lowbit.io.fetch import cache_dir
 
 import llama_cpp_peer
@@ -47,7 +47,7 @@ CAVEAT = ("The float weights are SmolLM2's dequantized Q4_1 GGUF (group-32 asymm
           "size 32 would reproduce them exactly: these numbers measure re-quantizing already 4-bit weights.")
 # GPTQ settings tried against the defaults (damp 0.01, 8 x 512 calibration, AWQ's clipping, the grid search weighted
 # by the inputs' energy, no act-order), at group size 64, most telling first: name, bits, calibration sequences,
-# quantize_llama_gptq options (and the calibration windows' seed, default 0).
+# lowbit.calibration.GPTQ options (and the calibration windows' seed, default 0).
 ABLATIONS = [("GPTQ act-order", 4, 8, {"act_order": "order"}),
              ("GPTQ act-order", 4, 32, {"act_order": "order"}),
              ("GPTQ act-order", 3.5, 8, {"act_order": "order"}),
@@ -294,9 +294,9 @@ def main():
             f"{args.calib_samples} x 512 tokens of the calibration split unless a row says otherwise; output head "
             f"float; int3.5 with AWQ and GPTQ in the saliency channel order. Machine: {machine()}.", "", CAVEAT, ""]
 
-    if ablating:  # name, bits, calibration sequences, quantize_llama_gptq options; group size 64
-        jobs = [(name, bits, 64, n, lambda bits, g, key=(n, seed), options=options: quantize_llama_gptq(
-                    copy.deepcopy(model), bits, g, calib[key], progress=False, **options),
+    if ablating:  # name, bits, calibration sequences, GPTQ options; group size 64
+        jobs = [(name, bits, 64, n, lambda bits, g, key=(n, seed), options=options: quantize_blocks(
+                    copy.deepcopy(model), GPTQ(bits, g, **options), calib[key], progress=False),
                  {"options": options, "calib_seed": seed})
                 for name, bits, n, seed, options in ablations]
     elif args.budgets:  # the budget in the bits column, no group size: each linear's format is chosen

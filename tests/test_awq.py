@@ -7,7 +7,8 @@ import torch
 
 import lowbit
 from conftest import tiny_hf_llama
-from lowbit.awq import hf_block_view, lowbit_block_view, quantize_llama_awq, saliency_perm, scale_block
+from lowbit.awq import saliency_perm, scale_block
+from lowbit.calibration import AWQ, hf_block_view, lowbit_block_view, quantize_blocks
 from lowbit.models.llama import LlamaForCausalLM, rope_tables
 
 
@@ -87,8 +88,8 @@ def test_awq_is_deterministic(tmp_path):
     tiny_hf_llama(tmp_path)
     model = LlamaForCausalLM.from_pretrained(tmp_path)
     calib = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
-    a = quantize_llama_awq(copy.deepcopy(model), 4, 32, calib, n_grid=5, progress=False)
-    b = quantize_llama_awq(copy.deepcopy(model), 4, 32, calib, n_grid=5, progress=False)
+    a = quantize_blocks(copy.deepcopy(model), AWQ(4, 32, n_grid=5), calib, progress=False)
+    b = quantize_blocks(copy.deepcopy(model), AWQ(4, 32, n_grid=5), calib, progress=False)
     for (name, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(ta, tb), name
 
@@ -99,7 +100,7 @@ def test_awq_rejects_bad_calibration_and_models(tmp_path):
     with pytest.raises(ValueError, match="calibration tokens"):
         lowbit.quantize_model(model, 4, 32, method="awq", calib=None)
     with pytest.raises(TypeError, match="lowbit.LlamaForCausalLM"):
-        quantize_llama_awq(torch.nn.Sequential(torch.nn.Linear(4, 4)), 4, 32, torch.zeros(1, 4, dtype=torch.long))
+        quantize_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4)), AWQ(4, 32), torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="method must be"):
         lowbit.quantize_model(model, 4, 32, method="squeezellm")
 
@@ -113,7 +114,7 @@ def test_awq_beats_rtn_on_real_activations(smollm2, bits):
     calib = lowbit.data.calibration_tokens(tok, n_samples=2, seq_len=256)
     ids = lowbit.data.evaluation_tokens(tok, max_tokens=256)
     rtn = lowbit.quantize_model(smollm2, bits, 64, inplace=False)
-    awq = quantize_llama_awq(copy.deepcopy(smollm2), bits, 64, calib, n_grid=8, n_search=1, progress=False)
+    awq = quantize_blocks(copy.deepcopy(smollm2), AWQ(bits, 64, n_grid=8, n_search=1), calib, progress=False)
     with torch.no_grad():
         ref = smollm2(ids)
         err = {name: ((m(ids) - ref).norm() / ref.norm()).item() for name, m in (("rtn", rtn), ("awq", awq))}

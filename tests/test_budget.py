@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import lowbit
 from conftest import tiny_hf_llama
-from lowbit.budget import (CANDIDATES, candidate_bytes, choose_formats, format_table, measure_errors, model_formats,
-                           output_sensitivity, residual_energy)
+from lowbit.budget import CANDIDATES, candidate_bytes, choose_formats, format_table, model_formats, residual_energy
+from lowbit.calibration import measure_errors, output_sensitivity
 from lowbit.cli import main as cli
 from lowbit.cpu_decode import FusedDecoder
 from lowbit.eval import linear_stats

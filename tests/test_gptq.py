@@ -13,7 +13,8 @@ import lowbit
 from conftest import tiny_hf_llama
 from lowbit.cli import main as cli
 from lowbit.generate import Sampling, Stats, generate_tokens
-from lowbit.gptq import act_order_perm, gptq_quantize, hessian, quantize_llama_gptq
+from lowbit.calibration import GPTQ, quantize_blocks
+from lowbit.gptq import act_order_perm, gptq_quantize, hessian
 from lowbit.models.llama import LlamaForCausalLM
 from lowbit.quantize import quantize_weight
 
@@ -133,7 +134,7 @@ def test_gptq_rejects_bad_input():
     with pytest.raises(ValueError, match="bits must be"):
         gptq_quantize(w, torch.eye(64), bits=3)
     with pytest.raises(TypeError, match="GPTQ works on lowbit.LlamaForCausalLM"):
-        quantize_llama_gptq(torch.nn.Module(), 4, 32, torch.zeros(1, 4, dtype=torch.long))
+        quantize_blocks(torch.nn.Module(), GPTQ(4, 32), torch.zeros(1, 4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
@@ -157,12 +158,12 @@ def test_gptq_on_transformers_llama(tmp_path, method):
     assert err[method] < err[baseline], err
 
 
-def test_quantize_llama_gptq_is_deterministic(tmp_path):
+def test_awq_gptq_is_deterministic(tmp_path):
     tiny_hf_llama(tmp_path)
     model = LlamaForCausalLM.from_pretrained(tmp_path)
     calib = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
-    a = quantize_llama_gptq(copy.deepcopy(model), 4, 32, calib, awq=True, n_grid=5, progress=False)
-    b = quantize_llama_gptq(copy.deepcopy(model), 4, 32, calib, awq=True, n_grid=5, progress=False)
+    a = quantize_blocks(copy.deepcopy(model), GPTQ(4, 32, awq=True, n_grid=5), calib, progress=False)
+    b = quantize_blocks(copy.deepcopy(model), GPTQ(4, 32, awq=True, n_grid=5), calib, progress=False)
     for (name, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(ta, tb), name
     with pytest.raises(ValueError, match=r"AWQ\+GPTQ needs calibration tokens"):

@@ -17,11 +17,12 @@ LAYERS = [  # lowest first
     ["quantize"],                             # round-to-nearest primitives
     ["nn"],                                   # QuantLinear, the module swap
     ["tokenizer", "models", "models.llama"],  # the model
-    ["awq", "cpu_decode"],                    # AWQ runs the model's blocks; the fused CPU decode step
-    ["gptq"],                                 # GPTQ, on AWQ's block views (and after AWQ's scales)
-    ["budget"],                               # per-layer formats for a bits-per-weight budget, on AWQ's block views
+    ["awq", "cpu_decode"],                    # AWQ on one block's view; the fused CPU decode step
+    ["gptq"],                                 # GPTQ of one linear (after AWQ's scales, for awq+gptq)
+    ["budget"],                               # per-layer errors and the choice of formats for a size budget
     ["io", "io.hf", "io.safetensors_io", "io.atomic", "io.gguf", "io.checkpoint", "io.autoawq", "io.inspect",
      "io.loading", "io.fetch"],
+    ["calibration"],                          # the pipeline: block views, sources, methods per block, the budget's passes
     ["pipeline", "eval", "generate", "engine"],  # orchestration; engine: continuous batching over generate
     ["bench", "cli", "demo", "server", "__init__"],  # entry points; server: the HTTP API of `lowbit serve`
 ]

@@ -1,7 +1,7 @@
-"""Activation-aware weight quantization (AWQ, Lin et al. 2023) of LLaMA models, block by block.
+"""Activation-aware weight quantization (AWQ, Lin et al. 2023) of one decoder block.
 
-Works on lowbit's LlamaForCausalLM and on transformers' LlamaForCausalLM through BlockView, which names
-the parts of one decoder block that AWQ needs.
+Works on a lowbit.calibration.BlockView, which names the parts of a block (lowbit's or transformers' LLaMA) that
+AWQ needs; lowbit.calibration runs it over a model's blocks (calibration.AWQ).
 
 Per decoder block, on the calibration activations entering it:
   1. for each set of linears sharing an input (q/k/v after the input norm, gate/up after the
@@ -12,19 +12,12 @@ Per decoder block, on the calibration activations entering it:
   2. for int3.5, order the input channels by saliency (activation × weight magnitude) so the most
      salient half takes the 4-bit positions (a stored permutation);
   3. search a clipping ratio per (row, group) minimising each linear's output error;
-  4. quantize, and pass the quantized block's output on as the next block's input.
-Memory stays near one block plus the calibration activations.
+  4. quantize (the pipeline then passes the quantized block's output on as the next block's input).
 """
-
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
 
-from .models.llama import Block, LlamaForCausalLM, rope_tables
 from .nn import QuantLinear
 from .quantize import fake_quantize, quantize_weight
 
@@ -127,67 +120,6 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: float, group_size: int, 
     return best
 
 
-@dataclass
-class BlockView:
-    """One decoder block as AWQ sees it. Linears are named by their path inside the block."""
-    block: nn.Module
-    attn_norm: nn.Module
-    ffn_norm: nn.Module
-    qkv: list[str]                            # linears reading the normed attention input
-    o: str
-    gate_up: list[str]                        # linears reading the normed MLP input
-    down: str
-    v_rows: tuple[str, slice]                 # the rows that compute o's input channels (v)
-    up_rows: tuple[str, slice]                # the rows that multiply into down's input channels (up)
-    clip_rows: dict[str, slice]               # rows whose range the clipping search may shrink
-    grouped_query: bool                       # o's input channels are not v's rows one to one
-    attention: Callable[[torch.Tensor], torch.Tensor]   # normed x [B, T, H] -> attention output
-    mlp: Callable[[torch.Tensor], torch.Tensor]
-    forward: Callable[[torch.Tensor], torch.Tensor]     # x -> block output
-
-    def linear(self, name: str) -> nn.Linear:
-        return self.block.get_submodule(name)
-
-    @property
-    def linear_names(self) -> list[str]:
-        """Every linear of the block, in data-flow order."""
-        return self.qkv + [self.o] + self.gate_up + [self.down]
-
-
-def lowbit_block_view(block: Block, cos, sin) -> BlockView:
-    attn, ffn = block.attn, block.ffn
-    q_dim, kv_dim, _ = attn.qkv_split
-    v_rows = slice(q_dim + kv_dim, q_dim + 2 * kv_dim)
-    return BlockView(block, block.attn_norm, block.ffn_norm, ["attn.wqkv"], "attn.wo", ["ffn.w_gate_up"], "ffn.w_down",
-                     ("attn.wqkv", v_rows), ("ffn.w_gate_up", slice(ffn.intermediate_size, 2 * ffn.intermediate_size)),
-                     # As in AWQ, q and k keep their full range (their errors are amplified by the softmax).
-                     {"attn.wqkv": v_rows, "attn.wo": slice(None), "ffn.w_gate_up": slice(None),
-                      "ffn.w_down": slice(None)},
-                     attn.n_kv_heads != attn.n_heads, lambda h: attn(h, cos, sin, None, None), ffn,
-                     lambda x: block(x, cos, sin, None, None))
-
-
-def hf_block_view(layer: nn.Module, cos, sin, mask) -> BlockView:
-    """transformers' LlamaDecoderLayer (q/k/v/o_proj, gate/up/down_proj, two RMSNorms)."""
-    attn, cfg = layer.self_attn, layer.self_attn.config
-
-    def attention(h):
-        return attn(h, position_embeddings=(cos, sin), attention_mask=mask)[0]
-
-    def forward(x):
-        out = layer(x, attention_mask=mask, position_embeddings=(cos, sin))
-        return out[0] if isinstance(out, tuple) else out
-
-    all_rows = slice(None)
-    return BlockView(layer, layer.input_layernorm, layer.post_attention_layernorm,
-                     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn.o_proj",
-                     ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj", ("self_attn.v_proj", all_rows),
-                     ("mlp.up_proj", all_rows),
-                     {"self_attn.v_proj": all_rows, "self_attn.o_proj": all_rows, "mlp.gate_proj": all_rows,
-                      "mlp.up_proj": all_rows, "mlp.down_proj": all_rows},
-                     cfg.num_key_value_heads != cfg.num_attention_heads, attention, layer.mlp, forward)
-
-
 def _fold_into_norm(norm, s):
     norm.weight.data = (norm.weight.data.float() / s).to(norm.weight.dtype)
 
@@ -203,7 +135,7 @@ def _scale_columns(linear, s):
 
 
 @torch.inference_mode()
-def scale_block(view: BlockView, x: torch.Tensor, layer_formats: dict[str, tuple[float, int]], n_grid: int,
+def scale_block(view, x: torch.Tensor, layer_formats: dict[str, tuple[float, int]], n_grid: int,
                 n_search: int | None = None, integer_zeros: bool = False) -> dict:
     """Step 1: search the AWQ scales of one float block and fold them in (its output stays the same).
     layer_formats: each linear's (bits, group_size) by its name in the block (see block_formats).
@@ -263,7 +195,7 @@ def scale_block(view: BlockView, x: torch.Tensor, layer_formats: dict[str, tuple
 
 
 @torch.inference_mode()
-def quantize_block(view: BlockView, inputs: dict, layer_formats: dict[str, tuple[float, int]], clip: bool,
+def quantize_block(view, inputs: dict, layer_formats: dict[str, tuple[float, int]], clip: bool,
                    saliency_order: bool, integer_zeros: bool = False):
     """Steps 2-4: channel order (int3.5), clipping search, and QuantLinear in place of each linear.
 
@@ -281,67 +213,3 @@ def quantize_block(view: BlockView, inputs: dict, layer_formats: dict[str, tuple
         qlinear = QuantLinear(qw, linear.bias)
         qlinear.awq_scales = awq_scales
         view.block.set_submodule(name, qlinear)
-
-
-def token_embedding(model: nn.Module) -> nn.Embedding:
-    """The token embedding of lowbit's or transformers' LlamaForCausalLM."""
-    return model.embed if isinstance(model, LlamaForCausalLM) else model.model.embed_tokens
-
-
-def block_inputs(model: nn.Module, calib: torch.Tensor, method: str = "AWQ"):
-    """Calibration set-up shared by the block-by-block quantizers (AWQ here, GPTQ in lowbit.gptq).
-
-    Returns (x, blocks, views): x [n_samples, seq_len, H], the activations entering the first decoder block,
-    the model's decoder blocks as (qualified name, block), and views(block), its BlockView."""
-    is_hf = type(model).__name__ == "LlamaForCausalLM" and hasattr(model, "model")  # transformers
-    if not (isinstance(model, LlamaForCausalLM) or is_hf):
-        raise TypeError(f"{method} works on lowbit.LlamaForCausalLM and transformers.LlamaForCausalLM, "
-                        f"got {type(model).__name__}")
-    if calib is None or calib.dim() != 2 or calib.numel() == 0:
-        raise ValueError(f"{method} needs calibration tokens [n_samples, seq_len] (see lowbit.data.calibration_tokens)")
-    ids = calib.to(model.device)
-    positions = torch.arange(calib.shape[1], device=model.device)
-    if isinstance(model, LlamaForCausalLM):
-        x = token_embedding(model)(ids)           # [n, T, H]: the activations entering block 0
-        cos, sin = rope_tables(model.inv_freq, positions)
-        return x, [(f"layers.{i}", b) for i, b in enumerate(model.layers)], lambda b: lowbit_block_view(b, cos, sin)
-    x = token_embedding(model)(ids)
-    cos, sin = model.model.rotary_emb(x, positions.unsqueeze(0))
-    t = calib.shape[1]
-    mask = torch.full((t, t), float("-inf"), dtype=x.dtype, device=x.device).triu(1)[None, None]
-    return (x, [(f"model.layers.{i}", b) for i, b in enumerate(model.model.layers)],
-            lambda layer: hf_block_view(layer, cos, sin, mask))
-
-
-def block_formats(view: BlockView, block_name: str, bits: float, group_size: int,
-                  module_formats: dict[str, tuple[float, int]] | None) -> dict[str, tuple[float, int]]:
-    """Each linear's (bits, group_size) by its name in the block: its entry in module_formats (qualified module
-    names, e.g. "layers.3.attn.wo"), else (bits, group_size)."""
-    module_formats = module_formats or {}
-    return {n: tuple(module_formats.get(f"{block_name}.{n}", (bits, group_size))) for n in view.linear_names}
-
-
-def run_block(view: BlockView, x: torch.Tensor) -> torch.Tensor:
-    """The block's output on x [n, T, H], eight sequences at a time (bounded attention memory)."""
-    return torch.cat([view.forward(x[i:i + 8]) for i in range(0, len(x), 8)])
-
-
-def quantize_llama_awq(model: nn.Module, bits: float, group_size: int, calib: torch.Tensor,
-                       n_grid: int = 20, clip: bool = True, saliency_order: bool = True, n_search: int = 2,
-                       integer_zeros: bool = False, progress: bool = True,
-                       module_formats: dict[str, tuple[float, int]] | None = None) -> nn.Module:
-    """AWQ of every decoder block's linears, in place, for lowbit's or transformers' LlamaForCausalLM.
-
-    calib: token ids [n_samples, seq_len]. Activation statistics (scales, saliency order, the clipping
-    search's sample tokens) come from every sequence; the scale search's loss, whose CPU time grows with
-    them, from the first n_search. module_formats: {qualified linear name: (bits, group_size)} for linears in
-    another format than (bits, group_size) (e.g. lowbit.budget's choice)."""
-    with torch.inference_mode():
-        x, blocks, views = block_inputs(model, calib)
-        for block_name, block in tqdm(blocks, desc=f"AWQ int{bits:g}", disable=not progress):
-            view = views(block)
-            layer_formats = block_formats(view, block_name, bits, group_size, module_formats)
-            inputs = scale_block(view, x, layer_formats, n_grid, n_search, integer_zeros)
-            quantize_block(view, inputs, layer_formats, clip, saliency_order, integer_zeros)
-            x = run_block(view, x)
-    return model

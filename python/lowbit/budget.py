@@ -38,17 +38,13 @@ the upgrades along each linear's lower convex hull of (bytes, error) are taken i
 per byte while they fit; then the bytes left buy the single best further upgrade, again and again, while one fits.
 """
 
-import copy
 import heapq
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
 
 from . import formats
-from .awq import block_inputs, run_block, saliency_perm, scale_block, token_embedding, x_stats
+from .awq import saliency_perm, x_stats
 from .gptq import DAMP, act_order_perm, inverse_cholesky
 from .nn import QuantLinear
 from .quantize import fake_quantize
@@ -71,102 +67,29 @@ def candidate_bytes(shape: tuple[int, int], fmt: Format, saliency_order: bool) -
     return formats.quantized_nbytes(*shape, bits, group_size, has_perm=saliency_order and bits == 3.5)
 
 
-def output_sensitivity(model, calib: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{qualified decoder linear name: f [N]}: each output feature's diagonal of the Fisher information of the
-    float model's next-token distributions on calib, summed over the calibration tokens (the squared gradient of
-    the log-likelihood of a token sampled from the model, seed 0): an error e in that output at every token
-    moves the summed KL divergence from the float model's outputs by about f e^2 / 2. Memory: one sequence's
-    forward and backward through the float model."""
-    linears = {m: n for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and n.rpartition(".")[2] != "lm_head"}
-    sums: dict[str, torch.Tensor] = {}
-
-    def add(name: str, grad: torch.Tensor) -> None:
-        g = grad.float().reshape(-1, grad.shape[-1]).square().sum(0)
-        sums[name] = sums[name] + g if name in sums else g
-
-    def watch(module, args, output):
-        output.register_hook(lambda grad, name=linears[module]: add(name, grad))
-
-    start = []  # the embeddings of the sequence being run: what the gradients are taken against
-    handles = [m.register_forward_hook(watch) for m in linears]
-    handles.append(token_embedding(model).register_forward_hook(lambda module, args, output: start.append(output.requires_grad_())))
-    try:
-        generator = torch.Generator(model.device).manual_seed(0)
-        with torch.inference_mode(False), torch.enable_grad():
-            for ids in calib.to(model.device).clone():  # (a clone: calib may be an inference-mode tensor)
-                start.clear()
-                out = model(ids[None])
-                logits = out if isinstance(out, torch.Tensor) else out.logits
-                # Labels drawn from the model's own next-token distribution: the gradients' squares then average
-                # to the Fisher information, the curvature of the KL divergence from the float model's outputs.
-                labels = torch.multinomial(logits[0].detach().float().softmax(-1), 1, generator=generator)[:, 0]
-                loss = F.cross_entropy(logits[0].float(), labels, reduction="sum")
-                torch.autograd.grad(loss, start)  # the parameters' gradients are not needed
-    finally:
-        for h in handles:
-            h.remove()
-    return sums
-
-
-@torch.inference_mode()
-def measure_errors(model, calib: torch.Tensor, fmts: list[Format], saliency_order: bool, progress: bool = True,
-                   awq_format: Format | None = None, gptq: bool = False, act_order: bool = False,
-                   weighted: bool = True) -> tuple[dict[str, dict[Format, float]], dict[str, tuple[int, int]]]:
-    """({qualified linear name: {format: output squared error}}, {name: weight shape [N, K]}) for every decoder
-    linear of lowbit's or transformers' LlamaForCausalLM (see the module docstring), rounded to nearest on the
-    min-max grid: a ranking of the formats, ten times cheaper than on the searched grid (which made choosing for
-    SmolLM2 take over 15 minutes on one thread instead of ~100 s). calib: token ids [n_samples, seq_len]. Memory:
-    one block plus the calibration activations.
-
-    awq_format: for the methods that scale channels first (AWQ, AWQ+GPTQ), each block's AWQ scales are searched
-    for this format and folded into a copy of the block (the model is not changed), and the errors are measured
-    on the scaled weights and inputs, as those methods will round them. gptq: the error GPTQ leaves (see the
-    module docstring), its columns rounded in the stored order (int3.5: the saliency order) or, with act_order,
-    by decreasing input energy. weighted: each output's error times its Fisher weight (output_sensitivity; one
-    backward pass per calibration sequence), else every output alike."""
-    x, blocks, views = block_inputs(model, calib, "the bits-per-weight budget")
-    sensitivity = output_sensitivity(model, calib) if weighted else None
-    errors, shapes = {}, {}
-    for block_name, block in tqdm(blocks, desc="budget: measuring", disable=not progress):
-        view = views(block if awq_format is None else copy.deepcopy(block))
-        if awq_format is not None:
-            scaled = scale_block(view, x, {n: awq_format for n in view.linear_names}, n_grid=20, n_search=2)
-            inputs = {n: [x_in] for n, (x_in, _) in scaled.items()}
-            x = run_block(view, x)  # the folded block computes what the float one does: the next block's input
+def block_errors(w: torch.Tensor, x_in: torch.Tensor, fmts: list[Format], saliency_order: bool, gptq: bool = False,
+                 act_order: bool = False) -> dict[Format, torch.Tensor]:
+    """{format: each output feature's squared error [N]} of one linear W [N, K] on its inputs x_in [tokens, K] (see
+    the module docstring), rounded to nearest on the min-max grid: a ranking of the formats, ten times cheaper than
+    on the searched grid. saliency_order: int3.5 in AWQ's saliency channel order. gptq: the error GPTQ leaves, its
+    columns rounded in the stored order (int3.5: the saliency order) or, with act_order, by decreasing input
+    energy. lowbit.calibration.measure_errors walks the blocks and weights these by the outputs' sensitivities."""
+    h = x_in.T @ x_in
+    perm = saliency_perm(x_stats(x_in), w) if saliency_order else None
+    energy = {}  # {rounded in the saliency order: each column's weight in GPTQ's error [K]}
+    errors = {}
+    for bits, group_size in fmts:
+        p = perm if bits == 3.5 else None
+        dw = w - fake_quantize(w, bits, group_size, p, grid="minmax")
+        if gptq:
+            by_saliency = p is not None and not act_order
+            if by_saliency not in energy:
+                order = p if by_saliency else act_order_perm(h) if act_order else torch.arange(len(h))
+                energy[by_saliency] = residual_energy(h, order.long())
+            errors[bits, group_size] = dw.square() @ energy[by_saliency]
         else:
-            inputs = {}
-            hooks = [view.linear(n).register_forward_hook(
-                     lambda module, args, output, n=n: inputs.setdefault(n, []).append(args[0]))
-                     for n in view.linear_names]
-            try:
-                x = run_block(view, x)  # the float block: the next block's input
-            finally:
-                for h in hooks:
-                    h.remove()
-        for name in view.linear_names:
-            qualified = f"{block_name}.{name}"
-            f = None if sensitivity is None else sensitivity[qualified].to(model.device)
-            w = view.linear(name).weight.data.float()
-            x_in = torch.cat(inputs.pop(name)).reshape(-1, w.shape[1]).float()
-            h = x_in.T @ x_in
-            perm = saliency_perm(x_stats(x_in), w) if saliency_order else None
-            energy = {}  # {rounded in the saliency order: each column's weight in GPTQ's error [K]}
-            errs = {}
-            for bits, group_size in fmts:
-                p = perm if bits == 3.5 else None
-                dw = w - fake_quantize(w, bits, group_size, p, grid="minmax")
-                if gptq:
-                    by_saliency = p is not None and not act_order
-                    if by_saliency not in energy:
-                        order = p if by_saliency else act_order_perm(h) if act_order else torch.arange(len(h))
-                        energy[by_saliency] = residual_energy(h, order.long())
-                    row_errors = dw.square() @ energy[by_saliency]
-                else:
-                    row_errors = ((dw @ h) * dw).sum(1)  # each output's ||x_in dw_o||^2
-                errs[bits, group_size] = (row_errors.sum() if f is None else row_errors @ f).item()
-            errors[qualified], shapes[qualified] = errs, tuple(w.shape)
-    return errors, shapes
+            errors[bits, group_size] = ((dw @ h) * dw).sum(1)  # each output's ||x_in dw_o||^2
+    return errors
 
 
 def residual_energy(h: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -233,22 +156,17 @@ def choose_formats(errors: dict[str, dict[Format, float]], nbytes: dict[str, dic
     return {n: c[2] for n, c in choice.items()}
 
 
-def choose_for_budget(model, bits_per_weight: float, calib: torch.Tensor, saliency_order: bool,
-                      group_size: int | None = None, fixed: tuple[int, int] = (0, 0), progress: bool = True,
-                      awq_format: Format | None = None, gptq: bool = False, act_order: bool = False,
-                      weighted: bool = True) -> dict[str, Format]:
-    """{qualified decoder linear name: (bits, group_size)} within bits_per_weight over the quantized linears.
-
-    fixed: (weights, bytes) of quantized linears outside the choice (a quantized output head), which count in
-    the budget. group_size: only candidates of this group size. awq_format, gptq, act_order, weighted: see
-    measure_errors.
-    ValueError naming the limits when the budget is below the cheapest choice or above every linear in int8 at
-    the smallest group size (the most precise)."""
+def check_budget(shapes: dict[str, tuple[int, int]], bits_per_weight: float, saliency_order: bool,
+                 group_size: int | None = None, fixed: tuple[int, int] = (0, 0)
+                 ) -> tuple[list[Format], dict[str, dict[Format, int]], int]:
+    """(candidate formats, each linear's bytes in each, the bytes the linears may take) for a budget of
+    bits_per_weight over the linears of shapes ({name: [N, K]}) and fixed: (weights, bytes) of quantized linears
+    outside the choice (a quantized output head), which count in the budget. group_size: only candidates of this
+    group size. ValueError naming the limits when the budget is below the cheapest choice or above every linear in
+    int8 at the smallest group size (the most precise)."""
     if not isinstance(bits_per_weight, (int, float)) or isinstance(bits_per_weight, bool):
         raise ValueError(f"bits_per_weight must be a number, got {bits_per_weight!r}")
     fmts = candidates(group_size)
-    shapes = {name: tuple(m.weight.shape) for name, m in model.named_modules()
-              if isinstance(m, nn.Linear) and name.rpartition(".")[2] != "lm_head"}
     nbytes = {n: {f: candidate_bytes(shape, f, saliency_order) for f in fmts} for n, shape in shapes.items()}
     weights = fixed[0] + sum(n * k for n, k in shapes.values())
     low = (fixed[1] + sum(min(b.values()) for b in nbytes.values())) * 8 / weights
@@ -258,12 +176,7 @@ def choose_for_budget(model, bits_per_weight: float, calib: torch.Tensor, salien
         raise ValueError(f"bits_per_weight must lie in [{low:.4f}, {high:.4f}] for this model (every linear in its "
                          f"cheapest format of {', '.join(map(describe, fmts))}; every linear in "
                          f"{describe(most_precise)}), got {bits_per_weight}")
-    errors, measured = measure_errors(model, calib, fmts, saliency_order, progress, awq_format, gptq, act_order,
-                                      weighted)
-    if measured != shapes:
-        raise ValueError(f"the budget chooses formats for the decoder blocks' linears only, but this model has other "
-                         f"linears besides its output head: {sorted(set(shapes) - set(measured))[:3]}")
-    return choose_formats(errors, nbytes, int(bits_per_weight * weights / 8) - fixed[1])
+    return fmts, nbytes, int(bits_per_weight * weights / 8) - fixed[1]
 
 
 def model_formats(model) -> dict[str, Format]:

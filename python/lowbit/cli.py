@@ -166,7 +166,7 @@ def cmd_convert(args) -> int:
     out = convert(args.src, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
                   calib_file=args.calib_file, align=args.align, force=args.force, integer_zeros=args.integer_zeros,
                   grid=args.grid, float_dtype=getattr(torch, args.float_dtype), bits_per_weight=args.bits_per_weight,
-                  act_order=args.act_order, calib_samples=args.calib_samples, **head_format(args))
+                  act_order=args.act_order, calib_samples=args.calib_samples, device=args.device, **head_format(args))
     if args.bits_per_weight is not None:
         from .io.checkpoint import load_quantized
         print_budget(load_quantized(out))
@@ -236,8 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="quantize an HF directory or .gguf file (or import an AutoAWQ checkpoint) "
                                        "into a lowbit checkpoint")
     p.add_argument("src", help="HF float directory, .gguf file, or AutoAWQ GEMM directory")
-    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument("out", help="output directory (written atomically; an interrupted run continues where it "
+                               "stopped when the same command runs again)")
     add_quantization_args(p, converts=True)
+    p.add_argument("--device", default="cpu", help="where each block is calibrated: cpu (default) or cuda (one "
+                                                   "block and its activations on the GPU at a time)")
     p.add_argument("--calib-file", help="text file to calibrate AWQ/GPTQ on (default: lowbit.data)")
     p.add_argument("--align", type=int, help="start every tensor's data on this byte boundary (e.g. 1024)")
     p.add_argument("--integer-zeros", action="store_true", help="integer zero points (needed by export --format awq)")

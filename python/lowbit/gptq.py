@@ -21,21 +21,17 @@ columns is reached, from the group's error-updated weights at that moment (the c
 every correction made so far). act_order="perm" stores the order as the layer's input permutation (int4/int8;
 4 bytes per input feature), so that the groups are runs of columns of similar input size.
 
-quantize_llama_gptq runs the decoder blocks one after another (memory: one block plus the calibration
-activations). Within a block the linears are quantized in the order the data flows (q/k/v, o, gate/up,
-down), each on the inputs the already quantized linears before it produce. method "awq+gptq" first folds
-AWQ's per-channel scales into the block and searches AWQ's per-group clipping ratios (lowbit.awq), then
-rounds with GPTQ on the clipped grids.
+lowbit.calibration.GPTQ runs it over a model's decoder blocks, one after another: within a block the linears are
+quantized in the order the data flows (q/k/v, o, gate/up, down), each on the inputs the already quantized linears
+before it produce. Method "awq+gptq" first folds AWQ's per-channel scales into the block and searches AWQ's
+per-group clipping ratios (lowbit.awq), then rounds with GPTQ on the clipped grids.
 """
 
 from contextlib import contextmanager
 
 import torch
-from tqdm.auto import tqdm
 
 from . import formats
-from .awq import BlockView, block_formats, block_inputs, run_block, saliency_perm, scale_block, search_clip, x_stats
-from .nn import QuantLinear
 from .quantize import check_clip, checked_weight, grid_values, group_grid, round_to_grid
 from .weight import QuantizedWeight
 
@@ -71,12 +67,14 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     diag = h.diagonal()
     diag[diag == 0] = 1  # an input that is always zero: its column is rounded alone, no error to spread
     diag += damp * diag.mean()
-    factor, info = torch.linalg.cholesky_ex(h)
+    # H = R R^T with R upper triangular (the lower Cholesky factor of H with rows and columns reversed), so
+    # H^-1 = R^-T R^-1 and U = R^-1: one factorisation and one triangular inverse, about a third of the work of
+    # inverting H and factorising the inverse.
+    flipped, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if info:
         raise ValueError(f"GPTQ: the damped Hessian is not positive definite (damp={damp}); use a larger damp")
-    # cholesky_solve against I: the same H^-1 as cholesky_inverse, which is far slower on CPU (LAPACK potri).
-    inverse = torch.cholesky_solve(torch.eye(len(h), dtype=h.dtype, device=h.device), factor)
-    return torch.linalg.cholesky(inverse, upper=True).float()
+    identity = torch.eye(len(h), dtype=h.dtype, device=h.device)
+    return torch.linalg.solve_triangular(flipped.flip(0, 1), identity, upper=True).float()
 
 
 @contextmanager
@@ -170,66 +168,3 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: float = 4, group_size:
     # Padding columns hold the codes of 0.0 (docs/FORMAT.md).
     codes[:, k:] = round_to_grid(torch.zeros(n, kp - k, device=w.device), scales[:, -1], zeros[:, -1], bits, k)
     return QuantizedWeight(formats.pack(codes.to(torch.int32), bits), scales, zeros, perm, bits, group_size, k)
-
-
-def capture_input(view: BlockView, x: torch.Tensor, name: str) -> torch.Tensor:
-    """The input of the block's linear `name` when the block runs on x [n, T, H] (as it is now)."""
-    parts = []
-    hook = view.linear(name).register_forward_hook(lambda module, inputs, output: parts.append(inputs[0]))
-    try:
-        run_block(view, x)
-    finally:
-        hook.remove()
-    return torch.cat(parts)
-
-
-def quantize_llama_gptq(model, bits: float, group_size: int, calib: torch.Tensor, awq: bool = False,
-                        damp: float = DAMP, block_size: int = 128, act_order: bool = False,
-                        saliency_order: bool = True, clip: bool = True, n_grid: int = 20, n_search: int = 2,
-                        integer_zeros: bool = False, progress: bool = True, weighted_grid: bool = True,
-                        module_formats: dict[str, tuple[float, int]] | None = None):
-    """GPTQ (awq=True: AWQ scales and clipping, then GPTQ) of every decoder block's linears, in place, for
-    lowbit's or transformers' LlamaForCausalLM.
-
-    calib: token ids [n_samples, seq_len]. damp, block_size: see gptq_quantize. act_order: False, "order" (or
-    True) or "perm", as the module docstring says (int3.5 keeps its saliency order as the stored one unless
-    saliency_order=False). saliency_order: int3.5's stored channel order (lowbit.awq).
-    clip, n_grid, n_search: AWQ's clipping search and scale search (awq=True only). weighted_grid: see
-    gptq_quantize. module_formats: as lowbit.awq.quantize_llama_awq's."""
-    bits = formats.check_bits(bits)
-    group_size = formats.check_group_size(group_size)
-    name = "AWQ+GPTQ" if awq else "GPTQ"
-    with torch.inference_mode():
-        x, blocks, views = block_inputs(model, calib, name)
-        for block_name, block in tqdm(blocks, desc=f"{name} int{bits:g}", disable=not progress):
-            view = views(block)
-            layer_formats = block_formats(view, block_name, bits, group_size, module_formats)
-            folded = {}
-            if awq:
-                folded = {n: scales for n, (_, scales) in
-                          scale_block(view, x, layer_formats, n_grid, n_search, integer_zeros).items()}
-            # Each set of linears sharing an input, in data-flow order, on what the quantized ones before give it.
-            for stage in (view.qkv, [view.o], view.gate_up, [view.down]):
-                x_in = capture_input(view, x, stage[0])
-                h = hessian(x_in)
-                for lin_name in stage:
-                    linear = view.linear(lin_name)
-                    w = linear.weight.data
-                    fmt = layer_formats[lin_name]
-                    perm = order = None
-                    if fmt[0] == 3.5 and saliency_order:
-                        perm = saliency_perm(x_stats(x_in), w)
-                    if act_order == "perm" and perm is None:
-                        perm = act_order_perm(h)
-                    elif act_order:
-                        order = act_order_perm(h if perm is None else h[perm.long()][:, perm.long()])
-                    ratio = None
-                    if awq and clip and lin_name in view.clip_rows:
-                        ratio = search_clip(w, x_in, *fmt, perm,
-                                            rows=view.clip_rows[lin_name], integer_zeros=integer_zeros)
-                    qlinear = QuantLinear(gptq_quantize(w, h, *fmt, perm, ratio, damp, block_size,
-                                                        integer_zeros, order, weighted_grid), linear.bias)
-                    qlinear.awq_scales = folded.get(lin_name)
-                    view.block.set_submodule(lin_name, qlinear)
-            x = run_block(view, x)
-    return model

@@ -1,7 +1,8 @@
-"""Orchestration: quantize a model (RTN, AWQ, GPTQ), convert a checkpoint, load any supported source.
+"""Orchestration: quantize a model (RTN, AWQ, GPTQ, a size budget), convert a checkpoint, load any supported source.
 
-The one module that combines the quantizers (lowbit.quantize, lowbit.awq, lowbit.gptq), the calibration data and the
-checkpoint readers and writers (lowbit.io); everything it uses sits below it.
+Both quantize_model (a model in memory) and convert (a checkpoint on disk) run the calibration pipeline
+(lowbit.calibration), one decoder block at a time; this module adds the options' checks, the calibration data and
+what lies outside the blocks (the output head, the quantization record).
 """
 
 import copy
@@ -13,12 +14,11 @@ import torch
 from torch import nn
 
 from . import data, formats
-from .awq import quantize_llama_awq
-from .budget import choose_for_budget
+from .calibration import ModelSource, choose_for_budget, make_method, quantize_blocks, quantize_checkpoint
 from .eval import linear_stats
-from .gptq import check_act_order, quantize_llama_gptq
+from .gptq import check_act_order
 from .io.autoawq import import_awq
-from .io.checkpoint import quantize_checkpoint_rtn, save_quantized
+from .io.checkpoint import float_source
 from .io.hf import CheckpointError
 from .io.loading import load_model
 from .models.llama import LlamaForCausalLM
@@ -93,13 +93,10 @@ def quantize_model(model: nn.Module, bits: float | None = None, group_size: int 
                                            progress=progress, awq_format=awq_format,
                                            gptq=method in formats.GPTQ_METHODS, act_order=bool(act_order))
         (bits, group_size), _ = Counter(module_formats.values()).most_common(1)[0]
-    if method == "awq":
-        quantize_llama_awq(model, bits, group_size, calib, integer_zeros=integer_zeros, progress=progress,
-                           module_formats=module_formats)
-    elif method in formats.GPTQ_METHODS:
-        quantize_llama_gptq(model, bits, group_size, calib, awq=method == "awq+gptq", integer_zeros=integer_zeros,
-                            act_order=act_order, progress=progress, module_formats=module_formats)
     keep = list(modules_to_not_convert or []) + ([] if quantize_lm_head else ["lm_head"])
+    step = make_method(method, bits, group_size, module_formats, integer_zeros, grid, act_order, skip=keep)
+    if step.calibrated or ModelSource.supports(model):  # RTN also takes any module's linears (below)
+        quantize_blocks(ModelSource(model, step.name), step, calib if step.calibrated else None, progress)
 
     def layer_format(name: str) -> tuple[float, int]:
         if name.rpartition(".")[2] == "lm_head":
@@ -126,13 +123,15 @@ def convert(src, out, bits: float | None = None, group_size: int | None = None, 
             align: int | None = None, force: bool = False, integer_zeros: bool = False, quantize_lm_head: bool = False,
             float_dtype: torch.dtype = torch.float16, progress: bool = True, lm_head_bits: float | None = None,
             lm_head_group_size: int | None = None, bits_per_weight: float | None = None, grid: str = "mse",
-            act_order: bool | str = False, calib_samples: int = 8) -> Path:
+            act_order: bool | str = False, calib_samples: int = 8, device="cpu") -> Path:
     """Quantize an HF float directory or a .gguf file into a lowbit checkpoint; or import an AutoAWQ one.
 
-    RTN in one format streams layer by layer (memory: one decoder layer plus one output shard). AWQ, GPTQ and a
-    bits-per-weight budget need calibration forward passes through the whole float model, so they load the model
-    first, and calibrate on calib_samples windows of 512 tokens (of calib_file, or lowbit.data). bits, group_size,
-    bits_per_weight, grid, act_order and the head options are quantize_model's."""
+    Every method streams the model one decoder block at a time from the source (lowbit.calibration: memory is one
+    float block, the calibration activations and one output shard, whatever the depth), on device ("cpu" or
+    "cuda": each block moves there in turn). AWQ, GPTQ and budgets calibrate on calib_samples windows of 512
+    tokens (of calib_file, or lowbit.data). An interrupted run, started again with the same arguments, continues
+    after its last finished block. bits, group_size, bits_per_weight, grid, act_order and the head options are
+    quantize_model's."""
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
@@ -148,6 +147,7 @@ def convert(src, out, bits: float | None = None, group_size: int | None = None, 
     check_method(method)
     check_calib_samples(calib_samples)
     check_act_order(act_order, method, budget=bits_per_weight is not None)
+    device = check_device(device)
     if src.is_dir() and (src / "config.json").is_file():
         raw = json.loads((src / "config.json").read_text())
         qm = (raw.get("quantization_config") or {}).get("quant_method")
@@ -156,18 +156,30 @@ def convert(src, out, bits: float | None = None, group_size: int | None = None, 
         if qm is not None:
             raise CheckpointError(f"{src}: already quantized ({qm}); lowbit converts float checkpoints and "
                                   "AutoAWQ ones")
+    calib = None
     if method != "rtn" or bits_per_weight is not None:
-        model = load_model(src)
+        _, config, tokenizer = float_source(src)
+        if tokenizer is None:
+            raise CheckpointError(f"{src}: no tokenizer files; {method} calibrates on text, which needs the model's "
+                                  f"tokenizer (tokenizer.json)")
         text = Path(calib_file).read_text() if calib_file else None
-        calib = data.calibration_tokens(model.tokenizer, n_samples=calib_samples, seq_len=512, text=text)
-        budget = ({"bits_per_weight": bits_per_weight, "group_size": requested_group_size}
-                  if bits_per_weight is not None else {"bits": bits, "group_size": group_size})
-        quantize_model(model, method=method, calib=calib, quantize_lm_head=quantize_lm_head,
-                       integer_zeros=integer_zeros, lm_head_bits=lm_head_bits, lm_head_group_size=lm_head_group_size,
-                       progress=progress, grid=grid, act_order=act_order, **budget)
-        return save_quantized(model, out, force, align, float_dtype)
-    return quantize_checkpoint_rtn(src, out, bits, group_size, align, force, integer_zeros, quantize_lm_head,
-                                   float_dtype, progress, lm_head_format=head_format, grid=grid)
+        calib = data.calibration_tokens(tokenizer, n_samples=calib_samples, seq_len=512, text=text)
+    return quantize_checkpoint(src, out, method, bits, group_size, calib, bits_per_weight,
+                               requested_group_size if bits_per_weight is not None else None, quantize_lm_head,
+                               head_format, integer_zeros, grid, act_order, float_dtype, align, force, progress,
+                               device)
+
+
+def check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device}")
+    return device
 
 
 def check_calib_samples(n) -> int:

@@ -1,5 +1,5 @@
-"""Quantized checkpoints (docs/FORMAT.md, "Checkpoints"): save, load (checksums verified on request), and
-quantize a float checkpoint layer by layer.
+"""Quantized checkpoints (docs/FORMAT.md, "Checkpoints"): save, load (checksums verified on request), and write
+one block at a time, resumably (the calibration pipeline's sink).
 
 A lowbit checkpoint is an HF-style directory: config.json with a `quantization_config`, safetensors
 (sharded past a size limit) holding each quantized linear as <module>.qweight / .scales / .zeros
@@ -8,23 +8,24 @@ meta device and assigns the memory-mapped tensors; the float model is never buil
 """
 
 import json
+import os
+import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import formats
 from ..models.llama import LlamaConfig, LlamaForCausalLM, rope_inv_freq
 from ..nn import QuantLinear, replace_linears
-from ..quantize import quantize_weight
 from ..tokenizer import Tokenizer
 from ..weight import QuantizedWeight
 from .atomic import atomic_directory
-from .hf import CheckpointError, SafetensorsDir, global_names, layer_tensors, read_config
-from .safetensors_io import PAD_PREFIX, ShardWriter
+from .hf import CheckpointError, SafetensorsDir, read_config
+from .safetensors_io import PAD_PREFIX, ShardWriter, write_safetensors
 
 FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 1 << 30
@@ -258,66 +259,149 @@ def _float(st, name: str, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
-# --- quantizing a float checkpoint layer by layer ---------------------------------------------------
+# --- writing a checkpoint block by block, resumably --------------------------------------------------
 
-def quantize_checkpoint_rtn(src: Path, out: Path, bits: float, group_size: int, align: int | None = None,
-                            force: bool = False, integer_zeros: bool = False, quantize_lm_head: bool = False,
-                            float_dtype: torch.dtype = torch.float16, progress: bool = True,
-                            lm_head_format: tuple[float, int] | None = None, grid: str = "mse") -> Path:
-    """An HF float directory or a .gguf file -> a lowbit RTN checkpoint, streamed layer by layer (memory: one
-    decoder layer plus one output shard). lm_head_format: (bits, group_size) of a quantized head (default: the
-    layers'). grid: quantize_weight's."""
-    open_source, config, tokenizer = _open_float(src)
-    names = [f"layers.{i}.{lin}" for i in range(config.num_hidden_layers) for lin in LAYER_LINEARS]
-    not_converted = [] if quantize_lm_head else ["lm_head"]
-    head_format = lm_head_format or (bits, group_size)
-    module_formats = {"lm_head": {"bits": head_format[0], "group_size": head_format[1]}} \
-        if quantize_lm_head and head_format != (bits, group_size) else None
-    qconfig = quantization_config(bits, group_size, "rtn", not_converted, module_formats)
-
-    def linear_tensors(name, weight, bias):
-        layer_bits, layer_group_size = head_format if name == "lm_head" else (bits, group_size)
-        qw = quantize_weight(weight, layer_bits, layer_group_size, integer_zeros=integer_zeros, grid=grid)
-        yield from {f"{name}.{k}": t for k, t in qw.tensors().items()}.items()
-        if bias is not None:
-            yield f"{name}.bias", bias.to(float_dtype, copy=True)
-
-    # Source tensors are memory-mapped, and a mapping's pages stay resident while any tensor read through
-    # it lives. So every step reads through a fresh mapping, and what goes on to the output shard is a
-    # copy: each step's pages are released when it ends.
-    def tensors():
-        for name, hf_name in global_names(config).items():  # one at a time: the embeddings are large
-            t = open_source().get(hf_name)
-            if name == "lm_head.weight" and quantize_lm_head:
-                yield from linear_tensors("lm_head", t, None)
-            else:
-                yield name, t.to(float_dtype, copy=True)
-            if name == "embed.weight" and quantize_lm_head and config.tie_word_embeddings:
-                config.tie_word_embeddings = False  # the head is quantized, the embedding stays float
-                yield from linear_tensors("lm_head", t, None)
-            del t
-        for i in tqdm(range(config.num_hidden_layers), desc=f"int{bits:g} RTN", disable=not progress):
-            layer = layer_tensors(open_source(), i)
-            for name, t in layer.items():
-                module, _, kind = name.rpartition(".")
-                if module in names:
-                    if kind == "weight":
-                        yield from linear_tensors(module, t, layer.get(f"{module}.bias"))
-                else:
-                    yield name, t.to(float_dtype, copy=True)
-            del layer, t
-    return write_checkpoint(out, config, qconfig, tensors(), tokenizer, force, align,
-                            max_shard_bytes=CONVERT_SHARD_BYTES)
-
-
-def _open_float(src: Path):
-    """(a function returning a fresh reader of the float tensors, config, tokenizer or None)"""
+def float_source(src: Path):
+    """(a function returning a fresh reader of an HF float directory's or a .gguf file's tensors, config,
+    tokenizer or None). Source tensors are memory-mapped, and a mapping's pages stay resident while any tensor read
+    through it lives: readers that take one block at a time open a fresh one for each."""
+    src = Path(src)
     if src.is_file() and src.suffix == ".gguf":
         from .gguf import GGUFFile
         gguf = GGUFFile(src)
         return lambda: gguf, LlamaConfig.from_dict(gguf.config()), gguf.tokenizer()
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: not a model directory or .gguf file")
+    config = read_config(src)
     tokenizer = Tokenizer.from_dir_if_present(src)
     SafetensorsDir(src)  # every file opens, or the error names the bad one
-    return lambda: SafetensorsDir(src), read_config(src), tokenizer
+    return lambda: SafetensorsDir(src), config, tokenizer
+
+
+class ResumableCheckpoint:
+    """A lowbit checkpoint written one decoder block at a time into a partial directory beside `out`
+    (.<name>.partial): each finished block is a file there, with the activations entering the next block and a
+    state file naming the run (its fingerprint) and how far it got, each written whole (a temporary file renamed).
+    Entered again with the same fingerprint, the run resumes after its last finished block; with another, the
+    partial directory is started afresh. finish() assembles the shards in block order, whatever the interruptions,
+    so a resumed run writes the same bytes as an uninterrupted one, and `out` appears only then (atomically).
+
+    On an error the partial directory is removed (nothing partial is left behind); on KeyboardInterrupt (and when
+    the process is killed) it stays, for the next run of the same command."""
+
+    STATE = "state.json"
+
+    def __init__(self, out: Path, fingerprint: str, force: bool = False, align: int | None = None,
+                 float_dtype: torch.dtype = torch.float16, max_shard_bytes: int = CONVERT_SHARD_BYTES):
+        self.out, self.fingerprint, self.force, self.align = Path(out), fingerprint, force, align
+        self.float_dtype, self.max_shard_bytes = float_dtype, max_shard_bytes
+        self.directory = self.out.parent / f".{self.out.name}.partial"
+
+    def __enter__(self) -> "ResumableCheckpoint":
+        if self.out.exists() and not self.force:
+            raise FileExistsError(f"{self.out} exists (use force to overwrite)")
+        for parent in self.out.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise NotADirectoryError(f"{self.out}: {parent} is a file, not a directory")
+                break
+        state = self.load_json(self.STATE) if self.directory.is_dir() else None
+        if state is not None and state.get("fingerprint") == self.fingerprint:
+            self.state = state
+            if state["blocks_done"]:
+                print(f"resuming {self.out} after block {state['blocks_done'] - 1} ({self.directory})", flush=True)
+        else:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory.mkdir(parents=True)
+            self.state = {"fingerprint": self.fingerprint, "blocks_done": 0, "globals": False,
+                          "quantized": [0, 0]}
+            self._save_state()
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is not None and not isinstance(error, KeyboardInterrupt):
+            shutil.rmtree(self.directory, ignore_errors=True)
+        elif error is not None:
+            print(f"\ninterrupted: {self.state['blocks_done']} blocks are kept in {self.directory}; the same command "
+                  f"continues from there", flush=True)
+        return False
+
+    # the pipeline's sink
+    def resume_point(self) -> tuple[int, torch.Tensor | None]:
+        """(the first block still to do, the activations entering it or None)."""
+        path = self.directory / "activations.safetensors"
+        x = None
+        if self.state["blocks_done"] and path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                x = f.get_tensor("x")
+        return self.state["blocks_done"], x
+
+    def add(self, i: int, block: nn.Module, x: torch.Tensor | None) -> None:
+        """Block i, quantized (lowbit's Block), and the activations it passes on (None without calibration)."""
+        if i != self.state["blocks_done"]:
+            raise RuntimeError(f"block {i} added after {self.state['blocks_done']} finished blocks")
+        tensors = {}
+        for name, module in block.named_modules():
+            tensors |= module_tensors(f"layers.{i}.{name}" if name else f"layers.{i}", module, self.float_dtype)
+            if isinstance(module, QuantLinear):
+                self._count(module.in_features * module.out_features, module.weight.nbytes)
+        self._write(f"block-{i:05d}.safetensors", tensors)
+        if x is not None:
+            self._write("activations.safetensors", {"x": x.float()})
+        self.state["blocks_done"] = i + 1
+        self._save_state()
+
+    def has_globals(self) -> bool:
+        return self.state["globals"]
+
+    def add_globals(self, tensors, quantized: tuple[int, int] = (0, 0)) -> None:
+        """The tensors outside the blocks (name, tensor pairs): embedding, final norm, output head; quantized: the
+        (weights, bytes) of a quantized head among them."""
+        self._count(*quantized)
+        self._write("globals.safetensors", dict(tensors))
+        self.state["globals"] = True
+        self._save_state()
+
+    def quantized_stats(self) -> tuple[int, int]:
+        """(weights, bytes) of the quantized linears written so far (lowbit.eval.linear_stats' count)."""
+        return tuple(self.state["quantized"])
+
+    def load_json(self, name: str):
+        try:
+            return json.loads((self.directory / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def save_json(self, name: str, value) -> None:
+        tmp = self.directory / f".{name}.tmp"
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, self.directory / name)
+
+    def remove_matching(self, pattern: str) -> None:
+        for path in self.directory.glob(pattern):
+            path.unlink()
+
+    def finish(self, config: LlamaConfig, qconfig: dict, tokenizer: Tokenizer | None) -> Path:
+        """Assemble the checkpoint (shards in block order) at out, then remove the partial directory."""
+        files = ["globals.safetensors"] + [f"block-{i:05d}.safetensors" for i in range(self.state["blocks_done"])]
+
+        def tensors():
+            for name in files:
+                with safe_open(str(self.directory / name), framework="pt") as f:
+                    for key in f.keys():
+                        yield key, f.get_tensor(key)
+        write_checkpoint(self.out, config, qconfig, tensors(), tokenizer, self.force, self.align,
+                         self.max_shard_bytes)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return self.out
+
+    def _count(self, weights: int, nbytes: int) -> None:
+        self.state["quantized"] = [self.state["quantized"][0] + weights, self.state["quantized"][1] + nbytes]
+
+    def _write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        tmp = self.directory / f".{name}.tmp"
+        write_safetensors(tmp, tensors)
+        os.replace(tmp, self.directory / name)
+
+    def _save_state(self) -> None:
+        self.save_json(self.STATE, self.state)

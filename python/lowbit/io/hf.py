@@ -127,26 +127,53 @@ def global_names(config: LlamaConfig) -> dict[str, str]:
     return names
 
 
-def layer_tensors(st, i: int) -> dict[str, torch.Tensor]:
-    """Decoder layer i's float tensors under lowbit names (q/k/v and gate/up fused along rows)."""
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of each HF tensor by its name with the decoder layer's prefix removed (and of the global ones)."""
+    h, f = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    rows = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, q), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
+    shapes = {f"{n}.weight": s for n, s in rows.items()} | {f"{n}.bias": s[:1] for n, s in rows.items()}
+    shapes |= {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+    return shapes | {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,),
+                     "lm_head.weight": (config.vocab_size, h)}
+
+
+def checked_tensor(st, key: str, config: LlamaConfig) -> torch.Tensor:
+    """st.get(key), a float tensor of the shape the config implies; CheckpointError naming the file otherwise."""
+    t = st.get(key)
+    shape = expected_shapes(config)[key.split(".", 3)[3] if key.startswith("model.layers.") else key]
+    where = st.file_of(key) if hasattr(st, "file_of") else st.path
+    if not t.is_floating_point():
+        raise CheckpointError(f"{where}: tensor {key!r} has dtype {t.dtype}, not a float weight")
+    if tuple(t.shape) != shape:
+        raise CheckpointError(f"{where}: tensor {key!r} has shape {list(t.shape)}, the config needs {list(shape)} "
+                              f"(hidden_size {config.hidden_size}, intermediate_size {config.intermediate_size}, "
+                              f"{config.num_attention_heads} heads, {config.num_key_value_heads} key/value heads)")
+    return t
+
+
+def layer_tensors(st, i: int, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Decoder layer i's float tensors under lowbit names (q/k/v and gate/up fused along rows), each checked
+    against the config's shapes."""
     hf, ours, out = f"model.layers.{i}.", f"layers.{i}.", {}
     for name, parts in FUSED.items():
         for suffix in ("weight", "bias"):
             keys = [f"{hf}{p}.{suffix}" for p in parts]
             if suffix == "bias" and keys[0] not in st:
                 continue
-            out[f"{ours}{name}.{suffix}"] = torch.cat([st.get(k) for k in keys])
+            out[f"{ours}{name}.{suffix}"] = torch.cat([checked_tensor(st, k, config) for k in keys])
     for name, hf_name in SINGLE.items():
         for suffix in ("weight", "bias"):
             key = f"{hf}{hf_name}.{suffix}"
             if suffix == "weight" or key in st:
-                out[f"{ours}{name}.{suffix}"] = st.get(key)
+                out[f"{ours}{name}.{suffix}"] = checked_tensor(st, key, config)
     return out
 
 
 def to_lowbit_names(st, config: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """HF LLaMA tensors (a SafetensorsDir or GGUFFile) under lowbit's module names, fused projections."""
-    out = {ours: st.get(hf) for ours, hf in global_names(config).items()}
+    out = {ours: checked_tensor(st, hf, config) for ours, hf in global_names(config).items()}
     for i in range(config.num_hidden_layers):
-        out |= layer_tensors(st, i)
+        out |= layer_tensors(st, i, config)
     return {k: v.to(dtype) for k, v in out.items()}

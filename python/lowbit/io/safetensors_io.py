@@ -51,11 +51,16 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     encoded = json.dumps(header, separators=(",", ":")).encode()
     # Data starts on a multiple of 8 (of align when given); trailing spaces in the header are allowed.
     encoded += b" " * (-(8 + len(encoded)) % (align or 8))
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for chunk in chunks:
-            f.write(chunk)
+    try:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)))
+            f.write(encoded)
+            for chunk in chunks:
+                f.write(chunk)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e  # e.g. a full disk: say which file
 
 
 class ShardWriter:
