@@ -22,8 +22,9 @@ BENCHMARKS = {
     "quality": ("bench_quality.py", "SmolLM2 perplexity and error, RTN vs AWQ vs GPTQ vs AWQ+GPTQ (long: six "
                 "calibrated runs)",
                 ["--quick"], "quality_smollm2"),
-    "convert": ("bench_convert.py", "converter time and peak memory on a LLaMA-7B-shaped checkpoint",
-                ["--layers", "2"], "convert_cpu"),
+    "convert": ("bench_convert.py", "converter time and peak memory on a LLaMA-2-7B-shaped checkpoint (2 of its "
+                "layers; RTN and GPTQ on one calibration window)",
+                ["--layers", "2", "--methods", "rtn,gptq", "--calib-samples", "1"], "convert_7b_cpu"),
     "serve": ("bench_serve.py", "lowbit serve with SmolLM2 int4 under 1-32 concurrent streaming clients (minutes)",
               ["--quick"], "serve_cpu"),
 }
