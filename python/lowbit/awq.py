@@ -95,29 +95,35 @@ def search_scales(linears, x: torch.Tensor, inspect, layer_formats: list[tuple[f
 def search_clip(w: torch.Tensor, x: torch.Tensor, bits: float, group_size: int, perm, n_grid: int = 20,
                 max_shrink: float = 0.5, n_tokens: int = 512, rows: slice | None = None,
                 integer_zeros: bool = False) -> torch.Tensor:
-    """Per (row, group) range shrink in [1 - max_shrink, 1] minimising |x w^T - x w_q^T|^2 on sample tokens."""
+    """Per (row, group) range shrink in [1 - max_shrink, 1] minimising |x w^T - x w_q^T|^2 on sample tokens; only
+    `rows` are searched (the others keep their full range). A group's error is d^T (X_g^T X_g) d for its weight
+    error d, with each group's Gram matrix X_g^T X_g of the sample tokens computed once."""
     x = x.reshape(-1, x.shape[-1]).float()
     x = x[torch.linspace(0, len(x) - 1, min(n_tokens, len(x))).long()]
-    n, k = w.shape
+    n_all, k = w.shape
+    searched = w[rows] if rows is not None else w
+    n = len(searched)
     kp = -(-k // group_size) * group_size
     order = perm.long() if perm is not None else torch.arange(k)
-    xg = F.pad(x[:, order], (0, kp - k)).view(len(x), -1, group_size)          # [T, G, g] stored order
+    stored = searched.float()[:, order]                                        # [n, K] in stored order
+    xg = F.pad(x[:, order], (0, kp - k)).view(len(x), -1, group_size).transpose(0, 1)  # [G, T, g]
+    gram = xg.transpose(1, 2) @ xg                                              # [G, g, g]
     best = torch.ones(n, kp // group_size)
     best_err = torch.full_like(best, float("inf"))
     for i in range(n_grid + 1):
         ratio = 1 - max_shrink * i / n_grid
         clip = torch.full_like(best, ratio)
-        diff = w.float() - fake_quantize(w, bits, group_size, perm, clip, integer_zeros)
-        dg = F.pad(diff[:, order], (0, kp - k)).view(n, -1, group_size)        # [N, G, g]
-        err = torch.einsum("ngk,tgk->ngt", dg, xg).pow(2).sum(-1)                # [N, G]
+        diff = stored - fake_quantize(stored, bits, group_size, None, clip, integer_zeros)
+        dg = F.pad(diff, (0, kp - k)).view(n, -1, group_size).transpose(0, 1)  # [G, n, g]
+        err = ((dg @ gram) * dg).sum(-1).T                                      # [n, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, clip, best)
-    if rows is not None:  # rows outside the slice keep their full range
-        keep = torch.ones_like(best, dtype=torch.bool)
-        keep[rows] = False
-        best[keep] = 1.0
-    return best
+    if rows is None:
+        return best
+    full = torch.ones(n_all, kp // group_size)
+    full[rows] = best
+    return full
 
 
 def _fold_into_norm(norm, s):
