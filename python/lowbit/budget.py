@@ -5,11 +5,12 @@ Candidates: {int3.5, int4, int8} x {32, 64, 128, 256} per linear, each costing t
 (formats.quantized_nbytes: codes with the padding up to whole groups, float16 scales and zeros, int3.5's int32
 channel permutation where the method stores one) - the count lowbit.eval.linear_stats reports as bits per weight.
 
-Error of a candidate (measure_errors): each output feature's squared error on the float model's calibration
-activations X (all calibration tokens, taken decoder block by block) when the linear's weight is round-to-nearest
+Error of a candidate (block_errors; lowbit.calibration.measure_errors walks the blocks): each output feature's
+squared error on the float model's calibration activations X (all calibration tokens, block by block) when the linear's weight is round-to-nearest
 quantized in that format on the min-max grid (int3.5 in AWQ's saliency channel order where the method uses it),
-weighted by that output's sensitivity f (output_sensitivity: the diagonal of the Fisher information of the float
-model's next-token distributions, from one backward pass per calibration sequence), summed over the linears:
+weighted by that output's sensitivity f (lowbit.calibration.output_sensitivity: the diagonal of the Fisher
+information of the float model's next-token distributions, from one backward pass per calibration sequence, taken
+block by block), summed over the linears:
 sum_o f_o ||X dW_o||^2 with dW = W - W_q, about twice the KL divergence from the float model's outputs that the
 rounding adds. The unweighted sum (every output alike) gave the late blocks the bits; the early ones matter more
 (on SmolLM2 the first block's outputs are ~100x as sensitive as the middle ones'). Measured on SmolLM2 (perplexity

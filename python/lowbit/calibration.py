@@ -415,7 +415,7 @@ def quantize_blocks(model_or_source, step, calib: torch.Tensor | None = None, pr
                       disable=not progress):
             with memory_errors(source, calib, step.name, i):
                 block = source.block(i)
-                view = views(block) if views is not None else _linears_view(block, source)
+                view = views(block) if views is not None else _linears_view(block)
                 x = step(view, source.block_name(i), x)
                 if sink is not None:
                     sink.add(i, block, x)
@@ -423,7 +423,7 @@ def quantize_blocks(model_or_source, step, calib: torch.Tensor | None = None, pr
     return model_or_source if not isinstance(model_or_source, CheckpointSource) else None
 
 
-def _linears_view(block: nn.Module, source) -> BlockView:
+def _linears_view(block: nn.Module) -> BlockView:
     """A view for steps that never run the block (RTN without calibration tokens)."""
     if isinstance(block, Block):
         return lowbit_block_view(block, None, None)
@@ -439,14 +439,14 @@ class NotEnoughMemoryError(MemoryError):
 
 def block_bytes(config: LlamaConfig, n_tokens: int, method: str) -> int:
     """About the most memory one block's step needs: the float32 block and its source tensors, the activations
-    entering and leaving it, the widest intermediate activations, and for GPTQ the Hessian and its factors
-    (float64) of the widest input."""
+    entering and leaving it, the widest intermediate activations, and for GPTQ the Hessian of the widest input
+    and the factors made from it (lowbit.gptq.inverse_cholesky: at most four [K, K] float32 tensors at once)."""
     h, f = config.hidden_size, config.intermediate_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     weights = h * (q + 2 * kv) + q * h + 3 * h * f
     total = weights * 6 + n_tokens * (6 * h + 4 * f) * 4
     if method in formats.GPTQ_METHODS:
-        total += max(h, f) ** 2 * (4 + 3 * 8)
+        total += max(h, f) ** 2 * 4 * 4
     return total
 
 
