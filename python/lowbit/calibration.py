@@ -406,7 +406,7 @@ def quantize_blocks(model_or_source, step, calib: torch.Tensor | None = None, pr
         check_calibration(calib, step.name)
     start, x = sink.resume_point() if sink is not None else (0, None)
     views = source.views(calib.shape[1]) if calib is not None else None
-    with torch.inference_mode():
+    with torch.no_grad():  # (not inference mode: the quantized model's tensors stay ordinary ones)
         if step.calibrated and x is None:
             x = source.embed(calib)
         if x is not None:
