@@ -33,6 +33,12 @@ TORCH_LIBRARY(lowbit, m) {
         "int in_features, int out_features) -> Tensor");
   m.def("int35_tiled_dequantize(Tensor qweight, Tensor scales, Tensor zeros, Tensor? perm, int group_size, "
         "int in_features, int out_features) -> Tensor");
+  // The "mse" grid search of lowbit.quantize (its reference: quantize._mse_grid) over float32 groups
+  // [..., L]: float16 (scales, zeros) [...]. bits: 3.5 or an integer 2..8. weight (optional, float32): each
+  // column's weight in the squared error, shaped as the trailing dimensions of groups (0 for padding columns).
+  // ratios, refits: the candidates (quantize.MSE_RATIOS, MSE_REFITS).
+  m.def("mse_grid(Tensor groups, Tensor? weight, float bits, float[] ratios, int refits, bool integer_zeros) "
+        "-> (Tensor, Tensor)");
   // A whole LLaMA decode step on the CPU (cpu/decode.h; built by lowbit/cpu_decode.py).
   using lowbit::cpu::LlamaDecoder;
   m.class_<LlamaDecoder>("LlamaDecoder")

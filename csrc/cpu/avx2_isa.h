@@ -3,6 +3,43 @@
 // replaces the integer dot product.
 #pragma once
 
+// The grid search's lanes (grid_body.h): 8 groups per vector.
+struct Avx2Grid {
+  static constexpr int kLanes = 8;
+  using V = __m256;
+  using M = __m256;  // all bits set in the lanes where true
+  static V set1(float v) { return _mm256_set1_ps(v); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  // a r, corrected once by its remainder (exact by FMA): div(a, b) wherever the quotient is a normal float, as
+  // checked for every float significand a with every float16 significand b (quotients scale with the exponents),
+  // and for every float a with b = 15/7. A subnormal quotient, which may be off in its last place, leaves the
+  // same code (t = a / s + z is z, or rounds to 0).
+  static V quotient(V a, V b, V r) {
+    const V q = _mm256_mul_ps(a, r);
+    return _mm256_fmadd_ps(_mm256_fnmadd_ps(q, b, a), r, q);
+  }
+  static V neg(V v) { return _mm256_xor_ps(v, _mm256_set1_ps(-0.0f)); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V round(V v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V fp16(V v) { return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); }
+  static void store_halves(uint16_t* p, V v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static M lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static M gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static M unordered(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_UNORD_Q); }
+  static M both(M a, M b) { return _mm256_and_ps(a, b); }
+  static M either(M a, M b) { return _mm256_or_ps(a, b); }
+  static M finite(V v) { return lt(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), v), _mm256_set1_ps(__builtin_inff())); }
+  static bool all(M m) { return _mm256_movemask_ps(m) == 0xFF; }
+  static V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
+};
+
 struct Avx2Isa {
   using Vec = __m256;
   static constexpr int kWidth = 8;
@@ -44,6 +81,7 @@ struct Avx2Isa {
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xD8);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }
+  using Grid = Avx2Grid;
   static constexpr int kChunksPerStep = 1;
   static constexpr bool kBf16Lookup = false;
   // Measured with 4096 x 4096 weights on the AVX-512 development machine: float32 x, these kernels 1.9-4.3x

@@ -45,7 +45,42 @@ alignas(64) constexpr uint16_t kInt4Shift[32] = {0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4
 alignas(64) constexpr uint16_t kEvenWords[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
                                                  32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
 
+// The grid search's lanes (grid_body.h): 16 groups per vector.
+struct Avx512Grid {
+  static constexpr int kLanes = 16;
+  using V = __m512;
+  using M = __mmask16;
+  static V set1(float v) { return _mm512_set1_ps(v); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V quotient(V a, V b, V r) {  // as Avx2Grid's
+    const V q = _mm512_mul_ps(a, r);
+    return _mm512_fmadd_ps(_mm512_fnmadd_ps(q, b, a), r, q);
+  }
+  static V neg(V v) {
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
+  }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V round(V v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static __m256i halves(V v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V fp16(V v) { return _mm512_cvtph_ps(halves(v)); }
+  static void store_halves(uint16_t* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), halves(v)); }
+  static M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static M gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static M unordered(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q); }
+  static M both(M a, M b) { return a & b; }
+  static M either(M a, M b) { return a | b; }
+  static M finite(V v) { return lt(_mm512_abs_ps(v), _mm512_set1_ps(__builtin_inff())); }
+  static bool all(M m) { return m == 0xFFFF; }
+  static V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
+};
+
 struct Isa : Avx2Isa {
+  using Grid = Avx512Grid;
   // bfloat16 tiles by table lookup (vpermw: 32 entries of 16 bits, indexed by code + lane offset).
   static constexpr bool kBf16Lookup = true;
   using Bf16Table = __m512i;

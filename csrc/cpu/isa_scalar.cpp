@@ -51,6 +51,79 @@ struct Isa {
     __builtin_memcpy(&bits, &v, sizeof bits);
     *p = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
   }
+  // The grid search's lanes (grid_body.h): arrays of 8 groups, whose loops the compiler vectorizes.
+  struct Grid {
+    static constexpr int kLanes = 8;
+    struct V {
+      float v[kLanes];
+    };
+    struct M {
+      bool m[kLanes];
+    };
+    template <typename F>
+    static V each(V a, V b, F f) {
+      V r;
+      for (int i = 0; i < kLanes; ++i) r.v[i] = f(a.v[i], b.v[i]);
+      return r;
+    }
+    template <typename F>
+    static M test(V a, V b, F f) {
+      M r;
+      for (int i = 0; i < kLanes; ++i) r.m[i] = f(a.v[i], b.v[i]);
+      return r;
+    }
+    static V set1(float x) {
+      V r;
+      for (int i = 0; i < kLanes; ++i) r.v[i] = x;
+      return r;
+    }
+    static V load(const float* p) {
+      V r;
+      for (int i = 0; i < kLanes; ++i) r.v[i] = p[i];
+      return r;
+    }
+    static V add(V a, V b) { return each(a, b, [](float x, float y) { return x + y; }); }
+    static V sub(V a, V b) { return each(a, b, [](float x, float y) { return x - y; }); }
+    static V mul(V a, V b) { return each(a, b, [](float x, float y) { return x * y; }); }
+    static V div(V a, V b) { return each(a, b, [](float x, float y) { return x / y; }); }
+    static V quotient(V a, V b, V) { return div(a, b); }  // without FMA, the division itself
+    static V neg(V a) { return each(a, a, [](float x, float) { return -x; }); }
+    static V min(V a, V b) { return each(a, b, [](float x, float y) { return x < y ? x : y; }); }
+    static V max(V a, V b) { return each(a, b, [](float x, float y) { return x > y ? x : y; }); }
+    // Below 2^23, adding and taking away 2^23 rounds off the fraction (to even on ties); beyond, floats are
+    // integers.
+    static V round(V a) {
+      return each(a, a, [](float x, float) {
+        const float m = __builtin_fabsf(x);
+        return m < 8388608.0f ? __builtin_copysignf((m + 8388608.0f) - 8388608.0f, x) : x;
+      });
+    }
+    static V fp16(V a) { return each(a, a, [](float x, float) { return half_to_float(float_to_half(x)); }); }
+    static void store_halves(uint16_t* p, V a) {
+      for (int i = 0; i < kLanes; ++i) p[i] = float_to_half(a.v[i]);
+    }
+    static M lt(V a, V b) { return test(a, b, [](float x, float y) { return x < y; }); }
+    static M gt(V a, V b) { return test(a, b, [](float x, float y) { return x > y; }); }
+    static M unordered(V a, V b) { return test(a, b, [](float x, float y) { return x != x || y != y; }); }
+    static M both(M a, M b) {
+      for (int i = 0; i < kLanes; ++i) a.m[i] = a.m[i] && b.m[i];
+      return a;
+    }
+    static M either(M a, M b) {
+      for (int i = 0; i < kLanes; ++i) a.m[i] = a.m[i] || b.m[i];
+      return a;
+    }
+    static M finite(V a) { return test(a, a, [](float x, float) { return __builtin_fabsf(x) < __builtin_inff(); }); }
+    static bool all(M a) {
+      bool r = true;
+      for (int i = 0; i < kLanes; ++i) r = r && a.m[i];
+      return r;
+    }
+    static V select(M m, V a, V b) {
+      for (int i = 0; i < kLanes; ++i) a.v[i] = m.m[i] ? a.v[i] : b.v[i];
+      return a;
+    }
+  };
   static constexpr int kChunksPerStep = 1;
   static constexpr bool kBf16Lookup = false;
   // Plain C++ integer dot products are no match for BLAS beyond the decode rows.

@@ -27,6 +27,7 @@
 //   Codes2, decode2<F>, dot_acc2              (used when an activation block spans two chunks):
 //                                            the codes of chunks c and c + 1, each in x-order;
 //                                            decode2 may read up to 4 bytes past them
+//   Grid                                     the float lanes of the grid search (grid_body.h)
 #pragma once
 
 constexpr float kStep3 = 15.0f / 7.0f;  // 3-bit step relative to the 4-bit step (docs/FORMAT.md)
@@ -350,9 +351,11 @@ void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + __builtin_expf(-gate[i])) * up[i];
 }
 
+#include "grid_body.h"
+
 KernelTable make_table(const char* name) {
   KernelTable t{name, {}, Isa::kInt8MaxRows, Isa::kInt8MaxRowsVsBf16, gemv, dequant, attend, rope, to_half,
-                silu_mul, quantize_block, nullptr};
+                silu_mul, quantize_block, mse_grid, nullptr};
   for (int f = 0; f < kFormats; ++f)
     for (int i = 0; i < kChunk; ++i) t.x_order[f][i] = Isa::kOrder[f][i];
   return t;

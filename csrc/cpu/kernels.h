@@ -99,6 +99,25 @@ struct XBlockCodes {
   int32_t all, odd;
 };
 
+// The "mse" grid search of lowbit.quantize (its reference: _mse_grid) over n groups of L columns: per group the
+// min-max grid, and the min-max range shrunk by each ratio then refit `refits` times by weighted least squares;
+// the float16 scale and zero point with the least weighted squared error are kept.
+struct GridArgs {
+  const float* groups;   // [n, L]
+  const float* weight;   // [P, L]: group i's column weights are row i % P; nullptr: every column weighs 1
+  const float* ratios;   // [n_ratios]
+  uint16_t* scales;      // [n] float16 bits
+  uint16_t* zeros;       // [n] float16 bits
+  int64_t n, L, P, n_ratios, refits;
+  float top;             // the largest code (of int3.5's 4-bit positions)
+  bool int35;            // odd columns take 3-bit codes, 15/7 steps apart
+  bool integer_zeros;    // zero points rounded to integers in [0, top]
+};
+// Threads take the groups in blocks of kGridBlock, a multiple of every ISA's lanes (so that only the last vector
+// of groups can be part empty); a kernel call's scratch holds kGridScratchPerColumn floats per column.
+constexpr int64_t kGridBlock = 16;
+constexpr int64_t kGridScratchPerColumn = 2 * kGridBlock;
+
 // Each ISA decodes a 32-column chunk into registers in whatever lane order is cheapest for it.
 // x_order[format][i] is the chunk column held by lane position i; activations are laid out to match,
 // so no shuffle is needed in the inner loop.
@@ -120,6 +139,9 @@ struct KernelTable {
   void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
   // v [n] (n <= kXBlock) -> q [n], codes round(v / scale) rounded half away from zero; lane_odd [n]: 0 or 1.
   XBlockCodes (*quantize_block)(const float* v, int64_t n, const int32_t* lane_odd, int8_t* q);
+  // Groups [begin, end) of the grid search; scratch: L * kGridScratchPerColumn floats. False when some group's
+  // min-max range overflows a float16 scale (the results are then meaningless).
+  bool (*mse_grid)(const GridArgs& args, int64_t begin, int64_t end, float* scratch);
   // nullptr when the ISA has no kernel for the interleaved layout (whose x-order is interleaved_x_order).
   void (*interleaved_gemv)(const GemvArgs& args, int64_t b_begin, int64_t b_end);
 };

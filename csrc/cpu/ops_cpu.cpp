@@ -1,6 +1,8 @@
 // CPU implementations of the lowbit ops: argument checks, activation layout, threading, and the
-// choice between the int8 kernels (GEMV, in blocks of activation rows) and dequantize-then-GEMM.
+// choice between the int8 kernels (GEMV, in blocks of activation rows) and dequantize-then-GEMM; and the
+// quantizer's "mse" grid search (grid_body.h), threaded over blocks of groups.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -330,9 +332,74 @@ at::Tensor dequantize_cpu(const char* op, Format format, const at::Tensor& qweig
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> mse_grid_cpu(const at::Tensor& groups, const std::optional<at::Tensor>& weight,
+                                                double bits, at::ArrayRef<double> ratios, int64_t refits,
+                                                bool integer_zeros) {
+  constexpr const char* op = "lowbit.mse_grid";
+  TORCH_CHECK_TYPE(groups.scalar_type() == at::kFloat, op, ": groups must be float32, got ", groups.scalar_type());
+  TORCH_CHECK_VALUE(groups.dim() >= 1 && groups.size(-1) >= 1, op, ": groups must be [..., L] with L >= 1, got ",
+                    groups.sizes());
+  TORCH_CHECK_VALUE(bits == 3.5 || (bits == std::floor(bits) && bits >= 2 && bits <= 8), op,
+                    ": bits must be 3.5 or an integer 2..8, got ", bits);
+  TORCH_CHECK_VALUE(refits >= 0, op, ": refits must not be negative, got ", refits);
+  const int64_t L = groups.size(-1), n = groups.numel() / L;
+  int64_t P = 1;
+  at::Tensor w;
+  if (weight) {
+    TORCH_CHECK_TYPE(weight->scalar_type() == at::kFloat, op, ": weight must be float32, got ",
+                     weight->scalar_type());
+    TORCH_CHECK_VALUE(weight->device() == groups.device(), op, ": weight is on ", weight->device(),
+                      " but groups is on ", groups.device());
+    const int64_t d = weight->dim();
+    TORCH_CHECK_VALUE(d >= 1 && d <= groups.dim() && weight->sizes() == groups.sizes().slice(groups.dim() - d), op,
+                      ": weight must have the trailing dimensions of groups ", groups.sizes(), ", got ",
+                      weight->sizes());
+    // Weights of 1 everywhere (quantize_weight's, where no group has padding) leave every product as it is: the
+    // kernel skips them.
+    if (!at::all(weight->eq(1)).item<bool>()) {
+      w = weight->contiguous();
+      P = w.numel() / L;
+    }
+  }
+  const at::Tensor x = groups.contiguous();
+  const auto out_shape = groups.sizes().slice(0, groups.dim() - 1);
+  at::Tensor scales = at::empty(out_shape, groups.options().dtype(at::kHalf));
+  at::Tensor zeros = at::empty(out_shape, groups.options().dtype(at::kHalf));
+  if (n == 0) return {scales, zeros};
+  const std::vector<float> candidates(ratios.begin(), ratios.end());
+  const GridArgs args{x.data_ptr<float>(),
+                      w.defined() ? w.data_ptr<float>() : nullptr,
+                      candidates.data(),
+                      reinterpret_cast<uint16_t*>(scales.data_ptr<at::Half>()),
+                      reinterpret_cast<uint16_t*>(zeros.data_ptr<at::Half>()),
+                      n,
+                      L,
+                      P,
+                      static_cast<int64_t>(candidates.size()),
+                      refits,
+                      bits == 3.5 ? 15.0f : static_cast<float>((1 << static_cast<int>(bits)) - 1),
+                      bits == 3.5,
+                      integer_zeros};
+  const KernelTable& kernels = active_kernels();
+  std::atomic<bool> in_range{true};
+  // A thread takes at least ~16K columns' worth of blocks.
+  const int64_t n_blocks = (n + kGridBlock - 1) / kGridBlock;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (kGridBlock * L));
+  at::parallel_for(0, n_blocks, grain, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<float> scratch(L * kGridScratchPerColumn);
+    if (!kernels.mse_grid(args, b_begin * kGridBlock, std::min(n, b_end * kGridBlock), scratch.data()))
+      in_range = false;
+  });
+  TORCH_CHECK_VALUE(in_range, "w has groups whose range exceeds float16 scales (|w| > ~9e5); cannot quantize");
+  return {scales, zeros};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowbit, CPU, m) { impl_ops<linear_cpu, dequantize_cpu>(m); }
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  impl_ops<linear_cpu, dequantize_cpu>(m);
+  m.impl("mse_grid", &mse_grid_cpu);
+}
 
 }  // namespace cpu
 }  // namespace lowbit

@@ -45,6 +45,12 @@ def _register_tiled(linear_name: str, dequantize_name: str) -> None:
         return qweight.new_empty((out_features, in_features), dtype=torch.float32)
 
 
+@torch.library.register_fake("lowbit::mse_grid")
+def _(groups, weight, bits, ratios, refits, integer_zeros):
+    return (groups.new_empty(groups.shape[:-1], dtype=torch.float16),
+            groups.new_empty(groups.shape[:-1], dtype=torch.float16))
+
+
 _register("lowbit::int4_linear", "lowbit::int4_dequantize")
 _register("lowbit::int35_linear", "lowbit::int35_dequantize")
 _register("lowbit::int8_linear", "lowbit::int8_dequantize")

@@ -3,6 +3,7 @@
 import torch
 
 from . import formats
+from . import ops  # noqa: F401  (registers torch.ops.lowbit.mse_grid)
 from .weight import QuantizedWeight
 
 
@@ -50,14 +51,31 @@ def fake_quantize(w: torch.Tensor, bits: float, group_size: int, perm: torch.Ten
     check_grid(grid)
     n, k = w.shape
     check_clip(clip, n, -(-k // group_size))
-    codes, scales, zeros = _round_to_nearest(_grouped(w.float(), perm, group_size), k, bits, clip, integer_zeros,
-                                             grid)
-    stored = grid_values(codes, scales, zeros, bits).view(n, -1)[:, :k]
+    groups = _grouped(w.float(), perm, group_size)
+    n_groups = groups.shape[1]
+    columns = (torch.arange(n_groups * group_size, device=groups.device) < k).view(n_groups, group_size)
+    scales, zeros = group_grid(groups, bits, clip, integer_zeros, grid, columns)
+    if groups.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
+        groups = groups.clone()  # rounded in place below
+    stored = _round_in_place(groups, scales, zeros, bits).view(n, -1)[:, :k]
     if perm is None:
         return stored
     out = torch.empty_like(stored)
     out[:, perm.long()] = stored
     return out
+
+
+def _round_in_place(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: float) -> torch.Tensor:
+    """grid_values(round_to_grid(w, ...), ...) computed in w's own memory (the same operations in the same order,
+    so the same numbers, without a tensor of codes and steps beside it): w [..., group_size] -> w."""
+    s, z = scales.float().unsqueeze(-1), zeros.float().unsqueeze(-1)
+    w.div_(s).add_(z)
+    if bits == 3.5:
+        w[..., 0::2].round_().clamp_(0, _top_code(bits))
+        w[..., 1::2].div_(formats.STEP3).round_().clamp_(0, 7).mul_(formats.STEP3)
+    else:
+        w.round_().clamp_(0, _top_code(bits))
+    return w.sub_(z).mul_(s)
 
 
 def checked_weight(w, perm):
@@ -142,9 +160,17 @@ def group_grid(groups: torch.Tensor, bits: float, clip=None, integer_zeros: bool
     the min-max grid where none is better.
     columns (broadcasting to groups, optional): each column's weight in the "mse" search's squared error, e.g.
     0 for padding (bool: the real columns) or the size of its inputs (lowbit.gptq).
+    float32 groups on the CPU take the search as a kernel (lowbit::mse_grid), which reproduces _mse_grid (the
+    reference, and the path elsewhere) bit for bit where torch sums as its x86 kernels do.
     """
     if grid == "mse" and clip is None:
-        weight = 1.0 if columns is None else columns.float()
+        weight = None if columns is None else columns.float()
+        kernel = groups.device.type == "cpu" and groups.dtype == torch.float32
+        if kernel and (weight is None or weight.dim() <= groups.dim()):
+            if weight is not None:  # the op takes the trailing dimensions of groups
+                weight = weight.broadcast_to(groups.shape[groups.dim() - weight.dim():])
+            return torch.ops.lowbit.mse_grid(groups, weight, float(bits), MSE_RATIOS, MSE_REFITS, integer_zeros)
+        weight = 1.0 if weight is None else weight
         # Slices of leading rows small enough for the many passes over them to stay in the CPU's caches.
         rows = max(1, MSE_SLICE_ELEMENTS // max(groups[0].numel(), 1))
         parts = [_mse_grid(part, bits, integer_zeros, weight) for part in groups.split(rows)]
