@@ -274,9 +274,10 @@ class RTN:
     def __call__(self, view: BlockView, block_name: str, x):
         for name, fmt in block_formats(view, block_name, self.fmt, self.module_formats).items():
             qualified = f"{block_name}.{name}"
-            if any(qualified == k or qualified.endswith("." + k) for k in self.skip):
-                continue
             linear = view.linear(name)
+            if not isinstance(linear, nn.Linear) or any(qualified == k or qualified.endswith("." + k)
+                                                        for k in self.skip):
+                continue  # (an already quantized linear stays as it is, as replace_linears leaves it)
             qw = quantize_weight(linear.weight, *fmt, integer_zeros=self.integer_zeros, grid=self.grid)
             view.block.set_submodule(name, QuantLinear(qw, linear.bias))
         return x
