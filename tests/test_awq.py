@@ -7,9 +7,11 @@ import torch
 
 import lowbit
 from conftest import tiny_hf_llama
-from lowbit.awq import saliency_perm, scale_block
+from lowbit import awq
+from lowbit.awq import saliency_perm, scale_block, search_clip
 from lowbit.calibration import AWQ, hf_block_view, lowbit_block_view, quantize_blocks
 from lowbit.models.llama import LlamaForCausalLM, rope_tables
+from lowbit.quantize import fake_quantize
 
 
 def rope(model, t):
@@ -82,6 +84,40 @@ def test_saliency_perm_puts_salient_channels_on_4bit_positions():
     perm = saliency_perm(x_mean, torch.ones(3, 6))
     assert sorted(perm.tolist()) == list(range(6))
     assert set(perm[0::2].tolist()) == {1, 3, 5}
+
+
+@pytest.mark.parametrize("bits", [4, 3.5])
+def test_search_clip_picks_each_groups_least_output_error(monkeypatch, bits):
+    """Each (row, group)'s ratio is the candidate with the least |x (w - w_q)^T|^2 over its group's columns, as a
+    direct product computes it; chunks of rows (here 3 and a partial one) change nothing; unsearched rows keep 1."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(40, 100, generator=g), torch.randn(2, 64, 100, generator=g) * torch.rand(100, generator=g)
+    perm = torch.randperm(100, generator=g).to(torch.int32)
+    whole = search_clip(w, x, bits, 32, perm, n_grid=6, rows=slice(4, 36))
+    monkeypatch.setattr(awq, "CLIP_CHUNK_ELEMENTS", 11 * 128)
+    assert torch.equal(search_clip(w, x, bits, 32, perm, n_grid=6, rows=slice(4, 36)), whole)
+    assert torch.equal(whole[:4], torch.ones(4, 4)) and torch.equal(whole[36:], torch.ones(4, 4))
+    tokens = x.reshape(-1, 100)[:, perm.long()]
+    stored = w[:, perm.long()]
+    ratios = [1 - 0.5 * i / 6 for i in range(7)]
+    errors = []
+    for r in ratios:
+        clip = torch.full((40, 4), r)
+        d = stored - fake_quantize(stored, bits, 32, clip=clip)
+        errors.append(torch.stack([(tokens[:, c:c + 32] @ d[:, c:c + 32].T).square().sum(0)
+                                   for c in range(0, 100, 32)], 1))
+    best = torch.tensor(ratios)[torch.stack(errors).argmin(0)]
+    assert (best[4:36] == whole[4:36]).float().mean() > 0.97  # (near-ties of the two float32 sums may differ)
+
+
+def test_fake_quantize_in_place_equals_the_copy():
+    for k in (100, 128):  # a padded copy rounded and written back; W's own memory rounded
+        w = torch.randn(24, k)
+        for kw in ({}, {"grid": "minmax"}, {"clip": torch.full((24, 4), 0.8)}):
+            expected, mine = fake_quantize(w, 3.5, 32, **kw), w.clone()
+            assert fake_quantize(mine, 3.5, 32, in_place=True, **kw) is mine and torch.equal(mine, expected)
+    with pytest.raises(ValueError, match="in_place"):
+        fake_quantize(w.T, 4, 32, in_place=True)
 
 
 def test_awq_is_deterministic(tmp_path):

@@ -152,3 +152,17 @@ def test_int8_has_no_tiled_layout():
     assert lowbit.weight.device_layout(4, torch.device("cuda")) == "tiled"
     with pytest.raises(ValueError, match="int8 has no tiled layout"):
         qw.to_layout("tiled")
+
+
+def test_all_finite():
+    assert formats.all_finite(torch.randn(100)) and formats.all_finite(torch.arange(5))
+    assert formats.all_finite(torch.empty(0))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            t = torch.randn(1000).to(dtype)
+            t[737] = bad
+            assert not formats.all_finite(t)
+    huge = torch.full((10,), 3e38)  # finite values whose sum overflows: the elementwise check answers
+    assert formats.all_finite(huge) and formats.all_finite(torch.full((100000,), 60000.0, dtype=torch.float16))
+    huge[3] = float("inf")
+    assert not formats.all_finite(huge)

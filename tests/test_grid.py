@@ -153,7 +153,7 @@ def test_group_grid_takes_the_kernel_with_the_reference_grid(bits, integer_zeros
     # quantize_weight's grids (bool columns for the padding) and GPTQ's (float columns [L]) are the reference's.
     w = torch.randn(96, 200)
     qw = lowbit.quantize_weight(w, bits, 64, integer_zeros=integer_zeros)
-    groups = Q._grouped(w, None, 64)
+    groups = Q.grouped(w, None, 64)
     columns = (torch.arange(groups.shape[1] * 64) < 200).view(-1, 64)
     assert torch.equal(qw.scales, reference(groups, columns.float(), bits, integer_zeros)[0])
     assert torch.equal(qw.zeros, reference(groups, columns.float(), bits, integer_zeros)[1])

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from .nn import QuantLinear
-from .quantize import fake_quantize, quantize_weight
+from .quantize import fake_quantize, group_range, grouped, quantize_weight, range_grid, round_in_place
+
+CLIP_CHUNK_ELEMENTS = 1 << 20  # weights per chunk of rows in search_clip (4 MB in float32)
 
 
 def x_stats(x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +68,15 @@ class _Swap:
             lin.weight.data = w
 
 
+def _search_precision(device: torch.device):
+    """The scale search compares candidates by the inspected module's output error, computed with bfloat16
+    matrix products (float32 accumulation) where the device has them natively (CUDA; CPUs with AVX512-BF16 or
+    AMX): AutoAWQ searches in half precision too, and on such CPUs this is 2.4x faster than float32."""
+    native = device.type == "cuda" or (device.type == "cpu" and torch.backends.mkldnn.is_available()
+                                       and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=native)
+
+
 @torch.inference_mode()
 def search_scales(linears, x: torch.Tensor, inspect, layer_formats: list[tuple[float, int]], n_grid: int,
                   n_search: int | None = None, integer_zeros: bool = False) -> torch.Tensor:
@@ -74,7 +85,8 @@ def search_scales(linears, x: torch.Tensor, inspect, layer_formats: list[tuple[f
     from its first n_search sequences."""
     x_mean = x_stats(x)
     x = x[:n_search]
-    reference = inspect(x)
+    with _search_precision(x.device):
+        reference = inspect(x)
     w_mean = w_stats([(lin.weight.data, group_size) for lin, (_, group_size) in zip(linears, layer_formats)])
     best, best_loss = torch.ones_like(x_mean), float("inf")
     for i in range(n_grid):
@@ -82,10 +94,10 @@ def search_scales(linears, x: torch.Tensor, inspect, layer_formats: list[tuple[f
         s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         trial = [fake_quantize(lin.weight.data.float() * s, bits, group_size, integer_zeros=integer_zeros,
-                               grid="minmax") / s
+                               grid="minmax", in_place=True).div_(s)
                  for lin, (bits, group_size) in zip(linears, layer_formats)]
-        with _Swap(linears, trial):
-            loss = (inspect(x) - reference).float().pow(2).mean().item()
+        with _Swap(linears, trial), _search_precision(x.device):
+            loss = (inspect(x).float() - reference.float()).pow(2).mean().item()
         if loss < best_loss:
             best, best_loss = s, loss
     return best
@@ -97,28 +109,31 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: float, group_size: int, 
                 integer_zeros: bool = False) -> torch.Tensor:
     """Per (row, group) range shrink in [1 - max_shrink, 1] minimising |x w^T - x w_q^T|^2 on sample tokens; only
     `rows` are searched (the others keep their full range). A group's error is d^T (X_g^T X_g) d for its weight
-    error d, with each group's Gram matrix X_g^T X_g of the sample tokens computed once."""
+    error d, with each group's Gram matrix X_g^T X_g of the sample tokens computed once. Rows go in chunks small
+    enough for every candidate's passes over them to stay in the CPU's caches."""
     x = x.reshape(-1, x.shape[-1]).float()
     x = x[torch.linspace(0, len(x) - 1, min(n_tokens, len(x))).long()]
     n_all, k = w.shape
     searched = w[rows] if rows is not None else w
     n = len(searched)
     kp = -(-k // group_size) * group_size
-    order = perm.long() if perm is not None else torch.arange(k)
-    stored = searched.float()[:, order]                                        # [n, K] in stored order
-    xg = F.pad(x[:, order], (0, kp - k)).view(len(x), -1, group_size).transpose(0, 1)  # [G, T, g]
+    xg = grouped(x, perm, group_size).transpose(0, 1)                         # [G, T, g] in stored order
     gram = xg.transpose(1, 2) @ xg                                              # [G, g, g]
+    ratios = [1 - max_shrink * i / n_grid for i in range(n_grid + 1)]
     best = torch.ones(n, kp // group_size)
-    best_err = torch.full_like(best, float("inf"))
-    for i in range(n_grid + 1):
-        ratio = 1 - max_shrink * i / n_grid
-        clip = torch.full_like(best, ratio)
-        diff = stored - fake_quantize(stored, bits, group_size, None, clip, integer_zeros)
-        dg = F.pad(diff, (0, kp - k)).view(n, -1, group_size).transpose(0, 1)  # [G, n, g]
-        err = ((dg @ gram) * dg).sum(-1).T                                      # [n, G]
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, clip, best)
+    chunk = max(1, CLIP_CHUNK_ELEMENTS // kp)
+    for r0 in range(0, n, chunk):
+        stored = grouped(searched[r0:r0 + chunk].float(), perm, group_size)  # [c, G, g]
+        lo, hi = group_range(stored)
+        best_err = torch.full(lo.shape, float("inf"))
+        for ratio in ratios:
+            scales, zeros = range_grid(lo * ratio, hi * ratio, bits, integer_zeros)
+            diff = stored - round_in_place(stored.clone(), scales, zeros, bits)
+            dg = diff.transpose(0, 1)                                           # [G, c, g]
+            err = ((dg @ gram) * dg).sum(-1).T                                  # [c, G]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best[r0:r0 + chunk][better] = ratio
     if rows is None:
         return best
     full = torch.ones(n_all, kp // group_size)

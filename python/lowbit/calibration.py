@@ -441,13 +441,13 @@ class NotEnoughMemoryError(MemoryError):
 def block_bytes(config: LlamaConfig, n_tokens: int, method: str) -> int:
     """About the most memory one block's step needs: the float32 block and its source tensors, the activations
     entering and leaving it, the widest intermediate activations, and for GPTQ the Hessian of the widest input
-    and the factors made from it (lowbit.gptq.inverse_cholesky: at most four [K, K] float32 tensors at once)."""
+    and the factors made from it (lowbit.gptq.inverse_cholesky: at most three [K, K] float32 tensors at once)."""
     h, f = config.hidden_size, config.intermediate_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     weights = h * (q + 2 * kv) + q * h + 3 * h * f
     total = weights * 6 + n_tokens * (6 * h + 4 * f) * 4
     if method in formats.GPTQ_METHODS:
-        total += max(h, f) ** 2 * 4 * 4
+        total += max(h, f) ** 2 * 4 * 3
     return total
 
 

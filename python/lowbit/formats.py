@@ -34,6 +34,15 @@ def check_group_size(group_size) -> int:
     return int(group_size)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of a float tensor is finite: a NaN or infinity makes its sum non-finite, so one sum
+    (a fast reduction) answers, and only a sum that overflowed takes the elementwise check."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    total = t.sum(dtype=torch.float32 if t.element_size() < 4 else t.dtype)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+
+
 def padded_in_features(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size) * group_size
 
@@ -61,18 +70,19 @@ def pack(codes: torch.Tensor, bits: float) -> torch.Tensor:
     n, kp = codes.shape
     if kp % 32:
         raise ValueError(f"packed width must be a multiple of 32 columns, got {kp}")
-    c = codes.to(torch.int64)
+    c = codes if codes.dtype == torch.uint8 else codes.to(torch.int32)
     even, odd = c[:, 0::2], c[:, 1::2]
     limit = code_max(bits)
-    if c.min() < 0 or even.max() > limit[0] or odd.max() > limit[1]:
+    if (c.dtype != torch.uint8 and c.min() < 0) or even.max() > limit[0] or odd.max() > limit[1]:
         raise ValueError(f"codes out of range for bits={bits}")
     if bits == 8:
         return c.to(torch.uint8)
+    pairs = even | (odd << 4)  # (in range: odd < 16, so an uint8 shift loses nothing)
     if bits == 4:
-        return (even | (odd << 4)).to(torch.uint8)
+        return pairs.to(torch.uint8)
     # int3.5: pair p of a 16-column block is the 7-bit value even | odd << 4 at bits [7p, 7p + 7) of
     # the block's 56-bit little-endian integer, which is written as 7 bytes.
-    pairs = (even | (odd << 4)).view(n, kp // 16, 8)
+    pairs = pairs.to(torch.int64).view(n, kp // 16, 8)
     block = (pairs << (7 * torch.arange(8, device=c.device))).sum(-1)  # disjoint bit ranges: sum == or
     block_bytes = (block.unsqueeze(-1) >> (8 * torch.arange(7, device=c.device))) & 0xFF
     return block_bytes.to(torch.uint8).reshape(n, kp // 16 * 7)

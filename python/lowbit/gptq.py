@@ -37,6 +37,7 @@ from .weight import QuantizedWeight
 
 
 ACT_ORDERS = (False, True, "order", "perm")
+SLICE = 16  # columns per slice of the column loop (see gptq_quantize)
 DAMP = 0.01  # added to H's diagonal, times mean(diag H): the damping of GPTQ's paper
 
 
@@ -50,10 +51,17 @@ def check_act_order(act_order, method: str, budget: bool = False):
                          "count: use act_order='order' with a budget")
 
 
-def hessian(x: torch.Tensor) -> torch.Tensor:
-    """H = 2 X^T X / rows for a linear layer's inputs x [..., K]: float32 [K, K]."""
+def hessian(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """H = 2 X^T X / rows for a linear layer's inputs x [..., K]: float32 [K, K]. H is symmetric: the blocks of
+    rows below and on the diagonal are products, those above are their transposes (about half the work)."""
     x = x.reshape(-1, x.shape[-1]).float()
-    return (2 / len(x)) * (x.T @ x)
+    k = x.shape[1]
+    h = torch.empty(k, k, device=x.device)
+    for i0 in range(0, k, block):
+        i1 = min(i0 + block, k)
+        h[i0:i1, :i1].addmm_(x[:, i0:i1].T, x[:, :i1], beta=0, alpha=2 / len(x))
+        h[:i0, i0:i1] = h[i0:i1, :i0].T
+    return h
 
 
 def act_order_perm(h: torch.Tensor) -> torch.Tensor:
@@ -64,22 +72,35 @@ def act_order_perm(h: torch.Tensor) -> torch.Tensor:
 def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (U^T U = H^-1), float32.
 
-    H = R R^T with R upper triangular (the lower Cholesky factor of H with rows and columns reversed), so
-    H^-1 = R^-T R^-1 and U = R^-1: one factorisation and one triangular inverse, about a third of the work of
-    inverting H and factorising the inverse. In float32, as GPTQ's reference: the damping keeps H well
-    conditioned, and at K = 11008 float64 needed 4.8 GB and twice the time."""
-    h = h.float().flip(0, 1)  # a copy: the caller's H is not changed
-    diag = h.diagonal()
+    With P the reversal of the rows (or columns), P H P = L L^T (L lower triangular, the Cholesky factor of H
+    with rows and columns reversed), so H^-1 = (P L^-T P)(P L^-1 P) and U = P L^-1 P: one factorisation, one
+    triangular inverse (in place) and one reversal, about a third of the work of inverting H and factorising the
+    inverse, and at most three [K, K] tensors alive (the caller's H among them). In float32, as GPTQ's
+    reference: the damping keeps H well conditioned, and at K = 11008 float64 needed twice the memory and time."""
+    lower = h.float().flip(0, 1)  # a copy: the caller's H is not changed
+    diag = lower.diagonal()
     diag[diag == 0] = 1  # an input that is always zero: its column is rounded alone, no error to spread
     diag += damp * diag.mean()
-    lower, info = torch.linalg.cholesky_ex(h)
-    del h
+    _, info = torch.linalg.cholesky_ex(lower, out=(lower, torch.empty((), dtype=torch.int32, device=h.device)))
     if info:
         raise ValueError(f"GPTQ: the damped Hessian is not positive definite (damp={damp}); use a larger damp")
-    upper = lower.flip(0, 1)
-    del lower
-    identity = torch.eye(len(upper), dtype=upper.dtype, device=upper.device)
-    return torch.linalg.solve_triangular(upper, identity, upper=True)
+    _invert_lower_in_place(lower.tril_())
+    return lower.flip(0, 1)
+
+
+def _invert_lower_in_place(a: torch.Tensor) -> torch.Tensor:
+    """a (lower triangular [K, K]) <- a^-1, by halves: [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]
+    (K^3 / 3 multiply-adds in matrix products, against K^3 / 2 for a triangular solve with the identity)."""
+    k = len(a)
+    if k <= 256:
+        a.copy_(torch.linalg.solve_triangular(a, torch.eye(k, dtype=a.dtype, device=a.device), upper=False))
+        return a
+    m = k // 2
+    top, bottom = a[:m, :m], a[m:, m:]
+    _invert_lower_in_place(top)
+    _invert_lower_in_place(bottom)
+    a[m:, :m] = torch.linalg.matmul(bottom, a[m:, :m] @ top).neg_()
+    return a
 
 
 @contextmanager
@@ -103,7 +124,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: float = 4, group_size:
     """GPTQ of one weight W [N, K] (nn.Linear layout) with the Hessian h [K, K] of its inputs (see hessian).
 
     perm, clip and integer_zeros mean what they mean for quantize_weight; damp adds damp * mean(diag H) to
-    H's diagonal; columns are updated lazily in blocks of block_size (rounded up to whole groups). order
+    H's diagonal; columns are updated lazily in blocks of block_size (rounded up to whole groups), and within a
+    block in slices of SLICE columns (the rounding of one column touches only the rest of its slice). order
     (optional, e.g. act_order_perm of the Hessian in the stored order): the order in which the stored columns
     are rounded, default left to right; a group's grid is fixed when its first column in this order is reached.
     weighted_grid (groups without clip ratios): each group's grid is quantize_weight's "mse" search with each
@@ -114,16 +136,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: float = 4, group_size:
     group_size = formats.check_group_size(group_size)
     w, perm = checked_weight(w, perm)
     n, k = w.shape
-    if not isinstance(h, torch.Tensor) or tuple(h.shape) != (k, k) or not bool(torch.isfinite(h).all()):
+    if not isinstance(h, torch.Tensor) or tuple(h.shape) != (k, k) or not formats.all_finite(h):
         raise ValueError(f"GPTQ: the Hessian must be a finite [{k}, {k}] tensor for a weight with {k} input "
                          f"features, got {list(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}")
     if not (isinstance(damp, (int, float)) and 0 < damp < float("inf")
             and isinstance(block_size, int) and block_size > 0):
         raise ValueError(f"GPTQ: damp must be a positive number and block_size a positive integer, got "
                          f"damp={damp!r}, block_size={block_size!r}")
-    if order is None:
-        order = torch.arange(k)
-    elif not (isinstance(order, torch.Tensor) and order.dim() == 1 and len(order) == k
+    if order is not None and not (isinstance(order, torch.Tensor) and order.dim() == 1 and len(order) == k
               and torch.equal(torch.sort(order.cpu().long()).values, torch.arange(k))):
         raise ValueError(f"GPTQ: order must be a permutation of the {k} input features (a 1-d integer tensor)")
     n_groups = -(-k // group_size)
@@ -131,46 +151,61 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: float = 4, group_size:
     h = h.to(w.device)
     if perm is not None:
         w, h = w[:, perm.long()], h[perm.long()][:, perm.long()]
-    order = order.to(w.device).long()
     importance = h.diagonal().clone()               # the stored columns' input energy (weighted_grid)
-    w, h = w[:, order], h[order][:, order]          # in rounding order from here on
+    if order is None:
+        order = torch.arange(k, device=w.device)
+        wt = w.t().contiguous()
+    else:
+        order = order.to(w.device).long()
+        wt, h = w.t()[order], h[order][:, order]
+    # wt [K, N]: the weight's columns as rows, in rounding order (each column's update below is a contiguous row).
     u = inverse_cholesky(h, damp)
+    del h
     position = torch.empty_like(order)
     position[order] = torch.arange(k, device=w.device)  # where each stored column is rounded
     columns = order.tolist()
 
     kp = formats.padded_in_features(k, group_size)
-    codes = torch.empty(n, kp, device=w.device)
-    scales = torch.empty(n, n_groups, dtype=torch.float16, device=w.device)
+    codes = torch.empty(kp, n, dtype=torch.uint8, device=w.device)  # transposed, stored column order
+    scales = torch.empty(n_groups, n, dtype=torch.float16, device=w.device)
     zeros = torch.empty_like(scales)
     has_grid = [False] * n_groups
     block = -(-block_size // group_size) * group_size
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
-        wb = w[:, b0:b1]                     # rounded in place, column by column
-        err = torch.empty(n, b1 - b0, device=w.device)
+        err = torch.empty(b1 - b0, n, device=w.device)  # each rounded column's error, over its U diagonal
         with one_thread():
-            for j in range(b1 - b0):
-                col = columns[b0 + j]
-                g = col // group_size
-                if not has_grid[g]:
-                    # The group's columns (stored order), none rounded yet: those in later blocks still lack
-                    # this block's corrections so far.
-                    at = position[g * group_size:min(g * group_size + group_size, k)]
-                    current = w[:, at]
-                    later = at >= b1
-                    if bool(later.any()):
-                        current[:, later] -= err[:, :j] @ u[b0:b0 + j][:, at[later]]
-                    ratio = None if clip is None else clip[:, g]
-                    weight = importance[g * group_size:g * group_size + group_size] if weighted_grid else None
-                    scales[:, g], zeros[:, g] = group_grid(current, bits, ratio, integer_zeros, columns=weight)
-                    has_grid[g] = True
-                s, z = scales[:, g], zeros[:, g]
-                q = round_to_grid(wb[:, j:j + 1], s, z, bits, col)
-                codes[:, col] = q[:, 0]
-                err[:, j] = (wb[:, j] - grid_values(q, s, z, bits, col)[:, 0]) / u[b0 + j, b0 + j]
-                wb[:, j + 1:].addmm_(err[:, j:j + 1], u[b0 + j:b0 + j + 1, b0 + j + 1:b1], alpha=-1)  # (addr_ is slow)
-        w[:, b1:].addmm_(err, u[b0:b1, b1:], alpha=-1)   # the block's corrections to every later column
+            # Within a block, columns go in slices of SLICE: each rounded column corrects the rest of its slice
+            # (rows that stay in the CPU's cache), each finished slice the rest of the block in one product.
+            for s0 in range(b0, b1, SLICE):
+                s1 = min(s0 + SLICE, b1)
+                for j in range(s0, s1):
+                    col = columns[j]
+                    g = col // group_size
+                    if not has_grid[g]:
+                        # The group's columns (stored order), none rounded yet; those after this slice still
+                        # lack this slice's corrections so far, those after this block all of the block's.
+                        at = position[g * group_size:min(g * group_size + group_size, k)]
+                        current = wt[at]
+                        in_block = (at >= s1) & (at < b1)
+                        if bool(in_block.any()):
+                            current[in_block] -= u[s0:j, at[in_block]].T @ err[s0 - b0:j - b0]
+                        later = at >= b1
+                        if bool(later.any()):
+                            current[later] -= u[b0:j, at[later]].T @ err[:j - b0]
+                        ratio = None if clip is None else clip[:, g]
+                        weight = importance[g * group_size:g * group_size + group_size] if weighted_grid else None
+                        scales[g], zeros[g] = group_grid(current.T.contiguous(), bits, ratio, integer_zeros,
+                                                         columns=weight)
+                        has_grid[g] = True
+                    s, z, row = scales[g], zeros[g], wt[j].unsqueeze(-1)
+                    q = round_to_grid(row, s, z, bits, col)
+                    codes[col] = q[:, 0].to(torch.uint8)
+                    err[j - b0] = (row - grid_values(q, s, z, bits, col))[:, 0] / u[j, j]
+                    wt[j + 1:s1].addmm_(u[j, j + 1:s1].unsqueeze(-1), err[j - b0:j - b0 + 1], alpha=-1)
+                wt[s1:b1].addmm_(u[s0:s1, s1:b1].T, err[s0 - b0:s1 - b0], alpha=-1)
+        wt[b1:].addmm_(u[b0:b1, b1:].T, err, alpha=-1)   # the block's corrections to every later column
     # Padding columns hold the codes of 0.0 (docs/FORMAT.md).
-    codes[:, k:] = round_to_grid(torch.zeros(n, kp - k, device=w.device), scales[:, -1], zeros[:, -1], bits, k)
-    return QuantizedWeight(formats.pack(codes.to(torch.int32), bits), scales, zeros, perm, bits, group_size, k)
+    codes[k:] = round_to_grid(torch.zeros(n, kp - k, device=w.device), scales[-1], zeros[-1], bits, k).T
+    scales, zeros = scales.T.contiguous(), zeros.T.contiguous()
+    return QuantizedWeight(formats.pack(codes.T.contiguous(), bits), scales, zeros, perm, bits, group_size, k)

@@ -31,7 +31,7 @@ def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128, per
     for start in range(0, max(n, 1), rows):
         chunk, perm = checked_weight(w[start:start + rows] if n else w, perm)
         ratio = None if clip is None else clip[start:start + rows]
-        codes, scales, zeros = _round_to_nearest(_grouped(chunk, perm, group_size), k, bits, ratio, integer_zeros,
+        codes, scales, zeros = _round_to_nearest(grouped(chunk, perm, group_size), k, bits, ratio, integer_zeros,
                                                  grid)
         parts.append((formats.pack(codes.view(chunk.shape[0], -1).to(torch.int32), bits), scales, zeros))
     qweight, scales, zeros = (torch.cat(t) for t in zip(*parts))
@@ -39,25 +39,31 @@ def quantize_weight(w: torch.Tensor, bits: float = 4, group_size: int = 128, per
 
 
 def fake_quantize(w: torch.Tensor, bits: float, group_size: int, perm: torch.Tensor | None = None,
-                  clip: torch.Tensor | None = None, integer_zeros: bool = False, grid: str = "mse") -> torch.Tensor:
+                  clip: torch.Tensor | None = None, integer_zeros: bool = False, grid: str = "mse",
+                  in_place: bool = False) -> torch.Tensor:
     """quantize_weight(...).dequantize() without packing: W [N, K] as the quantized model will see it.
 
     bits is 3.5 or an integer 2..8: 4 and 8 are lowbit formats; the other integers, for reference only, are
     uniform `bits`-bit codes with the same grouping, range and float16 scale/zero (no packed format or kernel
-    exists for those; they place 3.5 bits between 3 and 4 in error reports).
+    exists for those; they place 3.5 bits between 3 and 4 in error reports). in_place: w (float32, without perm)
+    is rounded in its own memory and returned (for searches that make a fresh W per trial).
     """
     if bits not in (3.5, 2, 3, 4, 5, 6, 7, 8):
         raise ValueError(f"fake_quantize: bits must be 3.5 or an integer 2..8, got {bits!r}")
     check_grid(grid)
     n, k = w.shape
     check_clip(clip, n, -(-k // group_size))
-    groups = _grouped(w.float(), perm, group_size)
+    groups = grouped(w.float(), perm, group_size)
     n_groups = groups.shape[1]
     columns = (torch.arange(n_groups * group_size, device=groups.device) < k).view(n_groups, group_size)
     scales, zeros = group_grid(groups, bits, clip, integer_zeros, grid, columns)
-    if groups.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
+    if not in_place and groups.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
         groups = groups.clone()  # rounded in place below
-    stored = _round_in_place(groups, scales, zeros, bits).view(n, -1)[:, :k]
+    elif in_place and (w.dtype != torch.float32 or perm is not None or not w.is_contiguous()):
+        raise ValueError("fake_quantize: in_place needs a contiguous float32 w without perm")
+    stored = round_in_place(groups, scales, zeros, bits).view(n, -1)[:, :k]
+    if in_place:  # (a padded copy was rounded where K is not a multiple of group_size)
+        return w.copy_(stored) if k % group_size else w
     if perm is None:
         return stored
     out = torch.empty_like(stored)
@@ -65,7 +71,7 @@ def fake_quantize(w: torch.Tensor, bits: float, group_size: int, perm: torch.Ten
     return out
 
 
-def _round_in_place(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: float) -> torch.Tensor:
+def round_in_place(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: float) -> torch.Tensor:
     """grid_values(round_to_grid(w, ...), ...) computed in w's own memory (the same operations in the same order,
     so the same numbers, without a tensor of codes and steps beside it): w [..., group_size] -> w."""
     s, z = scales.float().unsqueeze(-1), zeros.float().unsqueeze(-1)
@@ -87,7 +93,7 @@ def checked_weight(w, perm):
     if n == 0 or k == 0:
         raise ValueError(f"w must not be empty, got shape {list(w.shape)}")
     w = w.detach().to(torch.float32)
-    if not torch.isfinite(w).all():
+    if not formats.all_finite(w):
         bad = (~torch.isfinite(w)).nonzero()[0].tolist()
         raise ValueError(f"w has non-finite values (first at {bad}); cannot quantize")
     if perm is not None:
@@ -98,13 +104,15 @@ def checked_weight(w, perm):
     return w, perm
 
 
-def _grouped(w: torch.Tensor, perm, group_size: int) -> torch.Tensor:
+def grouped(w: torch.Tensor, perm, group_size: int) -> torch.Tensor:
     """W [N, K] -> [N, groups, group_size]: columns permuted, zero-padded up to a multiple of group_size."""
     n, k = w.shape
     if perm is not None:
         w = w[:, perm.long()]
     kp = formats.padded_in_features(k, group_size)
-    return torch.nn.functional.pad(w, (0, kp - k)).view(n, kp // group_size, group_size)
+    if kp != k:
+        w = torch.nn.functional.pad(w, (0, kp - k))
+    return w.view(n, kp // group_size, group_size)
 
 
 def check_grid(grid) -> None:
@@ -216,11 +224,20 @@ def _refit(groups, weight, steps, scales, zeros, bits, integer_zeros):
 
 
 def _minmax_grid(groups: torch.Tensor, bits: float, clip, integer_zeros: bool):
-    top = _top_code(bits)
-    lo = groups.amin(-1).clamp(max=0)
-    hi = groups.amax(-1).clamp(min=0)
+    lo, hi = group_range(groups)
     if clip is not None:
         lo, hi = lo * clip, hi * clip
+    return range_grid(lo, hi, bits, integer_zeros)
+
+
+def group_range(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[min(w, 0), max(w, 0)] of each group [..., group_size] -> (lo [...], hi [...])."""
+    return groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+
+
+def range_grid(lo: torch.Tensor, hi: torch.Tensor, bits: float, integer_zeros: bool = False):
+    """The grid (scales fp16, zeros fp16) that spans [lo, hi] (lo <= 0 <= hi)."""
+    top = _top_code(bits)
     scales = ((hi - lo) / top).to(torch.float16)
     if torch.isinf(scales).any():
         raise ValueError("w has groups whose range exceeds float16 scales (|w| > ~9e5); cannot quantize")

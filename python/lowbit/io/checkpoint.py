@@ -251,7 +251,7 @@ def _float(st, name: str, dtype: torch.dtype) -> torch.Tensor:
     if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise CheckpointError(f"{st.file_of(name)}: tensor {name!r} must be float16, bfloat16, float32 or float64, "
                               f"got {t.dtype}")
-    if not torch.isfinite(t).all():
+    if not formats.all_finite(t):
         raise CheckpointError(f"{st.file_of(name)}: tensor {name!r} has non-finite values")
     if t.numel() and t.abs().max() > FLOAT_LIMIT:
         raise CheckpointError(f"{st.file_of(name)}: tensor {name!r} has values beyond ±{FLOAT_LIMIT:g} (float16's "
