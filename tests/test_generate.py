@@ -137,3 +137,24 @@ def test_compiled_decode_step_compiles_once(smollm2):
     assert again.stats.warm_up_seconds == 0  # the same model and cache: nothing to prepare
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     torch._dynamo.reset()
+
+
+def test_decode_step_goes_with_its_model():
+    """The step made for a model lives on it (not in a table that kept every model alive); copies leave it."""
+    import copy
+    import gc
+    import weakref
+    from lowbit.generate import decode_step
+    from lowbit.models.llama import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2)).eval()
+    tokens = list(generate_tokens(model, torch.tensor([[1, 2, 3]]), Sampling(max_new_tokens=4, ignore_eos=True)))
+    assert len(tokens) == 4 and model.decode_step is decode_step(model, 1)
+    assert copy.deepcopy(model).decode_step is None
+    model.drop_cache()
+    assert model.decode_step is None
+    list(generate_tokens(model, torch.tensor([[1, 2, 3]]), Sampling(max_new_tokens=2, ignore_eos=True)))
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

@@ -6,7 +6,7 @@ import torch
 import lowbit
 from conftest import tiny_hf_llama
 from lowbit.generate import generate_tokens
-from lowbit.models.llama import LlamaConfig, LlamaForCausalLM
+from lowbit.models.llama import LlamaConfig, LlamaForCausalLM, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
 
@@ -209,3 +209,19 @@ def test_bad_slots_and_positions():
         model(torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long), slots=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="cache has 3 rows"):
         model(torch.zeros(4, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+
+
+def test_dtype_and_device_changes_keep_rope_float32_and_move_its_tables():
+    """model.to(half) keeps the RoPE frequencies float32 (half-precision angles drift by ~1 rad at position 1000);
+    setup_cache's tables and mask follow the model's device."""
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, rope_theta=500000.0)
+    model = LlamaForCausalLM(config)
+    model.setup_cache(1, 2048)
+    cos = model.rope_cos.clone()
+    for dtype in (torch.bfloat16, torch.float16):
+        model.to(dtype)
+        assert model.dtype == dtype and model.inv_freq.dtype == torch.float32
+        assert torch.equal(model.inv_freq, rope_inv_freq(config)) and torch.equal(model.rope_cos, cos)
+    model.to("meta")
+    assert {t.device.type for t in (model.inv_freq, model.rope_cos, model.rope_sin, model.causal_mask)} == {"meta"}

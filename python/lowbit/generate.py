@@ -7,7 +7,6 @@ recompilation as the position advances).
 """
 
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -98,8 +97,9 @@ class DecodeStep:
         self.model, self.compile, self.fused = model, compile, fused
         self.cache = model.layers[0].attn.kv_cache  # the graph writes into these tensors
         self.signature = model_signature(model)
-        self.token = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
-        self.position = torch.zeros(1, dtype=torch.long, device=model.device)
+        with torch.inference_mode(False):  # buffers usable in and out of inference mode
+            self.token = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+            self.position = torch.zeros(1, dtype=torch.long, device=model.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.decoder = FusedDecoder(model) if fused and not compile and unsupported(model) is None else None
@@ -137,28 +137,27 @@ class DecodeStep:
         if self.token.device.type != "cuda":
             return self.forward(self.token, self.position)[:, -1]
         if self.graph is None:
-            side = torch.cuda.Stream()  # warm-up (and compilation) off the capture
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.forward(self.token, self.position)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self.forward(self.token, self.position)[:, -1]
+            with torch.cuda.device(self.token.device):  # captured on the model's GPU, not the current one
+                side = torch.cuda.Stream()  # warm-up (and compilation) off the capture
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self.forward(self.token, self.position)
+                torch.cuda.current_stream().wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.logits = self.forward(self.token, self.position)[:, -1]
         self.graph.replay()
         return self.logits
 
 
-_decode_steps: "weakref.WeakKeyDictionary[LlamaForCausalLM, DecodeStep]" = weakref.WeakKeyDictionary()
-
-
 def decode_step(model: LlamaForCausalLM, batch: int, compile: bool = False, fused: bool = True) -> DecodeStep:
     """The model's decode step for its current cache and weights, made (and captured or compiled) once and then
-    reused."""
-    step = _decode_steps.get(model)
+    reused. It is kept on the model (model.decode_step), so it goes when the model does."""
+    step = model.decode_step
     if step is None or not step.fits(model, batch, compile, fused):
-        step = _decode_steps[model] = DecodeStep(model, batch, compile, fused)
+        model.decode_step = None  # the old step (a CUDA graph's memory) goes before the new one is made
+        step = model.decode_step = DecodeStep(model, batch, compile, fused)
     return step
 
 

@@ -341,6 +341,7 @@ class LlamaForCausalLM(nn.Module):
         # Set by setup_cache: the cache length, RoPE tables [S, D] and causal mask [S, S] for it.
         self.max_seq_len = 0
         self.rope_cos = self.rope_sin = self.causal_mask = None
+        self.decode_step = None  # lowbit.generate's step for this cache (fused, compiled or a CUDA graph)
 
     # path, dtype, device -> model: set by lowbit.io.loading, which knows the file formats (imported with lowbit).
     loader = None
@@ -351,6 +352,21 @@ class LlamaForCausalLM(nn.Module):
         if LlamaForCausalLM.loader is None:
             raise RuntimeError("no model loader registered: import lowbit (lowbit.io.loading provides it)")
         return LlamaForCausalLM.loader(path, dtype=dtype, device=device)
+
+    def __getstate__(self):
+        """Copies (copy.deepcopy, pickling) leave the decode step behind: it belongs to this model's cache."""
+        return {**self.__dict__, "decode_step": None}
+
+    def _apply(self, fn, recurse=True):
+        """.to(), .cuda(), .half() and the like: the RoPE frequencies stay float32 (in half precision the angles
+        drift with position), and the RoPE tables and causal mask of setup_cache (plain attributes) follow the
+        model's device."""
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config).to(self.device)
+        if self.rope_cos is not None:
+            self.rope_cos, self.rope_sin, self.causal_mask = (t.to(self.device) for t in
+                                                              (self.rope_cos, self.rope_sin, self.causal_mask))
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -385,7 +401,7 @@ class LlamaForCausalLM(nn.Module):
     def drop_cache(self) -> None:
         for layer in self.layers:
             layer.attn.kv_cache = None
-        self.rope_cos = self.rope_sin = self.causal_mask = None
+        self.rope_cos = self.rope_sin = self.causal_mask = self.decode_step = None
         self.max_seq_len = 0
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
